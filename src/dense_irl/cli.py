@@ -1,0 +1,186 @@
+"""The ``dense-irl`` command. Thin: it parses arguments and calls the library.
+
+    dense-irl data convert IN OUT [--format F] [--step-separator S] [--skip-bad]
+    dense-irl data stats FILE [--format F]
+    dense-irl data synth OUT [--n N] [--seed S] [--min-steps A] [--max-steps B] [--max-value V] [--phrasing P]
+    dense-irl data perturb IN OUT.jsonl [--kinds K,K] [--seed S] [--correct-fraction X] [--format F]
+    dense-irl train-reward --config FILE [--key.sub=value ...]
+    dense-irl eval localisation --reward-model PATH --data FILE.jsonl [--out report.json]
+                                [--calibration FILE.jsonl] [--policy PATH] [--plots N]
+    dense-irl eval bon --reward-model PATH --data FILE.jsonl [--out report.json] [--policy PATH]
+    dense-irl demo [--out runs/demo] [--key.sub=value ...]
+
+Every user error ends in one line ``error: ...`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dense_irl.config import ConfigError
+from dense_irl.data.schema import DataError
+
+
+def _data(args) -> None:
+    from dense_irl.data import perturb, readers, synthetic
+    from dense_irl.data.schema import write_demos
+
+    if args.data_cmd == "convert":
+        print(json.dumps(readers.convert(args.input, args.output, args.format, args.step_separator, args.skip_bad)))
+    elif args.data_cmd == "stats":
+        print(json.dumps(readers.stats(args.file, args.format), indent=2))
+    elif args.data_cmd == "synth":
+        cfg = synthetic.SyntheticConfig(n_problems=args.n, seed=args.seed, min_steps=args.min_steps,
+                                        max_steps=args.max_steps, max_value=args.max_value, phrasing=args.phrasing)
+        demos = synthetic.generate(cfg)
+        if args.output.endswith(".jsonl"):
+            from dense_irl.io import write_jsonl
+
+            write_jsonl(args.output, [{**d.to_row(), "meta": d.meta} for d in demos])
+        else:
+            write_demos(demos, args.output)
+        print(json.dumps({"rows": len(demos), "out": args.output}))
+    elif args.data_cmd == "perturb":
+        demos, skipped = readers.load_demonstrations(args.input, args.format, args.step_separator, args.skip_bad)
+        kinds = args.kinds.split(",") if args.kinds else perturb.KINDS
+        rows = perturb.make_processbench(demos, kinds=kinds, seed=args.seed, correct_fraction=args.correct_fraction)
+        perturb.write_processbench(rows, args.output)
+        n_err = sum(r["label"] >= 0 for r in rows)
+        print(json.dumps({"rows": len(rows), "erroneous": n_err, "skipped": skipped, "out": args.output}))
+
+
+def _eval(args) -> None:
+    from dense_irl.eval import compare, report
+    from dense_irl.models.reward_model import RewardModel
+
+    rm = RewardModel.from_pretrained(args.reward_model)
+    scorers = {"reward_model": compare.reward_model_scorer(rm)}
+    if args.policy:
+        scorers["policy_logprob"] = compare.logprob_scorer(args.policy, rm.config.max_length, rm.config.separator)
+    if args.eval_cmd == "localisation":
+        from dense_irl.eval.localisation import load_processbench_rows
+
+        rows = load_processbench_rows(args.data)
+        calib = load_processbench_rows(args.calibration) if args.calibration else None
+        if calib:
+            scorers["chance"] = compare.chance_scorer()
+        reports = compare.compare_localisation(scorers, rows, calib, None if calib else rm.config.threshold)
+        md = "\n\n".join(report.localisation_markdown(r, f"Localisation: {name}") for name, r in reports.items())
+        md = report.markdown_table(compare.localisation_rows(reports)) + "\n\n" + md
+        if args.plots:
+            main = reports["reward_model"]
+            out_dir = Path(args.out or "localisation.json").with_suffix("").parent / "plots"
+            for i, row in enumerate(rows[: args.plots]):
+                report.plot_step_rewards(row["steps"], main["step_scores"][i], out_dir / f"chain_{i}.png",
+                                         title=row["problem"][:80], threshold=main["threshold"],
+                                         first_error_label=row["label"])
+        result = {name: {k: v for k, v in r.items() if k not in ("step_scores", "preds", "labels")}
+                  for name, r in reports.items()}
+    else:
+        from dense_irl.eval.bon import load_bon
+
+        problems = load_bon(args.data)
+        reports = compare.compare_bon(scorers, problems)
+        md = "\n\n".join(report.bon_markdown(r, f"Best-of-N: {name}") for name, r in reports.items())
+        result = reports
+    print(md)
+    if args.out:
+        report.write_report(result, Path(args.out), md)
+
+
+def _train_reward(args, overrides: list[str]) -> None:
+    from dense_irl.config import load_config
+    from dense_irl.irl.offline import TrainRewardConfig, run
+
+    cfg = load_config(TrainRewardConfig, args.config, overrides)
+    print(json.dumps(run(cfg), indent=2))
+
+
+def _demo(args, overrides: list[str]) -> None:
+    from dense_irl.demo import run_demo
+
+    run_demo(args.out, args.config, overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``dense-irl`` (dotted ``--key=value`` overrides pass through)."""
+    p = argparse.ArgumentParser(prog="dense-irl", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    data = sub.add_parser("data", help="convert, inspect, generate and perturb data").add_subparsers(
+        dest="data_cmd", required=True)
+    c = data.add_parser("convert", help="read any supported format, write Parquet or JSONL")
+    c.add_argument("input")
+    c.add_argument("output")
+    s = data.add_parser("stats", help="rows, steps per chain, step lengths")
+    s.add_argument("file")
+    g = data.add_parser("synth", help="generate the synthetic arithmetic task")
+    g.add_argument("output")
+    g.add_argument("--n", type=int, default=2000)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--min-steps", type=int, default=2)
+    g.add_argument("--max-steps", type=int, default=4)
+    g.add_argument("--max-value", type=int, default=20)
+    g.add_argument("--phrasing", type=int, default=3)
+    pt = data.add_parser("perturb", help="ProcessBench JSONL with known first errors")
+    pt.add_argument("input")
+    pt.add_argument("output")
+    pt.add_argument("--kinds", default=None, help="comma-separated perturbation kinds (default: all)")
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--correct-fraction", type=float, default=0.5)
+    for cmd in (c, s, pt):
+        cmd.add_argument("--format", default="auto")
+    for cmd in (c, pt):
+        cmd.add_argument("--step-separator", default=None)
+        cmd.add_argument("--skip-bad", action="store_true", help="skip and count bad rows instead of stopping")
+
+    tr = sub.add_parser("train-reward", help="offline IRL of the step reward model")
+    tr.add_argument("--config", default=None)
+
+    ev = sub.add_parser("eval", help="localisation (ProcessBench) and Best-of-N").add_subparsers(
+        dest="eval_cmd", required=True)
+    for name in ("localisation", "bon"):
+        e = ev.add_parser(name)
+        e.add_argument("--reward-model", required=True)
+        e.add_argument("--data", required=True)
+        e.add_argument("--out", default=None, help="report JSON path (a .md table is written beside it)")
+        e.add_argument("--policy", default=None, help="a policy folder: adds its log-prob as a baseline")
+        if name == "localisation":
+            e.add_argument("--calibration", default=None, help="held-out ProcessBench JSONL to set thresholds")
+            e.add_argument("--plots", type=int, default=0, help="plot the step rewards of the first N chains")
+
+    d = sub.add_parser("demo", help="the end-to-end demo on the synthetic task")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--config", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dense-irl`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, rest = build_parser().parse_known_args(argv)
+    overrides = [a for a in rest if a.startswith("--") and "=" in a]
+    stray = [a for a in rest if a not in overrides]
+    if stray or (overrides and args.cmd not in ("train-reward", "demo")):
+        print(f"error: unrecognised arguments: {' '.join(stray or overrides)}", file=sys.stderr)
+        return 2
+    try:
+        if args.cmd == "data":
+            _data(args)
+        elif args.cmd == "eval":
+            _eval(args)
+        elif args.cmd == "train-reward":
+            _train_reward(args, overrides)
+        elif args.cmd == "demo":
+            _demo(args, overrides)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Best-of-N reranking: does the reward model pick the correct one among N candidate solutions?
+
+Input is a list of problems ``{problem, candidates: [{steps, is_correct, answer}]}``, read from
+GSM8K's ``example_model_solutions.jsonl`` (four model solutions per test question, each marked
+correct or not) or from a generic JSONL of that same shape.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from dense_irl.data.schema import DataError
+from dense_irl.eval.localisation import ScoreFn, score_chains
+
+AGGREGATIONS = {
+    "min": lambda s: min(s),
+    "last": lambda s: s[-1],
+    "sum": lambda s: sum(s),
+    "mean": lambda s: sum(s) / len(s),
+}
+GSM8K_META_KEYS = ("question", "ground_truth")
+TIE_RULE = (
+    "ties among the top-scoring candidates count as a uniform random pick among them (exact expectation)"
+)
+
+
+def _answer_of(steps: list[str]) -> str | None:
+    """The final answer in a last step ``A: <answer>``, else None (e.g. a truncated solution)."""
+    if steps and steps[-1].startswith("A:"):
+        return steps[-1][2:].strip()
+    return None
+
+
+def _solution_steps(text: str) -> list[str]:
+    # One step per non-empty line; the final `A: x` line stays as the last step.
+    return [ln.strip() for ln in text.split("\n") if ln.strip()]
+
+
+def _gsm8k_problem(row: dict, path: Path, ln: int) -> dict:
+    if not isinstance(row["question"], str):
+        raise DataError(path, ln, "question", "not a string")
+    models = [k for k in row if k not in GSM8K_META_KEYS]
+    if not models:
+        raise DataError(path, ln, None, "no model solutions (expected keys like '6b_finetuning')")
+    cands = []
+    for m in models:
+        sol = row[m]
+        if not isinstance(sol, dict):
+            raise DataError(path, ln, m, "expected an object {is_correct, solution}")
+        if not isinstance(sol.get("is_correct"), bool):
+            raise DataError(path, ln, f"{m}.is_correct", "missing or not a boolean")
+        if not isinstance(sol.get("solution"), str):
+            raise DataError(path, ln, f"{m}.solution", "missing or not a string")
+        steps = _solution_steps(sol["solution"])
+        if not steps:
+            raise DataError(path, ln, f"{m}.solution", "empty solution")
+        cands.append(
+            {"steps": steps, "is_correct": sol["is_correct"], "answer": _answer_of(steps), "model": m}
+        )
+    out = {"problem": row["question"], "candidates": cands}
+    if isinstance(row.get("ground_truth"), str):
+        out["reference_answer"] = _answer_of(_solution_steps(row["ground_truth"]))
+    return out
+
+
+def _generic_problem(row: dict, path: Path, ln: int) -> dict:
+    if not isinstance(row.get("problem"), str):
+        raise DataError(path, ln, "problem", "missing or not a string")
+    cands = row["candidates"]
+    if not isinstance(cands, list) or not cands:
+        raise DataError(path, ln, "candidates", "must be a non-empty list")
+    out = []
+    for i, c in enumerate(cands):
+        where = f"candidates[{i}]"
+        if not isinstance(c, dict):
+            raise DataError(path, ln, where, "expected an object {steps, is_correct, answer?}")
+        steps = c.get("steps")
+        if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
+            raise DataError(path, ln, f"{where}.steps", "missing, empty or not a list of strings")
+        if not isinstance(c.get("is_correct"), bool):
+            raise DataError(path, ln, f"{where}.is_correct", "missing or not a boolean")
+        ans = c.get("answer")
+        if ans is None:
+            ans = _answer_of(steps)
+        elif isinstance(ans, bool) or not isinstance(ans, (str, int, float)):
+            raise DataError(path, ln, f"{where}.answer", "not a string or number")
+        out.append({**c, "steps": list(steps), "answer": None if ans is None else str(ans)})
+    return {**row, "candidates": out}
+
+
+def load_bon(path: str | Path) -> list[dict]:
+    """Read Best-of-N problems ``{problem, candidates: [{steps, is_correct, answer}]}`` from JSONL.
+
+    Two row formats: GSM8K's ``example_model_solutions.jsonl`` (``question``, ``ground_truth`` and
+    one ``{is_correct, solution}`` object per model; each non-empty solution line is a step and the
+    last line ``A: <answer>`` is kept as the last step), or the generic
+    ``{problem, candidates: [{steps: [..], is_correct: bool, answer?: str}]}`` (a missing answer is
+    read from a last step ``A: x``). A candidate without an answer (a truncated solution) keeps
+    ``answer`` None. A bad row raises :class:`DataError` naming the file, line and field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Best-of-N file not found: {path}")
+    problems = []
+    with open(path) as f:
+        for ln, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(path, ln, None, f"not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(path, ln, None, "a row must be a JSON object")
+            if "candidates" in row:
+                problems.append(_generic_problem(row, path, ln))
+            elif "question" in row:
+                problems.append(_gsm8k_problem(row, path, ln))
+            else:
+                raise DataError(path, ln, "candidates", "missing (and no GSM8K 'question' either)")
+    if not problems:
+        raise DataError(path, None, None, "no rows in file")
+    return problems
+
+
+def normalise_answer(ans: str) -> str:
+    """Answer text for voting: stripped, without commas or '$', and without a trailing '.0'."""
+    a = ans.strip().replace(",", "").replace("$", "").strip()
+    return re.sub(r"\.0+$", "", a)
+
+
+def majority_pick(candidates: list[dict]) -> int:
+    """Index of the candidate chosen by majority vote over normalised answers.
+
+    Ties go to the answer that occurs first; the first candidate with that answer is picked.
+    Candidates without an answer do not vote; if none has one, the first candidate is picked.
+    """
+    answers = [None if c.get("answer") is None else normalise_answer(c["answer"]) for c in candidates]
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return 0
+    top = max(counts.values())
+    winner = next(a for a in answers if a is not None and counts[a] == top)
+    return answers.index(winner)
+
+
+def _bootstrap_ci(hits: np.ndarray, rng: np.random.Generator, n_boot: int = 1000) -> list[float]:
+    idx = rng.integers(0, len(hits), size=(n_boot, len(hits)))
+    means = hits[idx].mean(axis=1)
+    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+
+
+def evaluate_bon(
+    score_fn: ScoreFn,
+    problems: list[dict],
+    aggregations: tuple[str, ...] = ("min", "last", "sum", "mean"),
+    seed: int = 0,
+    batch_size: int = 64,
+) -> dict:
+    """Best-of-N accuracy of reranking by aggregated step scores, with baselines.
+
+    For each aggregation of a candidate's step scores (min, last, sum, mean) the top candidate
+    is picked; ties count as a uniform random pick among the tied (exact expectation). Baselines:
+    ``random`` (expected accuracy of a uniform pick = mean fraction correct, exact), ``majority``
+    (vote over normalised answers, see :func:`majority_pick`) and ``oracle`` (any candidate
+    correct). Returns ``accuracy`` and ``ci95`` (bootstrap over problems, seeded by ``seed``) per
+    method, ``n`` problems, ``N`` mean candidates per problem (``N_min``, ``N_max``).
+    """
+    bad = [a for a in aggregations if a not in AGGREGATIONS]
+    if bad:
+        raise ValueError(f"unknown aggregation(s) {bad}; choose from {sorted(AGGREGATIONS)}")
+    if not problems:
+        raise ValueError("no problems to evaluate")
+    chains, owner = [], []
+    for i, p in enumerate(problems):
+        if not p.get("candidates"):
+            raise ValueError(f"problem {i} has no candidates")
+        for c in p["candidates"]:
+            if not c["steps"]:
+                raise ValueError(f"problem {i} has a candidate with no steps")
+            chains.append((p["problem"], list(c["steps"])))
+            owner.append(i)
+    scores = score_chains(score_fn, chains, batch_size)
+    per_problem: list[list[list[float]]] = [[] for _ in problems]
+    for i, s in zip(owner, scores):
+        per_problem[i].append(s)
+
+    hits: dict[str, np.ndarray] = {}
+    for agg in aggregations:
+        f = AGGREGATIONS[agg]
+        h = []
+        for p, cand_scores in zip(problems, per_problem):
+            v = np.array([f(s) for s in cand_scores])
+            top = np.flatnonzero(v == v.max())
+            h.append(np.mean([p["candidates"][j]["is_correct"] for j in top]))
+        hits[agg] = np.array(h, dtype=np.float64)
+    correct = [[c["is_correct"] for c in p["candidates"]] for p in problems]
+    hits["random"] = np.array([np.mean(c) for c in correct], dtype=np.float64)
+    hits["majority"] = np.array(
+        [p["candidates"][majority_pick(p["candidates"])]["is_correct"] for p in problems], dtype=np.float64
+    )
+    hits["oracle"] = np.array([any(c) for c in correct], dtype=np.float64)
+
+    rng = np.random.default_rng(seed)
+    sizes = [len(c) for c in correct]
+    return {
+        "accuracy": {k: float(v.mean()) for k, v in hits.items()},
+        "ci95": {k: _bootstrap_ci(v, rng) for k, v in hits.items()},
+        "aggregations": list(aggregations),
+        "n": len(problems),
+        "N": float(np.mean(sizes)),
+        "N_min": min(sizes),
+        "N_max": max(sizes),
+        "tie_rule": TIE_RULE,
+        "seed": seed,
+    }

@@ -1,0 +1,273 @@
+"""Offline IRL: train the step-level reward model from expert chains and perturbed expert chains.
+
+Read top to bottom: data -> SFT warm start of the backbone -> reward-model training (AIRL
+discriminator and/or inverse soft-Q) -> threshold calibration on held-out chains -> checkpoint.
+Policy samples as negatives come with the online loop (``dense_irl.runtime``); here the negatives
+are perturbations of the experts, and only chain-level labels (expert or not) are used.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+
+from dense_irl.config import save_config
+from dense_irl.data.perturb import KINDS, make_processbench, perturb
+from dense_irl.data.readers import load_demonstrations
+from dense_irl.data.schema import Demonstration
+from dense_irl.data.synthetic import SyntheticConfig, generate
+from dense_irl.eval.localisation import calibrate_threshold
+from dense_irl.irl.objectives import discriminator_logits, expert_nll, level_bce, td_penalty
+from dense_irl.models.chains import encode_chains, sum_by_step, token_logprobs
+from dense_irl.models.factory import ModelConfig, load_policy, save_policy
+from dense_irl.models.reward_model import RewardModel, RewardModelConfig
+
+
+@dataclass
+class DataConfig:
+    """Where demonstrations come from: ``train`` is "synthetic" or a data file any reader accepts."""
+
+    train: str = "synthetic"
+    format: str = "auto"
+    step_separator: str | None = None
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    calibration_chains: int = 400  # held-out demos perturbed to calibrate the first-error threshold
+    perturbations: list[str] = field(default_factory=lambda: list(KINDS))
+    max_demos: int | None = None
+
+
+@dataclass
+class SFTConfig:
+    """Next-token training of the backbone on the demonstrations (the warm start)."""
+
+    minutes: float = 2.0
+    max_steps: int = 100_000
+    lr: float = 2e-3
+    batch_size: int = 32
+
+
+@dataclass
+class RewardConfig:
+    """The reward objective and its optimisation."""
+
+    objective: Literal["airl", "iq", "airl+iq"] = "airl+iq"
+    gail: bool = False  # ablation: GAIL logit (no h potential, no -log pi term)
+    alpha: float = 1.0  # max-ent temperature: how noisy the experts are believed to be
+    gamma: float = 1.0
+    label_smoothing: float = 0.1
+    level_weights: dict[str, float] = field(default_factory=lambda: {"step": 1.0, "paragraph": 0.5, "task": 0.5})
+    paragraph_steps: int = 2
+    lm_weight: float = 1.0  # expert NLL (the iq objective; keeps the backbone's knowledge in airl+iq)
+    td_weight: float = 0.1  # IQ-Learn chi^2 term on the implied token reward
+    init: Literal["sft", "random"] = "sft"  # the backbone's start: the SFT policy, or random init
+    minutes: float = 3.0
+    max_steps: int = 100_000
+    lr: float = 1e-3
+    batch_size: int = 32  # experts per batch; as many negatives are added
+
+
+@dataclass
+class TrainRewardConfig:
+    """``dense-irl train-reward``: everything the offline run needs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    output_dir: str = "runs/reward"
+    seed: int = 0
+    log_every: int = 25
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+
+
+def load_data(cfg: DataConfig, seed: int) -> list[Demonstration]:
+    """Demonstrations from the synthetic generator or a data file."""
+    if cfg.train == "synthetic":
+        demos = generate(cfg.synthetic)
+    else:
+        demos, _ = load_demonstrations(cfg.train, fmt=cfg.format, step_separator=cfg.step_separator)
+    if cfg.max_demos:
+        demos = demos[: cfg.max_demos]
+    if len(demos) < 2:
+        raise ValueError(f"data.train={cfg.train!r} gave {len(demos)} demonstrations; need at least 2")
+    return demos
+
+
+def _chains(demos):
+    return [(d.prompt, d.steps) for d in demos]
+
+
+def _loop(name: str, minutes: float, max_steps: int):
+    """Yield step numbers until the time budget or the step cap runs out, with a progress bar."""
+    deadline = time.monotonic() + 60 * minutes
+    bar = tqdm(total=max_steps if max_steps < 100_000 else None, desc=name, unit="step", mininterval=2)
+    step = 0
+    while step < max_steps and time.monotonic() < deadline:
+        yield step
+        step += 1
+        bar.update(1)
+    bar.close()
+
+
+def train_sft(model, tokenizer, demos, cfg: SFTConfig, max_length: int, separator: str, log) -> None:
+    """Next-token training on the expert steps (prompt tokens are context, not targets)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    rng = random.Random(0)
+    model.train()
+    for step in _loop("sft", cfg.minutes, cfg.max_steps):
+        batch = rng.sample(demos, min(cfg.batch_size, len(demos)))
+        enc = encode_chains(tokenizer, _chains(batch), max_length, separator)
+        logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+        loss = expert_nll(logits, enc.input_ids, enc.step_ids >= 0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 25 == 0:
+            log({"phase": "sft", "step": step, "sft_nll": loss.item()})
+
+
+def negatives_for(batch: list[Demonstration], kinds: list[str], rng: random.Random) -> list[tuple]:
+    """One perturbed chain per expert (a kind that applies, drawn at random)."""
+    out = []
+    for demo in batch:
+        for kind in rng.sample(kinds, len(kinds)):
+            res = perturb(demo, kind, rng)
+            if res is not None:
+                out.append((demo.prompt, res[0]))
+                break
+    return out
+
+
+def train_reward(rm: RewardModel, policy, demos, cfg: RewardConfig, kinds, log) -> None:
+    """Discriminator / inverse soft-Q training of ``rm``: experts vs perturbed experts."""
+    opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=0.0)
+    rng = random.Random(1)
+    lm_weight = cfg.lm_weight if cfg.objective in ("iq", "airl+iq") else 0.0
+    td_weight = cfg.td_weight if cfg.objective in ("iq", "airl+iq") else 0.0
+    sep, max_len = rm.config.separator, rm.config.max_length
+    for step in _loop("reward", cfg.minutes, cfg.max_steps):
+        rm.train()
+        experts = rng.sample(demos, min(cfg.batch_size, len(demos)))
+        negatives = negatives_for(experts, kinds, rng)
+        chains = _chains(experts) + negatives
+        is_expert = torch.tensor([1.0] * len(experts) + [0.0] * len(negatives))
+        enc = encode_chains(rm.tokenizer, chains, max_len, sep)
+        out = rm(enc)
+        S = enc.step_mask.shape[1]
+        metrics = {"phase": "reward", "step": step}
+        pol_logp = None
+        if rm.config.reward_source == "heads" and not cfg.gail:
+            # log pi_old per step, from the frozen SFT policy (same tokenizer as the reward backbone).
+            with torch.no_grad():
+                pol_logits = policy(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+                pol_logp = sum_by_step(token_logprobs(pol_logits, enc.input_ids), enc.step_ids, S)
+        logits = discriminator_logits(out["step_rewards"], pol_logp, cfg.alpha, cfg.gail)
+        bce = level_bce(logits, enc.step_mask, is_expert, cfg.label_smoothing, cfg.level_weights,
+                        cfg.paragraph_steps)
+        loss = bce["total"]
+        metrics |= {f"bce_{k}": v.item() for k, v in bce.items()}
+        with torch.no_grad():
+            r, m, n = out["step_rewards"], enc.step_mask, len(experts)
+            metrics["reward_expert"] = r[:n][m[:n]].mean().item()
+            metrics["reward_negative"] = r[n:][m[n:]].mean().item()
+        expert_tokens = (enc.step_ids >= 0) & (is_expert[:, None] > 0)
+        if lm_weight > 0:
+            nll = expert_nll(out["logits"], enc.input_ids, expert_tokens)
+            loss = loss + lm_weight * nll
+            metrics["expert_nll"] = nll.item()
+        if td_weight > 0:
+            q_taken = out["logits"][:, :-1].gather(-1, enc.input_ids[:, 1:, None])[..., 0]
+            v_next = torch.logsumexp(out["logits"][:, 1:], dim=-1)
+            r_iq = q_taken - cfg.gamma * v_next
+            td = td_penalty(r_iq, expert_tokens[:, 1:])
+            loss = loss + td_weight * td
+            metrics["td"] = td.item()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
+        opt.step()
+        metrics["loss"] = loss.item()
+        if step % 25 == 0:
+            log(metrics)
+
+
+def run(cfg: TrainRewardConfig) -> dict:
+    """The whole offline run; returns a summary (paths, threshold, timings)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    unknown = sorted(set(cfg.data.perturbations) - set(KINDS))
+    if unknown:
+        raise ValueError(f"data.perturbations: unknown kind {unknown[0]!r}; valid: {', '.join(KINDS)}")
+    separator = cfg.data.step_separator or "\n"
+
+    demos = load_data(cfg.data, cfg.seed)
+    random.Random(cfg.seed).shuffle(demos)
+    n_cal = min(cfg.data.calibration_chains, len(demos) // 5)
+    calib, train = demos[:n_cal], demos[n_cal:]
+
+    writer = SummaryWriter(str(out_dir / "tb"))
+    metrics_f = open(out_dir / "metrics.jsonl", "a")
+    t0 = time.monotonic()
+
+    def log(m: dict) -> None:
+        m = {**m, "time_s": round(time.monotonic() - t0, 2)}
+        metrics_f.write(json.dumps(m) + "\n")
+        metrics_f.flush()
+        tag = m["phase"]
+        for k, v in m.items():
+            if isinstance(v, float):
+                writer.add_scalar(f"{tag}/{k}", v, m["step"])
+
+    texts = [d.prompt for d in train] + [s for d in train for s in d.steps]
+    policy, tokenizer = load_policy(cfg.model, texts, cfg.seed)
+    timings = {}
+    t = time.monotonic()
+    if cfg.sft.minutes > 0 and cfg.sft.max_steps > 0:
+        train_sft(policy, tokenizer, train, cfg.sft, cfg.model.max_length, separator, log)
+    timings["sft_s"] = round(time.monotonic() - t, 1)
+    policy.eval()
+    save_policy(policy, tokenizer, out_dir / "sft_policy")
+
+    backbone = copy.deepcopy(policy)
+    if cfg.reward.init == "random":
+        backbone = type(policy)(policy.config)
+    rm_cfg = RewardModelConfig(
+        reward_source="iq" if cfg.reward.objective == "iq" else "heads",
+        gamma=cfg.reward.gamma, alpha=cfg.reward.alpha, separator=separator,
+        max_length=cfg.model.max_length, paragraph_steps=cfg.reward.paragraph_steps,
+    )
+    rm = RewardModel(backbone, tokenizer, rm_cfg)
+    for p in policy.parameters():
+        p.requires_grad_(False)
+    t = time.monotonic()
+    train_reward(rm, policy, train, cfg.reward, cfg.data.perturbations, log)
+    timings["reward_s"] = round(time.monotonic() - t, 1)
+
+    # The first-error threshold: the one that maximises F1 on held-out calibration chains.
+    cal_rows = make_processbench(calib, kinds=cfg.data.perturbations, seed=cfg.seed + 7)
+    scores = [s.step_rewards for s in rm.score([(r["problem"], r["steps"]) for r in cal_rows])]
+    rm.config.threshold = calibrate_threshold(scores, [r["label"] for r in cal_rows])
+    rm.config.threshold_rule = f"maximises F1 on {len(cal_rows)} held-out calibration chains"
+    rm.config.version = time.strftime("%Y%m%d-%H%M%S")
+    rm.save_pretrained(out_dir / "reward_model")
+    writer.close()
+    metrics_f.close()
+    summary = {"reward_model": str(out_dir / "reward_model"), "sft_policy": str(out_dir / "sft_policy"),
+               "threshold": rm.config.threshold, "n_train": len(train), "n_calibration": len(cal_rows), **timings}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

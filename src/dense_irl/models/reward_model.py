@@ -1,0 +1,161 @@
+"""The step-level reward model: an LM backbone with a token-reward head ``g`` and a potential head ``h``.
+
+One forward pass over a batch of chains gives every token's reward and the reward of every step:
+
+    R_k = sum_{t in step k} g_t + gamma * h(end_k) - h(start_k)         (reward_source = "heads")
+    R_k = sum_{t in step k} Q(s_t, a_t) - gamma * V(s_{t+1})            (reward_source = "iq")
+
+with ``Q`` the backbone's logits and ``V = logsumexp Q`` (inverse soft-Q). ``h(start_k)`` reads the
+state just before the step, ``h(end_k)`` the state after its last token; the terminal potential is 0.
+Paragraph and task rewards sum the step rewards of their span: the shaping telescopes, so the three
+levels agree. Saved in the HF layout: the backbone's ``save_pretrained`` folder plus
+``reward_head.safetensors`` and ``reward_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dense_irl.io import atomic_dir
+from dense_irl.models.chains import Chain, EncodedBatch, encode_chains, sum_by_step
+
+CONFIG_FILE = "reward_config.json"
+HEAD_FILE = "reward_head.safetensors"
+
+
+@dataclass
+class RewardModelConfig:
+    """What a reward-model checkpoint needs to score chains the way it was trained."""
+
+    reward_source: str = "heads"  # "heads" (g + shaped h) or "iq" (read out of the LM logits)
+    gamma: float = 1.0
+    alpha: float = 1.0
+    separator: str = "\n"
+    max_length: int = 256
+    paragraph_steps: int = 2  # a paragraph is this many consecutive steps
+    threshold: float = 0.0  # first-error rule: first step whose reward is below this
+    threshold_rule: str = "default 0.0"
+    version: str = "0"
+
+
+@dataclass
+class ChainScore:
+    """The reward model's verdict on one chain."""
+
+    step_rewards: list[float]
+    paragraph_rewards: list[float]
+    task_reward: float
+    first_error: int  # first step whose reward is below the threshold, -1 when none
+    steps_scored: int  # fewer than given when the chain was truncated to max_length
+
+
+class RewardModel(nn.Module):
+    """Backbone causal LM + ``g`` (token reward) and ``h`` (potential) scalar heads."""
+
+    def __init__(self, backbone, tokenizer, config: RewardModelConfig):
+        super().__init__()
+        if config.reward_source not in ("heads", "iq"):
+            raise ValueError(f"reward_source must be 'heads' or 'iq', got {config.reward_source!r}")
+        self.backbone, self.tokenizer, self.config = backbone, tokenizer, config
+        hidden = backbone.config.hidden_size
+        self.g_head, self.h_head = nn.Linear(hidden, 1), nn.Linear(hidden, 1)
+        # Zero init: a fresh reward model gives every step reward 0, the neutral starting point.
+        for head in (self.g_head, self.h_head):
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def forward(self, enc: EncodedBatch) -> dict[str, torch.Tensor]:
+        """Token rewards (B, T), step rewards (B, S), potentials and LM logits for an encoded batch."""
+        device = self.g_head.weight.device
+        ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+        step_ids = enc.step_ids.to(device)
+        out = self.backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        hidden, logits = out.hidden_states[-1], out.logits
+        S = enc.step_mask.shape[1]
+        start, end = enc.step_start.to(device), enc.step_end.to(device)
+        gamma = self.config.gamma
+        if self.config.reward_source == "heads":
+            token_r = self.g_head(hidden)[..., 0]
+            h = self.h_head(hidden)[..., 0]
+            h_before = h.gather(1, (start - 1).clamp(min=0))
+            h_after = h.gather(1, end)
+            # The state after the chain's last step is terminal: its potential is 0.
+            n_steps = torch.tensor(enc.n_steps, device=device)
+            last = torch.arange(S, device=device)[None] == (n_steps - 1)[:, None]
+            h_after = h_after.masked_fill(last, 0.0)
+            step_r = sum_by_step(token_r, step_ids, S) + gamma * h_after - h_before
+        else:
+            q_taken = logits[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+            v_next = torch.logsumexp(logits[:, 1:], dim=-1)
+            # V after the final token (</s>) is terminal: 0.
+            is_last_tok = torch.zeros_like(mask, dtype=torch.bool)
+            is_last_tok[torch.arange(len(ids)), mask.sum(1) - 1] = True
+            v_next = v_next.masked_fill(is_last_tok[:, 1:], 0.0)
+            token_r = torch.cat([torch.zeros_like(q_taken[:, :1]), q_taken - gamma * v_next], dim=1)
+            h_before = h_after = torch.zeros_like(start, dtype=token_r.dtype)
+            step_r = sum_by_step(token_r, step_ids, S)
+        step_r = step_r.masked_fill(~enc.step_mask.to(device), 0.0)
+        return {"token_rewards": token_r, "step_rewards": step_r, "logits": logits,
+                "hidden": hidden, "h_before": h_before, "h_after": h_after}
+
+    @torch.no_grad()
+    def score(self, chains: list[Chain], batch_size: int = 32) -> list[ChainScore]:
+        """Score every step of every chain (one forward pass per batch, never one per prefix)."""
+        self.eval()
+        out: list[ChainScore] = []
+        for i in range(0, len(chains), batch_size):
+            enc = encode_chains(self.tokenizer, chains[i : i + batch_size], self.config.max_length,
+                                self.config.separator)
+            step_r = self(enc)["step_rewards"].float().cpu()
+            for b, n in enumerate(enc.n_steps):
+                out.append(self._chain_score(step_r[b, :n].tolist()))
+        return out
+
+    def _chain_score(self, rewards: list[float]) -> ChainScore:
+        p = max(1, self.config.paragraph_steps)
+        paragraphs = [sum(rewards[j : j + p]) for j in range(0, len(rewards), p)]
+        first = next((k for k, r in enumerate(rewards) if r < self.config.threshold), -1)
+        return ChainScore(rewards, paragraphs, float(sum(rewards)), first, len(rewards))
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the checkpoint folder atomically (backbone, tokenizer, heads, config)."""
+        with atomic_dir(path) as tmp:
+            self.backbone.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            heads = {f"g_head.{k}": v for k, v in self.g_head.state_dict().items()}
+            heads |= {f"h_head.{k}": v for k, v in self.h_head.state_dict().items()}
+            save_file({k: v.contiguous().cpu() for k, v in heads.items()}, str(tmp / HEAD_FILE))
+            (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu") -> RewardModel:
+        """Load a checkpoint written by :meth:`save_pretrained`; clear errors for anything missing."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"reward model checkpoint not found: {path}")
+        if not (path / CONFIG_FILE).is_file():
+            raise FileNotFoundError(
+                f"{path} is not a dense-irl reward model checkpoint (no {CONFIG_FILE}); "
+                "train one with 'dense-irl train-reward'"
+            )
+        try:
+            raw = json.loads((path / CONFIG_FILE).read_text())
+            config = RewardModelConfig(**raw)
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"{path / CONFIG_FILE} is not a valid reward model config: {e}") from e
+        if not (path / HEAD_FILE).is_file():
+            raise FileNotFoundError(f"reward model checkpoint {path} is missing {HEAD_FILE}")
+        backbone = AutoModelForCausalLM.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = cls(backbone, tokenizer, config)
+        heads = load_file(str(path / HEAD_FILE))
+        model.g_head.load_state_dict({k[7:]: v for k, v in heads.items() if k.startswith("g_head.")})
+        model.h_head.load_state_dict({k[7:]: v for k, v in heads.items() if k.startswith("h_head.")})
+        return model.to(device).eval()
