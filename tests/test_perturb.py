@@ -96,7 +96,9 @@ def runs(demo, kind, n=12):
 def synthetic_demos():
     demos = []
     for seed in range(4):
-        cfg = SyntheticConfig(n_problems=100, min_steps=1, max_steps=5, operations=["+", "-", "*", "/"], seed=seed)
+        cfg = SyntheticConfig(
+            n_problems=100, min_steps=1, max_steps=5, operations=["+", "-", "*", "/"], seed=seed
+        )
         demos += generate(cfg)
     return demos
 
@@ -142,10 +144,15 @@ def test_synthetic_perturbations_change_one_thing():
 
 
 def test_flipped_operator_changes_the_result():
-    d = Demonstration("s", "Sam has 2 coins. He finds 2 more.", ["He finds 2 more: 2 + 2 = 4.", "The answer is 4."])
+    d = Demonstration(
+        "s", "Sam has 2 coins. He finds 2 more.", ["He finds 2 more: 2 + 2 = 4.", "The answer is 4."]
+    )
     d.meta = {"start": 2, "ops": [["+", 2]]}
     for seed in range(20):  # 2 * 2 would be right by accident; only 2 - 2 = 0 is a real error
-        assert perturb(d, "flipped_operator", random.Random(seed)) == (["He finds 2 more: 2 - 2 = 0.", d.steps[1]], 0)
+        assert perturb(d, "flipped_operator", random.Random(seed)) == (
+            ["He finds 2 more: 2 - 2 = 0.", d.steps[1]],
+            0,
+        )
 
 
 def test_unknown_kind_raises():
@@ -193,12 +200,14 @@ def test_gsm8k_edits_never_keep_the_result():
 
 
 def test_gsm8k_visible_expression_follows_the_note():
-    for orig, steps, k in runs(DEMOS[0], "flipped_operator", n=30):
+    for _, steps, k in runs(DEMOS[0], "flipped_operator", n=30):
         ops = split_expr(note(steps[k])[0])[0]
-        visible = re.findall(r"[-+*/]", steps[k][: steps[k].index("<<")])
-        assert visible == ops
-    for orig, steps, _ in runs(DEMOS[1], "wrong_operand", n=30):
-        assert all("," in s for s in steps[:-1])  # thousands commas kept in the visible text
+        assert re.findall(r"[-+*/]", steps[k][: steps[k].index("<<")]) == ops
+    for _, steps, k in runs(DEMOS[1], "wrong_operand", n=30):
+        nums = split_expr(note(steps[k])[0])[1]
+        shown = re.findall(r"\d[\d,]*(?:\.\d+)?", steps[k][: steps[k].index("<<")])[-len(nums) :]
+        assert [float(x.replace(",", "")) for x in shown] == nums
+        assert all("," in x for x in shown if float(x.replace(",", "")) >= 1000)  # commas kept
 
 
 @pytest.mark.parametrize("kind", ["dropped_step", "swapped_steps"])

@@ -114,7 +114,12 @@ def test_verify_accepts_every_expert_chain():
 
 
 META = {"start": 7, "ops": [["+", 5], ["-", 3], ["*", 2]]}
-GOOD = ["He finds 5 more: 7 + 5 = 12.", "He loses 3: 12 - 3 = 9.", "It doubles: 9 * 2 = 18.", "The answer is 18."]
+GOOD = [
+    "He finds 5 more: 7 + 5 = 12.",
+    "He loses 3: 12 - 3 = 9.",
+    "It doubles: 9 * 2 = 18.",
+    "The answer is 18.",
+]
 
 
 def _with(k, text):
@@ -131,6 +136,7 @@ def _with(k, text):
         (_with(1, "He loses 3: 12 - 4 = 8."), 1),  # wrong operand
         (_with(1, "He loses 3: 11 - 3 = 8."), 1),  # wrong previous value
         (_with(1, "He loses 3: 3 - 12 = -9."), 1),  # - is not commutative
+        (_with(1, "He loses 3: 3 - 12 = 9."), 1),
         (_with(1, "He loses 3: 12 + 3 = 15."), 1),  # wrong operator
         (_with(2, "It doubles: 9 * 2 = 18.0"), -1),
         (_with(2, "It doubles: 9 / 2 = 4.5."), 2),

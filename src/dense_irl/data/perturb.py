@@ -18,7 +18,14 @@ from dense_irl.data.schema import Demonstration
 from dense_irl.data.synthetic import ANSWER_RE, EQ_RE, apply_op, evaluate
 from dense_irl.io import write_jsonl
 
-KINDS = ("wrong_result", "flipped_operator", "wrong_operand", "dropped_step", "swapped_steps", "wrong_final_answer")
+KINDS = (
+    "wrong_result",
+    "flipped_operator",
+    "wrong_operand",
+    "dropped_step",
+    "swapped_steps",
+    "wrong_final_answer",
+)
 ROW_FIELDS = ("id", "problem", "steps", "label", "final_answer_correct", "error_type", "source")
 
 NOTE_RE = re.compile(r"<<([^=<>]+)=([^<>]+)>>")
@@ -117,7 +124,8 @@ def _is_synthetic(demo: Demonstration) -> bool:
 def expected_answer(demo: Demonstration) -> str | None:
     """The right final answer of a demonstration (from ``meta`` for synthetic problems)."""
     if _is_synthetic(demo):
-        return str(evaluate(demo.meta)[-1])
+        values = evaluate(demo.meta)
+        return str(values[-1] if values else demo.meta["start"])
     if demo.answer is not None:
         return str(demo.answer).strip()
     hashes = [s for s in demo.steps if s.lstrip().startswith("####")]

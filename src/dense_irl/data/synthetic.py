@@ -25,7 +25,18 @@ NAMES = [
     ("Leo", "he", "his"), ("Zoe", "she", "her"), ("Ben", "he", "his"), ("Ella", "she", "her"),
     ("Max", "he", "his"), ("Lily", "she", "her"), ("Noah", "he", "his"), ("Ruth", "she", "her"),
 ]  # fmt: skip
-OBJECTS = ["marbles", "apples", "stickers", "coins", "cards", "pencils", "shells", "stamps", "beads", "cookies"]
+OBJECTS = [
+    "marbles",
+    "apples",
+    "stickers",
+    "coins",
+    "cards",
+    "pencils",
+    "shells",
+    "stamps",
+    "beads",
+    "cookies",
+]
 
 # (problem sentence, step text before the equation) per operation; the first is the regular phrasing.
 TEMPLATES = {
@@ -164,7 +175,9 @@ def _sample_problem(rng: random.Random, cfg: SyntheticConfig, max_result: int) -
             cur = apply_op(cur, op, n)
         if len(ops) == n_ops:
             return {"start": start, "ops": ops}
-    raise ValueError(f"SyntheticConfig.operations = {cfg.operations!r}: cannot build chains of the asked length")
+    raise ValueError(
+        f"SyntheticConfig.operations = {cfg.operations!r}: cannot build chains of the asked length"
+    )
 
 
 def _fill(text: str, name: tuple[str, str, str], obj: str, n: int) -> str:

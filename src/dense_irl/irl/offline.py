@@ -66,7 +66,7 @@ class RewardConfig:
     level_weights: dict[str, float] = field(default_factory=lambda: {"step": 1.0, "paragraph": 0.5, "task": 0.5})
     paragraph_steps: int = 2
     lm_weight: float = 1.0  # expert NLL (the iq objective; keeps the backbone's knowledge in airl+iq)
-    td_weight: float = 0.1  # IQ-Learn chi^2 term on the implied token reward
+    td_weight: float = 0.01  # IQ-Learn chi^2 term on the implied token reward
     init: Literal["sft", "random"] = "sft"  # the backbone's start: the SFT policy, or random init
     minutes: float = 3.0
     max_steps: int = 100_000
@@ -165,7 +165,7 @@ def train_reward(rm: RewardModel, policy, demos, cfg: RewardConfig, kinds, log) 
         S = enc.step_mask.shape[1]
         metrics = {"phase": "reward", "step": step}
         pol_logp = None
-        if rm.config.reward_source == "heads" and not cfg.gail:
+        if not cfg.gail:
             # log pi_old per step, from the frozen SFT policy (same tokenizer as the reward backbone).
             with torch.no_grad():
                 pol_logits = policy(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
@@ -247,7 +247,8 @@ def run(cfg: TrainRewardConfig) -> dict:
     if cfg.reward.init == "random":
         backbone = type(policy)(policy.config)
     rm_cfg = RewardModelConfig(
-        reward_source="iq" if cfg.reward.objective == "iq" else "heads",
+        terms={"airl": "heads", "iq": "lm", "airl+iq": "lm+heads"}[cfg.reward.objective],
+        potential=not cfg.reward.gail,
         gamma=cfg.reward.gamma, alpha=cfg.reward.alpha, separator=separator,
         max_length=cfg.model.max_length, paragraph_steps=cfg.reward.paragraph_steps,
     )

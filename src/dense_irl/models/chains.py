@@ -48,12 +48,13 @@ def encode_chains(tokenizer, chains: list[Chain], max_length: int, separator: st
     rows, spans_all = [], []
     for prompt, steps in chains:
         ids = bos + _ids(tokenizer, prompt) + sep
-        # Keep room for at least one step; an over-long prompt loses its beginning, not the steps.
-        if len(ids) > max_length // 2:
-            ids = bos + ids[len(ids) - max_length // 2 + len(bos) :]
+        pieces = [_ids(tokenizer, step) + (eos if k == len(steps) - 1 else sep) for k, step in enumerate(steps)]
+        # An over-long prompt loses its beginning (not its steps) so the first step still fits.
+        room = max_length - min(len(pieces[0]) if pieces else 0, max_length // 2)
+        if len(ids) > room:
+            ids = bos + ids[len(ids) - room + len(bos) :]
         spans = []
-        for k, step in enumerate(steps):
-            piece = _ids(tokenizer, step) + (eos if k == len(steps) - 1 else sep)
+        for piece in pieces:
             if len(ids) + len(piece) > max_length:
                 break
             spans.append((len(ids), len(ids) + len(piece) - 1))

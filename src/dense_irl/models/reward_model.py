@@ -2,14 +2,16 @@
 
 One forward pass over a batch of chains gives every token's reward and the reward of every step:
 
-    R_k = sum_{t in step k} g_t + gamma * h(end_k) - h(start_k)         (reward_source = "heads")
-    R_k = sum_{t in step k} Q(s_t, a_t) - gamma * V(s_{t+1})            (reward_source = "iq")
+    r_t = alpha * log pi_theta(a_t | s_t) * [lm in terms] + g(s_t, a_t) * [heads in terms]
+    R_k = sum_{t in step k} r_t + gamma * h(end_k) - h(start_k)            (h only with "heads")
 
-with ``Q`` the backbone's logits and ``V = logsumexp Q`` (inverse soft-Q). ``h(start_k)`` reads the
-state just before the step, ``h(end_k)`` the state after its last token; the terminal potential is 0.
-Paragraph and task rewards sum the step rewards of their span: the shaping telescopes, so the three
-levels agree. Saved in the HF layout: the backbone's ``save_pretrained`` folder plus
-``reward_head.safetensors`` and ``reward_config.json``.
+The ``lm`` term is the inverse soft-Q reading of the backbone: its logits are ``Q(s, .)``, ``V =
+logsumexp Q``, and ``Q(s_t, a_t) - V(s_t) = log pi_theta(a_t | s_t)``, which equals the soft-Bellman
+reward ``Q(s_t, a_t) - gamma V(s_{t+1})`` up to potential shaping by ``V`` (so the optimal policy is the
+same). ``h(start_k)`` reads the state just before the step, ``h(end_k)`` the state after its last token;
+the terminal potential is 0. Paragraph and task rewards sum the step rewards of their span: the
+shaping telescopes, so the three levels agree. Saved in the HF layout: the backbone's
+``save_pretrained`` folder plus ``reward_head.safetensors`` and ``reward_config.json``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dense_irl.io import atomic_dir
-from dense_irl.models.chains import Chain, EncodedBatch, encode_chains, sum_by_step
+from dense_irl.models.chains import Chain, EncodedBatch, encode_chains, sum_by_step, token_logprobs
 
 CONFIG_FILE = "reward_config.json"
 HEAD_FILE = "reward_head.safetensors"
@@ -34,7 +36,8 @@ HEAD_FILE = "reward_head.safetensors"
 class RewardModelConfig:
     """What a reward-model checkpoint needs to score chains the way it was trained."""
 
-    reward_source: str = "heads"  # "heads" (g + shaped h) or "iq" (read out of the LM logits)
+    terms: str = "lm+heads"  # "heads" (g + shaped h), "lm" (alpha * log pi_theta) or "lm+heads"
+    potential: bool = True  # the h shaping term (off for the GAIL-logit ablation)
     gamma: float = 1.0
     alpha: float = 1.0
     separator: str = "\n"
@@ -61,8 +64,8 @@ class RewardModel(nn.Module):
 
     def __init__(self, backbone, tokenizer, config: RewardModelConfig):
         super().__init__()
-        if config.reward_source not in ("heads", "iq"):
-            raise ValueError(f"reward_source must be 'heads' or 'iq', got {config.reward_source!r}")
+        if config.terms not in ("heads", "lm", "lm+heads"):
+            raise ValueError(f"terms must be 'heads', 'lm' or 'lm+heads', got {config.terms!r}")
         self.backbone, self.tokenizer, self.config = backbone, tokenizer, config
         hidden = backbone.config.hidden_size
         self.g_head, self.h_head = nn.Linear(hidden, 1), nn.Linear(hidden, 1)
@@ -80,27 +83,22 @@ class RewardModel(nn.Module):
         hidden, logits = out.hidden_states[-1], out.logits
         S = enc.step_mask.shape[1]
         start, end = enc.step_start.to(device), enc.step_end.to(device)
-        gamma = self.config.gamma
-        if self.config.reward_source == "heads":
-            token_r = self.g_head(hidden)[..., 0]
+        gamma, terms = self.config.gamma, self.config.terms
+        token_r = torch.zeros_like(ids, dtype=hidden.dtype)
+        if "lm" in terms:
+            token_r = token_r + self.config.alpha * token_logprobs(logits, ids)
+        if "heads" in terms:
+            token_r = token_r + self.g_head(hidden)[..., 0]
+        step_r = sum_by_step(token_r, step_ids, S)
+        h_before = h_after = torch.zeros_like(step_r)
+        if "heads" in terms and self.config.potential:
             h = self.h_head(hidden)[..., 0]
             h_before = h.gather(1, (start - 1).clamp(min=0))
-            h_after = h.gather(1, end)
             # The state after the chain's last step is terminal: its potential is 0.
             n_steps = torch.tensor(enc.n_steps, device=device)
             last = torch.arange(S, device=device)[None] == (n_steps - 1)[:, None]
-            h_after = h_after.masked_fill(last, 0.0)
-            step_r = sum_by_step(token_r, step_ids, S) + gamma * h_after - h_before
-        else:
-            q_taken = logits[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
-            v_next = torch.logsumexp(logits[:, 1:], dim=-1)
-            # V after the final token (</s>) is terminal: 0.
-            is_last_tok = torch.zeros_like(mask, dtype=torch.bool)
-            is_last_tok[torch.arange(len(ids)), mask.sum(1) - 1] = True
-            v_next = v_next.masked_fill(is_last_tok[:, 1:], 0.0)
-            token_r = torch.cat([torch.zeros_like(q_taken[:, :1]), q_taken - gamma * v_next], dim=1)
-            h_before = h_after = torch.zeros_like(start, dtype=token_r.dtype)
-            step_r = sum_by_step(token_r, step_ids, S)
+            h_after = h.gather(1, end).masked_fill(last, 0.0)
+            step_r = step_r + gamma * h_after - h_before
         step_r = step_r.masked_fill(~enc.step_mask.to(device), 0.0)
         return {"token_rewards": token_r, "step_rewards": step_r, "logits": logits,
                 "hidden": hidden, "h_before": h_before, "h_after": h_after}
