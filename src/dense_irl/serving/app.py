@@ -1,0 +1,459 @@
+"""Step-level reward scoring over HTTP: a Ray Serve app with a FastAPI ingress (DESIGN §6).
+
+    POST /v1/score      one chain {prompt, steps | text [, step_separator]} or {"items": [...]}
+    POST /get_reward    OpenRLHF's remote reward model contract {query, prompts, labels}
+    GET  /health        liveness and the live checkpoint version (never needs the token)
+    GET  /v1/models     which checkpoint (path, version) is live
+    POST /admin/reload  {"reward_model": PATH}: load another checkpoint into every replica
+
+Concurrent requests are gathered by ``@serve.batch`` into one ``RewardModel.score`` call, i.e. one forward
+pass scores every step of every chain of the batch. A new checkpoint goes live without downtime two
+ways: a new ``user_config: {reward_model: PATH}`` (``serve deploy``; Serve calls ``reconfigure`` on the
+running replicas), or the admin call, which loads it in the replica that receives it and publishes it
+through the small ``ModelSource`` deployment that the other replicas poll. Loading happens in a thread
+and the model is swapped in one assignment, so requests in flight finish on the model they started on.
+
+Safety: Serve binds 127.0.0.1 unless told otherwise; with a token (``args.token`` or env
+``DENSE_IRL_TOKEN``) every path but /health and the docs needs ``Authorization: Bearer <token>`` (401);
+the body size is checked before parsing (413), then the per-request limits (413, naming the limit);
+malformed JSON, wrong types, unknown fields and empty steps are 422.
+"""
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Body, FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from dense_irl.models.reward_model import ChainScore, RewardModel
+from dense_irl.serving.schemas import (
+    BatchIn,
+    BatchResult,
+    ChainIn,
+    ChainResult,
+    GetRewardRequest,
+    GetRewardResponse,
+    Health,
+    ModelInfo,
+    ModelList,
+    ReloadRequest,
+    ScoreRequest,
+    ServeArgs,
+)
+
+TOKEN_ENV = "DENSE_IRL_TOKEN"
+APP_NAME = "dense-irl"
+OPEN_PATHS = {"/health", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"}
+# Special-token text an OpenRLHF query may end with (decoded with skip_special_tokens=False).
+END_MARKERS = ("</s>", "<pad>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
+logger = logging.getLogger("ray.serve")
+
+
+def split_steps(text: str, separator: str) -> list[str]:
+    """Split a solution text into steps the way the data readers do (stripped, empty ones dropped)."""
+    return [s.strip() for s in text.split(separator) if s.strip()]
+
+
+def aggregate(step_rewards: list[float], how: str) -> float:
+    """One scalar per chain for /get_reward: ``sum`` (the task reward), ``min`` or ``last`` step."""
+    if not step_rewards:
+        return 0.0
+    return {"sum": sum, "min": min, "last": lambda r: r[-1]}[how](step_rewards)
+
+
+def chain_result(score: ChainScore, version: str, steps_given: int) -> dict:
+    """The JSON answer for one scored chain."""
+    return {
+        "step_rewards": score.step_rewards,
+        "paragraph_rewards": score.paragraph_rewards,
+        "task_reward": score.task_reward,
+        "first_error": score.first_error,
+        "steps_given": steps_given,
+        "steps_scored": score.steps_scored,
+        "truncated": score.steps_scored < steps_given,
+        "model_version": version,
+    }
+
+
+# ---------------------------------------------------------------------------- guard middleware
+
+
+async def _send_json(send, status: int, detail: str, headers: list | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _replica_guard() -> tuple[str | None, int]:
+    # The FastAPI app is copied into each replica, so the guard asks the replica for its settings.
+    return serve.get_replica_context().servable_object.guard_settings()
+
+
+class Guard:
+    """ASGI middleware: bearer token (401) and body size (413), both before any parsing."""
+
+    def __init__(self, app, settings=_replica_guard):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        token, max_body = self.settings()
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        path = path[len(root) :] if root and path.startswith(root) else path
+        headers = dict(scope.get("headers") or [])
+        if token and path not in OPEN_PATHS:
+            sent = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(sent, b"Bearer " + token.encode()):
+                return await _send_json(
+                    send,
+                    401,
+                    "missing or wrong bearer token (Authorization: Bearer <token>)",
+                    [(b"www-authenticate", b"Bearer")],
+                )
+        too_big = f"request body exceeds the limit max_body_bytes={max_body}"
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body):
+            return await _send_json(
+                send,
+                413 if length.isdigit() else 400,
+                too_big if length.isdigit() else "bad Content-Length header",
+            )
+        # Read the body ourselves (chunked requests carry no length), then replay it to the app.
+        chunks, n = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return
+            n += len(msg.get("body", b""))
+            if n > max_body:
+                return await _send_json(send, 413, too_big)
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+async def _validation_error(_request, exc: RequestValidationError) -> JSONResponse:
+    # Leave out the echoed input: it can be large, and it is what the client just sent.
+    errors = [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+    return JSONResponse({"detail": errors}, status_code=422)
+
+
+api = FastAPI(title="dense-irl step reward scoring", version="1", description=__doc__.split("\n\n")[0])
+api.add_middleware(Guard)
+api.add_exception_handler(RequestValidationError, _validation_error)
+
+
+def _too_large(message: str) -> HTTPException:
+    return HTTPException(413, message)
+
+
+# ---------------------------------------------------------------------------- deployments
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class ModelSource:
+    """The checkpoint every replica should serve after admin reloads: a path and a counter."""
+
+    def __init__(self, path: str):
+        self.path, self.config_path, self.seq = path, path, 0
+
+    def get(self) -> tuple[str, int]:
+        return self.path, self.seq
+
+    def publish(self, path: str) -> tuple[str, int]:
+        self.path, self.seq = path, self.seq + 1
+        return self.path, self.seq
+
+    def publish_config(self, path: str) -> tuple[str, int]:
+        # Every replica reports the same user_config change; only the first moves the counter.
+        if path != self.config_path:
+            self.config_path = self.path = path
+            self.seq += 1
+        return self.path, self.seq
+
+
+@dataclass(frozen=True)
+class _Live:
+    rm: RewardModel
+    path: str
+    version: str
+    loaded_at: float
+
+
+@serve.deployment(max_ongoing_requests=256)
+@serve.ingress(api)
+class RewardScorer:
+    """Scores chains with the live reward model; see the module docstring for the endpoints."""
+
+    def __init__(self, source, args: dict):
+        self.args = ServeArgs.model_validate(args)
+        self.source = source
+        self.device = "cuda" if self.args.num_gpus > 0 else "cpu"
+        self._lock = asyncio.Lock()
+        self._user_config = {"reward_model": self.args.reward_model}
+        self._seen, self._poller = 0, None
+        self.stats = {"requests": 0, "chains": 0, "batches": 0, "largest_batch": 0}
+        rm = RewardModel.from_pretrained(self.args.reward_model, self.device)
+        self._live = _Live(rm, self.args.reward_model, rm.config.version, time.time())
+        self._score_batch.set_max_batch_size(self.args.max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+
+    def guard_settings(self) -> tuple[str | None, int]:
+        return self.args.token, self.args.max_body_bytes
+
+    def check_health(self) -> None:
+        if self._poller is not None and self._poller.done() and not self._poller.cancelled():
+            raise RuntimeError(f"the reload poller stopped: {self._poller.exception()!r}")
+
+    # -------------------------------------------------------------------- loading and reloading
+
+    async def _load(self, path: str) -> None:
+        rm = await asyncio.to_thread(RewardModel.from_pretrained, path, self.device)
+        self._live = _Live(rm, str(path), rm.config.version, time.time())  # one assignment: the swap
+        logger.info("reward model %s (version %s) is live", path, rm.config.version)
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """Serve calls this with the deployment's ``user_config``; a changed one loads its checkpoint."""
+        path = user_config.get("reward_model")
+        if set(user_config) != {"reward_model"} or not isinstance(path, str) or not os.path.isabs(path):
+            raise ValueError(f"user_config must be {{'reward_model': ABSOLUTE_PATH}}, got {user_config!r}")
+        self._ensure_poller()
+        async with self._lock:
+            if user_config != self._user_config:
+                await self._load(user_config["reward_model"])
+                self._user_config = dict(user_config)
+            path, seq = await self.source.publish_config.remote(user_config["reward_model"])
+            if path != self._live.path:  # an admin reload happened before this replica started
+                await self._load(path)
+            self._seen = seq
+
+    def _ensure_poller(self) -> None:
+        if self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._follow_source())
+
+    async def _follow_source(self) -> None:
+        while True:
+            await asyncio.sleep(self.args.poll_s)
+            try:
+                _, seq = await self.source.get.remote()
+                if seq == self._seen:
+                    continue
+                async with self._lock:
+                    path, seq = await self.source.get.remote()
+                    if seq > self._seen:
+                        await self._load(path)
+                    self._seen = seq  # (a lower seq means ModelSource restarted: adopt its count)
+            except Exception:  # keep serving the current model; try again next round
+                logger.exception("following ModelSource failed")
+
+    # -------------------------------------------------------------------- scoring
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _score_batch(self, chains: list[tuple[str, list[str]]]) -> list[tuple[ChainScore, str]]:
+        live = self._live  # the whole batch is scored by one model, whatever reloads meanwhile
+        st = self.stats
+        st["batches"], st["chains"] = st["batches"] + 1, st["chains"] + len(chains)
+        st["largest_batch"] = max(st["largest_batch"], len(chains))
+        scores = await asyncio.to_thread(live.rm.score, chains, len(chains))
+        return [(s, live.version) for s in scores]
+
+    def _check(self, prompt: str, steps: list[str], where: str) -> None:
+        a = self.args
+        if len(steps) > a.max_steps:
+            raise _too_large(f"{where} has {len(steps)} steps, over the limit max_steps={a.max_steps}")
+        chars = len(prompt) + sum(map(len, steps))
+        if chars > a.max_chars:
+            raise _too_large(f"{where} has {chars} characters, over the limit max_chars={a.max_chars}")
+        ids = self._live.rm.tokenizer([prompt, *steps], add_special_tokens=False)["input_ids"]
+        tokens = sum(map(len, ids))
+        if tokens > a.max_tokens:
+            raise _too_large(f"{where} has {tokens} tokens, over the limit max_tokens={a.max_tokens}")
+
+    def _check_count(self, n: int, what: str) -> None:
+        if n > self.args.max_chains:
+            raise _too_large(f"{n} {what} in one request, over the limit max_chains={self.args.max_chains}")
+
+    async def _score_all(self, chains: list[tuple[str, list[str]]]) -> list[tuple[ChainScore, str]]:
+        self._ensure_poller()
+        self.stats["requests"] += 1
+        # One batch item per chain, so the chains of a big request join other clients' batches too.
+        return list(await asyncio.gather(*(self._score_batch(c) for c in chains)))
+
+    # -------------------------------------------------------------------- routes
+
+    @api.post("/v1/score", response_model=ChainResult | BatchResult, summary="Score every step of chains")
+    async def score(self, body: Annotated[ScoreRequest, Body()]) -> Any:
+        """One chain ``{prompt, steps}`` (or ``{prompt, text, step_separator}``) -> its step, paragraph and
+        task rewards and first error; ``{"items": [chain, ...]}`` -> ``{"items": [result, ...]}``."""
+        items = body.items if isinstance(body, BatchIn) else [body]
+        self._check_count(len(items), "chains")
+        chains = []
+        for i, item in enumerate(items):
+            where = f"items[{i}]" if isinstance(body, BatchIn) else "the chain"
+            chains.append((item.prompt, self._steps(item, where)))
+            self._check(item.prompt, chains[-1][1], where)
+        results = [chain_result(s, v, len(c[1])) for (s, v), c in zip(await self._score_all(chains), chains)]
+        return {"items": results} if isinstance(body, BatchIn) else results[0]
+
+    def _steps(self, item: ChainIn, where: str) -> list[str]:
+        if item.steps is not None:
+            return item.steps
+        sep = item.step_separator or self._live.rm.config.separator
+        steps = split_steps(item.text, sep)
+        if not steps:
+            raise HTTPException(422, f"{where}: 'text' has no non-empty step when split on {sep!r}")
+        return steps
+
+    @api.post("/get_reward", response_model=GetRewardResponse, summary="OpenRLHF remote reward model")
+    async def get_reward(self, body: GetRewardRequest) -> dict:
+        """``query[i]`` is prompt + response: the response (after ``prompts[i]``, end tokens stripped) is
+        split into steps with the checkpoint's separator; reward = the configured aggregate of the step
+        rewards (default ``sum``, the task reward); ``scores`` = ``rewards``."""
+        self._check_count(len(body.query), "queries")
+        live, chains = self._live, []
+        ends = {*END_MARKERS, live.rm.tokenizer.eos_token, live.rm.tokenizer.pad_token} - {None, ""}
+        for i, query in enumerate(body.query):
+            prompt = body.prompts[i] if body.prompts else ""
+            at = query.find(prompt) if prompt else 0
+            if at < 0:
+                raise HTTPException(
+                    422, f"query[{i}] does not contain prompts[{i}]: query must be prompt + response"
+                )
+            response = query[at + len(prompt) :].rstrip()
+            while any(response.endswith(e) for e in ends):
+                response = next(response[: -len(e)] for e in ends if response.endswith(e)).rstrip()
+            # An empty response is still scored: as a chain that stops at once.
+            steps = split_steps(response, live.rm.config.separator) or [""]
+            self._check(prompt, steps, f"query[{i}]")
+            chains.append((prompt, steps))
+        scored = [s for s, _ in await self._score_all(chains)]
+        rewards = [aggregate(s.step_rewards, self.args.reward_aggregate) for s in scored]
+        return {
+            "rewards": rewards,
+            "scores": rewards,
+            "extra_logs": {
+                "task_reward": [s.task_reward for s in scored],
+                "min_step_reward": [min(s.step_rewards, default=0.0) for s in scored],
+                "first_error": [float(s.first_error) for s in scored],
+                "steps_scored": [float(s.steps_scored) for s in scored],
+            },
+        }
+
+    @api.get("/health", response_model=Health, summary="Liveness (open without the token)")
+    async def health(self) -> dict:
+        self._ensure_poller()
+        return {"status": "ok", "version": self._live.version}
+
+    def _info(self) -> dict:
+        live, cfg = self._live, self._live.rm.config
+        return {
+            "path": live.path,
+            "version": live.version,
+            "max_length": cfg.max_length,
+            "separator": cfg.separator,
+            "threshold": cfg.threshold,
+            "loaded_at": live.loaded_at,
+        }
+
+    @api.get("/v1/models", response_model=ModelList, summary="The live checkpoint")
+    async def models(self) -> dict:
+        replica = serve.get_replica_context().replica_id.unique_id
+        return {
+            "object": "list",
+            "data": [self._info()],
+            "replica": replica,
+            "replica_stats": dict(self.stats),
+        }
+
+    @api.post("/admin/reload", response_model=ModelInfo, summary="Load another checkpoint, no downtime")
+    async def reload(self, body: ReloadRequest) -> dict:
+        """Load ``reward_model`` (an absolute path) here, then publish it so every replica loads it."""
+        if not os.path.isabs(body.reward_model):
+            raise HTTPException(422, "reward_model must be an absolute path (replicas do not share your cwd)")
+        async with self._lock:
+            try:
+                await self._load(body.reward_model)
+            except Exception as e:  # anything that does not load is the caller's path's fault
+                raise HTTPException(422, f"cannot load reward model {body.reward_model}: {e}") from e
+            _, self._seen = await self.source.publish.remote(body.reward_model)
+        return self._info()
+
+
+# ---------------------------------------------------------------------------- building and running
+
+
+def app_builder(args: dict | ServeArgs) -> serve.Application:
+    """Build the application from ``serve run``/``serve deploy`` args (see :class:`ServeArgs`)."""
+    if isinstance(args, dict):
+        args = ServeArgs.model_validate(args)
+    path = Path(os.path.expanduser(args.reward_model)).resolve()
+    if not path.is_dir():
+        raise FileNotFoundError(f"reward model checkpoint not found: {path}")
+    args = args.model_copy(
+        update={"reward_model": str(path), "token": args.token or os.environ.get(TOKEN_ENV)}
+    )
+    scorer = RewardScorer.options(
+        num_replicas=args.num_replicas,
+        max_ongoing_requests=args.max_ongoing_requests,
+        ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
+        user_config={"reward_model": str(path)},
+    )
+    return scorer.bind(ModelSource.bind(str(path)), args.model_dump())
+
+
+def start(args: dict | ServeArgs, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME) -> str:
+    """Start Ray (if needed) and Serve's HTTP proxy on ``host:port``, deploy the app; returns its URL."""
+    import ray
+
+    app = app_builder(args)  # fail on a bad checkpoint path before starting anything
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name=name, route_prefix="/", blocking=False)
+    return f"http://{host}:{port}"
+
+
+def serve_forever(args: dict | ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """``dense-irl serve``: run until Ctrl-C, then shut Serve down."""
+    url = start(args, host, port)
+    print(json.dumps({"url": url, "health": f"{url}/health", "docs": f"{url}/docs"}), flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()

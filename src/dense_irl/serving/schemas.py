@@ -1,0 +1,163 @@
+"""The HTTP contract of the scoring server: request/response models, server settings and limits.
+
+Every request model forbids unknown fields, so a typo (``step`` for ``steps``) is a 422 naming the field
+instead of a silently ignored key. Limits that depend on the server's settings (chains per request,
+steps, characters and tokens per chain) are checked by the app after parsing and answered with 413.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+_FORBID = ConfigDict(extra="forbid")
+
+
+class ServeArgs(BaseModel):
+    """Arguments of :func:`dense_irl.serving.app.app_builder` (the ``args:`` of serve/config.yaml)."""
+
+    model_config = _FORBID
+
+    reward_model: NonEmptyStr = Field(description="reward model checkpoint folder (save_pretrained layout)")
+    token: str | None = Field(None, description="bearer token; default: env DENSE_IRL_TOKEN, else no auth")
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; > 0 puts the model on cuda")
+    max_batch_size: int = Field(32, ge=1, description="chains per forward pass (@serve.batch)")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")
+    max_ongoing_requests: int = Field(256, ge=1, description="per replica; keep >= max_batch_size")
+    reward_aggregate: Literal["sum", "min", "last"] = Field(
+        "sum", description="/get_reward reward: task reward (sum of steps), worst step, or last step"
+    )
+    poll_s: float = Field(1.0, gt=0, description="how often replicas check for an admin reload")
+    # request limits (each answered with 413 naming the limit)
+    max_body_bytes: int = Field(1 << 20, ge=1)
+    max_chains: int = Field(64, ge=1, description="chains (or queries) per request")
+    max_steps: int = Field(256, ge=1, description="steps per chain")
+    max_chars: int = Field(32_000, ge=1, description="characters per chain, prompt included")
+    max_tokens: int = Field(8192, ge=1, description="tokens per chain, prompt included")
+
+
+LIMIT_NAMES = ("max_body_bytes", "max_chains", "max_steps", "max_chars", "max_tokens")
+
+
+class ChainIn(BaseModel):
+    """One chain: a prompt and either its steps or one text split by ``step_separator``."""
+
+    model_config = _FORBID
+
+    prompt: str
+    steps: list[NonEmptyStr] | None = Field(None, min_length=1, description="the steps, in order")
+    text: str | None = Field(None, description="the whole solution; split into steps by step_separator")
+    step_separator: NonEmptyStr | None = Field(None, description="default: the checkpoint's separator")
+
+    @model_validator(mode="after")
+    def _steps_or_text(self) -> ChainIn:
+        if (self.steps is None) == (self.text is None):
+            raise ValueError("give exactly one of 'steps' (a list of step strings) or 'text'")
+        if self.step_separator is not None and self.text is None:
+            raise ValueError("'step_separator' applies only with 'text'")
+        return self
+
+
+class BatchIn(BaseModel):
+    """Several chains scored in one request."""
+
+    model_config = _FORBID
+
+    items: list[ChainIn] = Field(min_length=1)
+
+
+def _request_kind(value: Any) -> str:
+    if isinstance(value, BatchIn) or (isinstance(value, dict) and "items" in value):
+        return "batch"
+    return "chain"
+
+
+# One chain, or {"items": [...]}: a callable discriminator keeps the error messages to the shape sent.
+ScoreRequest = Annotated[
+    Annotated[ChainIn, Tag("chain")] | Annotated[BatchIn, Tag("batch")], Discriminator(_request_kind)
+]
+
+
+class ChainResult(BaseModel):
+    """The rewards of one chain."""
+
+    step_rewards: list[float]
+    paragraph_rewards: list[float]
+    task_reward: float
+    first_error: int = Field(description="first step whose reward is below the threshold; -1 when none")
+    steps_given: int
+    steps_scored: int = Field(description="fewer than steps_given when the chain was cut to max_length")
+    truncated: bool
+    model_version: str = Field(description="version of the checkpoint that scored this chain")
+
+
+class BatchResult(BaseModel):
+    """The rewards of every chain of a batch request, in order."""
+
+    items: list[ChainResult]
+
+
+class GetRewardRequest(BaseModel):
+    """OpenRLHF's remote reward model request: ``query`` is prompt + response."""
+
+    model_config = _FORBID
+
+    query: list[str] = Field(min_length=1)
+    prompts: list[str] | None = Field(None, description="the prompt of each query, stripped off it")
+    labels: list[Any] | None = Field(None, description="accepted and ignored (no verifier here)")
+    metas: list[Any] | None = Field(None, description="accepted and ignored (newer OpenRLHF sends it)")
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> GetRewardRequest:
+        for name in ("prompts", "labels", "metas"):
+            value = getattr(self, name)
+            if value is not None and len(value) != len(self.query):
+                raise ValueError(f"'{name}' has {len(value)} entries but 'query' has {len(self.query)}")
+        return self
+
+
+class GetRewardResponse(BaseModel):
+    """OpenRLHF's remote reward model answer; ``extra_logs`` holds one list per logged quantity."""
+
+    rewards: list[float]
+    scores: list[float]
+    extra_logs: dict[str, list[float]]
+
+
+class ReloadRequest(BaseModel):
+    """Admin: load another checkpoint into every replica."""
+
+    model_config = _FORBID
+
+    reward_model: NonEmptyStr
+
+
+class ModelInfo(BaseModel):
+    """The checkpoint a replica is serving."""
+
+    id: str = "dense-irl-reward-model"
+    object: str = "model"
+    path: str
+    version: str
+    max_length: int
+    separator: str
+    threshold: float
+    loaded_at: float = Field(description="unix time the checkpoint was loaded")
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelInfo]
+    replica: str = Field(description="id of the replica that answered")
+    replica_stats: dict[str, int] = Field(
+        description="of the replica that answered: requests, chains, batches (forward passes), largest_batch"
+    )
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    version: str

@@ -1,0 +1,415 @@
+"""The scoring server for real: Ray Serve apps on loopback, deployed from serve/config.yaml, over HTTP.
+
+Two apps share one Serve instance: ``dense-irl`` at / (1 replica, small limits) and ``secure`` at
+/secure (2 replicas, a bearer token). Tests that reload checkpoints run last (file order).
+"""
+
+import copy
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import yaml
+
+from dense_irl.data.synthetic import SyntheticConfig, generate
+from dense_irl.models.factory import ModelConfig, load_policy
+from dense_irl.models.reward_model import RewardModel, RewardModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "s3cret-token"
+LIMITS = {"max_chains": 4, "max_steps": 24, "max_chars": 2000, "max_tokens": 500, "max_body_bytes": 20_000}
+PROMPT = "Sam has 7 marbles. He finds 5 more. Then he loses 3. How many marbles does Sam have now?"
+STEPS = ["He finds 5 more: 7 + 5 = 12.", "He loses 3: 12 - 3 = 9.", "The answer is 9."]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Two tiny reward models (versions "1" and "2") with random heads, and the models in-process."""
+    demos = generate(SyntheticConfig(n_problems=200))
+    texts = [d.prompt for d in demos] + [s for d in demos for s in d.steps]
+    policy, tok = load_policy(
+        ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), texts
+    )
+    out, models = {}, {}
+    for version in ("1", "2"):
+        rm = RewardModel(policy, tok, RewardModelConfig(version=version, terms="heads"))
+        torch.manual_seed(int(version))
+        torch.nn.init.normal_(rm.g_head.weight, std=0.5)
+        torch.nn.init.normal_(rm.h_head.weight, std=0.5)
+        path = tmp_path_factory.mktemp("ckpt") / f"rm{version}"
+        rm.save_pretrained(path)
+        out[version], models[version] = str(path), RewardModel.from_pretrained(path)
+    return out, models
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _deploy_config(base: dict, paths: dict, port: int, open_user_config: dict | None = None) -> dict:
+    """serve/config.yaml with test args: the open app, and a copy of it with a token and 2 replicas."""
+    cfg = copy.deepcopy(base)
+    cfg["http_options"]["port"] = port
+    app = cfg["applications"][0]
+    app["args"].update(reward_model=paths["1"], num_cpus=0.5, batch_wait_timeout_s=0.05, **LIMITS)
+    secure = copy.deepcopy(app)
+    secure.update(name="secure", route_prefix="/secure")
+    secure["args"].update(token=TOKEN, poll_s=0.2, batch_wait_timeout_s=0.005)
+    secure["deployments"][0]["num_replicas"] = 2
+    if open_user_config:
+        app["deployments"][0]["user_config"] = open_user_config
+    cfg["applications"].append(secure)
+    return cfg
+
+
+def _deploy(cfg: dict) -> None:
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    # What `serve run serve/config.yaml` / `serve deploy` do: the declarative API, so a user_config
+    # change reconfigures running replicas instead of replacing them.
+    serve_start(http_options=cfg["http_options"]).deploy_apps(
+        ServeDeploySchema.model_validate(cfg), _blocking=True
+    )
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, checkpoints):
+    from ray import serve
+
+    paths, _ = checkpoints
+    base = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    port = _free_port()
+    _deploy(_deploy_config(base, paths, port))
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        yield {"client": client, "url": f"http://127.0.0.1:{port}", "base": base, "port": port}
+    serve.shutdown()
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _direct(models, version, chains):
+    return models[version].score(chains)
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def test_config_yaml_parses_and_points_at_the_builder():
+    from ray.serve.schema import ServeDeploySchema
+
+    from dense_irl.serving import app as app_mod
+    from dense_irl.serving.schemas import ServeArgs
+
+    raw = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    cfg = ServeDeploySchema.model_validate(raw)
+    assert cfg.http_options.host == "127.0.0.1"
+    (app,) = cfg.applications
+    module, attr = app.import_path.split(":")
+    assert module == app_mod.__name__ and getattr(app_mod, attr) is app_mod.app_builder
+    ServeArgs.model_validate(app.args)  # every arg is one the builder knows
+    assert app.deployments[0].name == app_mod.RewardScorer.name
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        app_mod.app_builder({**app.args, "reward_model": "/nonexistent/rm"})
+    with pytest.raises(ValueError, match="max_chainz"):
+        app_mod.app_builder({**app.args, "max_chainz": 3})
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+def test_score_one_chain_text_and_batch(server, checkpoints):
+    c = server["client"]
+    _, models = checkpoints
+    (want,) = _direct(models, "1", [(PROMPT, STEPS)])
+    r = c.post("/v1/score", json={"prompt": PROMPT, "steps": STEPS})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["step_rewards"] == pytest.approx(want.step_rewards, abs=1e-4)
+    assert len(set(got["step_rewards"])) == 3  # the heads are not zero: real, distinct rewards
+    assert got["paragraph_rewards"] == pytest.approx(want.paragraph_rewards, abs=1e-4)
+    assert got["task_reward"] == pytest.approx(sum(got["step_rewards"]), abs=1e-4)
+    first = next((k for k, x in enumerate(got["step_rewards"]) if x < 0.0), -1)
+    assert got["first_error"] == first
+    assert (got["steps_given"], got["steps_scored"], got["truncated"], got["model_version"]) == (
+        3,
+        3,
+        False,
+        "1",
+    )
+
+    as_text = c.post("/v1/score", json={"prompt": PROMPT, "text": " || ".join(STEPS), "step_separator": "||"})
+    assert as_text.json()["step_rewards"] == pytest.approx(got["step_rewards"], abs=1e-4)
+    default_sep = c.post(
+        "/v1/score", json={"prompt": PROMPT, "text": "\n\n".join(STEPS)}
+    )  # checkpoint's "\n"
+    assert default_sep.json()["step_rewards"] == pytest.approx(got["step_rewards"], abs=1e-4)
+
+    chains = [
+        (PROMPT, STEPS),
+        ("Mia has 2 coins.", ["She wins 4 more: 2 + 4 = 6.", "The answer is 6."]),
+        (PROMPT, STEPS[:1]),
+    ]
+    r = c.post("/v1/score", json={"items": [{"prompt": p, "steps": s} for p, s in chains]})
+    assert r.status_code == 200, r.text
+    items = r.json()["items"]
+    for item, want in zip(items, _direct(models, "1", chains)):
+        assert item["step_rewards"] == pytest.approx(want.step_rewards, abs=1e-4)
+    assert [i["steps_given"] for i in items] == [3, 2, 1]
+
+
+def test_long_chain_is_truncated_and_flagged(server):
+    steps = [f"He finds {k % 9 + 1} more: {k} + {k % 9 + 1} = {k + k % 9 + 1}." for k in range(10, 32)]
+    r = server["client"].post("/v1/score", json={"prompt": PROMPT, "steps": steps})  # > max_length=256 tokens
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["truncated"] and 0 < got["steps_scored"] < got["steps_given"] == len(steps)
+    assert len(got["step_rewards"]) == got["steps_scored"]
+
+
+def test_get_reward_openrlhf_contract(server, checkpoints):
+    c = server["client"]
+    _, models = checkpoints
+    second = ("Mia has 2 coins.", ["She wins 4 more: 2 + 4 = 6.", "The answer is 6."])
+    queries = [PROMPT + "\n" + "\n".join(STEPS) + "</s>", "<s>" + second[0] + "\n" + "\n".join(second[1])]
+    body = {"query": queries, "prompts": [PROMPT, second[0]], "labels": ["9", "6"]}
+    r = c.post("/get_reward", json=body)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    want = _direct(models, "1", [(PROMPT, STEPS), second])
+    assert got["rewards"] == pytest.approx([w.task_reward for w in want], abs=1e-4)
+    assert got["scores"] == got["rewards"]
+    assert got["extra_logs"]["steps_scored"] == [3.0, 2.0]
+    assert got["extra_logs"]["min_step_reward"] == pytest.approx(
+        [min(w.step_rewards) for w in want], abs=1e-4
+    )
+    assert set(map(len, got["extra_logs"].values())) == {2}
+    # OpenRLHF may send metas; an empty response is still given a (finite) reward.
+    r = c.post("/get_reward", json={"query": [PROMPT], "prompts": [PROMPT], "labels": [None], "metas": [{}]})
+    assert r.status_code == 200 and r.json()["extra_logs"]["steps_scored"] == [1.0]
+    r = c.post("/get_reward", json={"query": ["unrelated text"], "prompts": [PROMPT]})
+    assert r.status_code == 422 and "prompts[0]" in r.json()["detail"]
+
+
+def test_concurrent_requests_are_batched(server):
+    c, n = server["client"], 12
+    before = c.get("/v1/models").json()["replica_stats"]
+    barrier, statuses = threading.Barrier(n), []
+
+    def one(i):
+        with httpx.Client(base_url=server["url"], timeout=60) as cl:
+            barrier.wait()
+            r = cl.post("/v1/score", json={"prompt": PROMPT, "steps": STEPS[: i % 3 + 1]})
+            statuses.append((r.status_code, r.json()["steps_scored"] == i % 3 + 1))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert statuses == [(200, True)] * n
+    after = c.get("/v1/models").json()["replica_stats"]
+    assert after["chains"] - before["chains"] == n
+    assert after["batches"] - before["batches"] < n  # several chains shared a forward pass
+    assert after["largest_batch"] >= 2
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def _chain(**kw):
+    return {"prompt": PROMPT, "steps": STEPS, **kw}
+
+
+digits = " ".join("1234567890" * 3)  # every digit is a token: ~60 tokens in 60 characters
+BAD = [
+    ("malformed JSON", "/v1/score", b'{"prompt": "x", "steps": [', 422, "JSON"),
+    ("not an object", "/v1/score", [1, 2], 422, "dictionary"),
+    ("prompt not a string", "/v1/score", {"prompt": 3, "steps": ["a"]}, 422, "string"),
+    ("steps not a list", "/v1/score", {"prompt": "x", "steps": "a"}, 422, "list"),
+    ("step not a string", "/v1/score", {"prompt": "x", "steps": ["a", 2]}, 422, "string"),
+    ("empty steps", "/v1/score", {"prompt": "x", "steps": []}, 422, "at least 1"),
+    ("empty step", "/v1/score", {"prompt": "x", "steps": ["a", ""]}, 422, "at least 1"),
+    ("unknown field", "/v1/score", _chain(stepz=["a"]), 422, "stepz"),
+    ("unknown field in item", "/v1/score", {"items": [_chain(extra=1)]}, 422, "extra"),
+    ("steps and text", "/v1/score", _chain(text="a"), 422, "exactly one"),
+    ("neither steps nor text", "/v1/score", {"prompt": "x"}, 422, "exactly one"),
+    ("separator without text", "/v1/score", _chain(step_separator="|"), 422, "step_separator"),
+    ("text without steps", "/v1/score", {"prompt": "x", "text": "\n \n"}, 422, "no non-empty step"),
+    ("empty batch", "/v1/score", {"items": []}, 422, "at least 1"),
+    ("too many chains", "/v1/score", {"items": [_chain()] * 5}, 413, "max_chains=4"),
+    ("too many steps", "/v1/score", _chain(steps=["a"] * 25), 413, "max_steps=24"),
+    ("too many characters", "/v1/score", _chain(steps=["x" * 1000] * 3), 413, "max_chars=2000"),
+    ("too many tokens", "/v1/score", _chain(steps=[digits] * 10), 413, "max_tokens=500"),
+    ("too many queries", "/get_reward", {"query": ["a"] * 5}, 413, "max_chains=4"),
+    ("query not a list", "/get_reward", {"query": "a"}, 422, "list"),
+    ("lengths differ", "/get_reward", {"query": ["a", "b"], "prompts": ["a"]}, 422, "'prompts' has 1"),
+    ("unknown get_reward field", "/get_reward", {"query": ["a"], "responses": ["b"]}, 422, "responses"),
+    ("relative reload path", "/admin/reload", {"reward_model": "runs/rm"}, 422, "absolute"),
+    ("missing reload path", "/admin/reload", {"reward_model": "/nonexistent/rm"}, 422, "not found"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,status,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_4xx_naming_the_problem(server, name, path, body, status, words):
+    c = server["client"]
+    if isinstance(body, bytes):
+        r = c.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = c.post(path, json=body)
+    assert r.status_code == status, r.text
+    assert words in r.text
+
+
+def test_body_size_limit_with_and_without_content_length(server):
+    c, big = server["client"], b'{"prompt": "' + b"x" * 30_000 + b'", "steps": ["a"]}'
+    r = c.post("/v1/score", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "max_body_bytes=20000" in r.json()["detail"]
+    chunked = c.post(
+        "/v1/score",
+        content=iter([big[:10_000], big[10_000:]]),  # no Content-Length
+        headers={"content-type": "application/json"},
+    )
+    assert chunked.status_code == 413 and "max_body_bytes" in chunked.json()["detail"]
+    assert c.get("/v1/score").status_code == 405
+
+
+def test_server_keeps_serving_after_bad_input(server):
+    c = server["client"]
+    assert c.get("/health").json() == {"status": "ok", "version": "1"}
+    assert c.post("/v1/score", json=_chain()).status_code == 200
+    paths = c.get("/openapi.json").json()["paths"]
+    assert {"/v1/score", "/get_reward", "/health", "/v1/models", "/admin/reload"} <= set(paths)
+
+
+# ---------------------------------------------------------------------------- auth and client
+
+
+def test_bearer_token(server):
+    c = server["client"]
+    assert c.get("/secure/health").status_code == 200  # open for liveness probes
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        r = c.post("/secure/v1/score", json=_chain(), headers=headers)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.text
+    # The token is checked before the body is even parsed.
+    r = c.post("/secure/v1/score", content=b"{", headers={"content-type": "application/json"})
+    assert r.status_code == 401
+    assert c.post("/secure/admin/reload", json={"reward_model": "/x"}).status_code == 401
+    assert c.get("/secure/v1/models").status_code == 401
+    r = c.post("/secure/v1/score", json=_chain(), headers=AUTH)
+    assert r.status_code == 200 and r.json()["model_version"] == "1"
+
+
+def test_client_functions(server, tmp_path, monkeypatch):
+    from dense_irl.io import write_jsonl
+    from dense_irl.serving import client
+
+    url = server["url"]
+    (one,) = client.score_chains([(PROMPT, STEPS)], url)
+    assert one["steps_scored"] == 3
+    assert client.score_text(PROMPT, "\n".join(STEPS), url)["step_rewards"] == one["step_rewards"]
+    assert client.server_info(url)["data"][0]["version"] == "1"
+    monkeypatch.setenv(client.TOKEN_ENV, TOKEN)  # the token comes from the environment
+    assert (
+        client.score_command(url + "/secure", prompt=PROMPT, steps=STEPS)["step_rewards"]
+        == one["step_rewards"]
+    )
+    monkeypatch.delenv(client.TOKEN_ENV)
+    with pytest.raises(client.ScoreClientError, match="HTTP 401"):
+        client.score_chains([(PROMPT, STEPS)], url + "/secure")
+    with pytest.raises(client.ScoreClientError, match="HTTP 413: .*max_steps=24"):
+        client.score_chains([(PROMPT, ["a"] * 30)], url)
+    with pytest.raises(client.ScoreClientError, match="cannot reach"):
+        client.server_info(f"http://127.0.0.1:{_free_port()}")
+    with pytest.raises(ValueError, match="--data FILE"):
+        client.score_command(url, prompt=PROMPT)
+
+    data = tmp_path / "chains.jsonl"
+    write_jsonl(data, [{"id": f"c{i}", "prompt": PROMPT, "steps": STEPS[: i + 1]} for i in range(3)])
+    summary = client.score_command(
+        url, data=str(data), out=str(tmp_path / "scores.jsonl"), fmt="plain", batch_size=2
+    )
+    assert summary["chains"] == 3 and summary["model_versions"] == ["1"]
+    rows = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["steps_scored"]) for r in rows] == [("c0", 1), ("c1", 2), ("c2", 3)]
+
+
+# ---------------------------------------------------------------------------- reloads (last: they change the version)
+
+
+class Traffic:
+    """Clients scoring continuously in threads; records every (status, version)."""
+
+    def __init__(self, url: str, path: str, headers: dict, n: int = 4):
+        self.url, self.path, self.headers, self.stop = url, path, headers, threading.Event()
+        self.seen: list[list[tuple[int, str]]] = [[] for _ in range(n)]
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(n)]
+
+    def _run(self, i: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=60, headers=self.headers) as c:
+            while not self.stop.is_set():
+                try:
+                    r = c.post(self.path, json=_chain())
+                    self.seen[i].append((r.status_code, r.json().get("model_version", r.text)))
+                except httpx.HTTPError as e:
+                    self.seen[i].append((0, repr(e)))
+
+    def __enter__(self):
+        [t.start() for t in self.threads]
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        [t.join() for t in self.threads]
+
+    def wait_for(self, version: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(s and s[-1][1] == version for s in self.seen):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"version {version} not served within {timeout}s: {[s[-3:] for s in self.seen]}")
+
+    def check(self) -> None:
+        for s in self.seen:
+            assert s and all(status == 200 for status, _ in s), [x for x in s if x[0] != 200][:3]
+            versions = [v for _, v in s]
+            assert versions == sorted(versions), "a client saw the old version after the new one"
+
+
+def test_reload_by_user_config_while_requests_flow(server, checkpoints):
+    paths, _ = checkpoints
+    cfg = _deploy_config(server["base"], paths, server["port"], open_user_config={"reward_model": paths["2"]})
+    with Traffic(server["url"], "/v1/score", {}) as traffic:
+        time.sleep(0.5)
+        _deploy(cfg)  # what `serve deploy` with a new user_config does
+        traffic.wait_for("2")
+    traffic.check()
+    assert {v for s in traffic.seen for _, v in s} == {"1", "2"}
+    info = server["client"].get("/v1/models").json()["data"][0]
+    assert (info["version"], info["path"]) == ("2", paths["2"])
+
+
+def test_admin_reload_reaches_every_replica_while_requests_flow(server, checkpoints):
+    paths, _ = checkpoints
+    c = server["client"]
+    with Traffic(server["url"], "/secure/v1/score", AUTH) as traffic:
+        time.sleep(0.5)
+        r = c.post("/secure/admin/reload", json={"reward_model": paths["2"]}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["version"] == "2", r.text
+        traffic.wait_for("2")
+        time.sleep(0.5)
+    traffic.check()
+    replicas = {}
+    for _ in range(40):  # both replicas answer, both with the new checkpoint
+        got = c.get("/secure/v1/models", headers=AUTH).json()
+        replicas[got["replica"]] = got["data"][0]["version"]
+    assert len(replicas) == 2 and set(replicas.values()) == {"2"}
+    bad = c.post("/secure/admin/reload", json={"reward_model": paths["1"] + "-missing"}, headers=AUTH)
+    assert bad.status_code == 422 and c.get("/secure/health").json()["version"] == "2"
