@@ -37,7 +37,7 @@ def test_spans_cover_each_step_and_its_closing_token(policy, demos):
     _, tok = policy
     chains = [(d.prompt, d.steps) for d in demos[:4]]
     enc = encode_chains(tok, chains, max_length=256)
-    for b, (prompt, steps) in enumerate(chains):
+    for b, (_prompt, steps) in enumerate(chains):
         assert enc.n_steps[b] == len(steps)
         for k, step in enumerate(steps):
             s, e = enc.step_start[b, k].item(), enc.step_end[b, k].item()

@@ -183,7 +183,7 @@ def _too_large(message: str) -> HTTPException:
 # ---------------------------------------------------------------------------- deployments
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.deployment(ray_actor_options={"num_cpus": 0}, logging_config={"enable_access_log": False})
 class ModelSource:
     """The checkpoint every replica should serve after admin reloads: a path and a counter."""
 

@@ -1,0 +1,63 @@
+"""The policy objective with dense step rewards (DESIGN §4).
+
+Advantages follow DeepSeekMath's process supervision (arXiv 2402.03300, §4.1.3), with a discount:
+every step reward is normalised by the mean and std of all step rewards of its group (the G samples of
+one prompt), then a token's advantage is the discounted sum of the normalised rewards of its own and
+later steps. An optional outcome (verifier) reward, weighted, is added to the last step first.
+The loss is PPO-clip on tokens with a k3 KL penalty to the reference policy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+
+def step_advantages(step_rewards: list[list[float]], groups: list[int], gamma: float = 1.0,
+                    outcome: list[float] | None = None, outcome_weight: float = 0.0,
+                    eps: float = 1e-6) -> list[list[float]]:
+    """Per-step advantages: group-normalised step rewards, then discounted reward-to-go."""
+    if len(step_rewards) != len(groups):
+        raise ValueError(f"{len(step_rewards)} chains but {len(groups)} group ids")
+    rewards = [list(r) for r in step_rewards]
+    if outcome is not None and outcome_weight:
+        for r, o in zip(rewards, outcome):
+            if r:
+                r[-1] += outcome_weight * o
+    pooled: dict[int, list[float]] = defaultdict(list)
+    for r, g in zip(rewards, groups):
+        pooled[g] += r
+    stats = {}
+    for g, vals in pooled.items():
+        mean = sum(vals) / len(vals)
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
+        stats[g] = (mean, std)
+    out = []
+    for r, g in zip(rewards, groups):
+        mean, std = stats[g]
+        norm = [(v - mean) / (std + eps) for v in r]
+        adv, running = [0.0] * len(norm), 0.0
+        for k in range(len(norm) - 1, -1, -1):
+            running = norm[k] + gamma * running
+            adv[k] = running
+        out.append(adv)
+    return out
+
+
+def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
+             mask: torch.Tensor, clip: float = 0.2, kl_coef: float = 0.05) -> tuple[torch.Tensor, dict]:
+    """Token-level PPO-clip loss plus ``kl_coef`` * k3 KL(pi || pi_ref); all tensors (B, T)."""
+    m = mask.to(logp.dtype)
+    n = m.sum().clamp(min=1)
+    ratio = torch.exp(logp - old_logp)
+    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
+    # k3 estimator of KL(pi || pi_ref): unbiased and always >= 0 (Schulman, "Approximating KL divergence").
+    log_ref_ratio = ref_logp - logp
+    kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
+    loss = (-(surrogate * m).sum() + kl_coef * (kl * m).sum()) / n
+    with torch.no_grad():
+        clipped = (((ratio - 1).abs() > clip).to(m.dtype) * m).sum() / n
+    return loss, {"kl": ((kl * m).sum() / n).item(), "clip_frac": clipped.item(),
+                  "ratio": ((ratio * m).sum() / n).item()}

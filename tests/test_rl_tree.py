@@ -1,0 +1,66 @@
+"""Advantages from dense step rewards, the PPO-clip loss, and the step-tree soft backups."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dense_irl.irl.tree import soft_backup
+from dense_irl.rl.ppo import ppo_loss, step_advantages
+
+
+def test_step_advantages_normalise_per_group_and_discount():
+    rewards = [[1.0, 3.0], [3.0, 1.0], [10.0, 10.0]]
+    adv = step_advantages(rewards, groups=[0, 0, 1], gamma=0.5)
+    # group 0 pools 1,3,3,1: mean 2, std 1 -> normalised [-1, 1] and [1, -1]
+    assert adv[0] == pytest.approx([-1 + 0.5 * 1, 1], abs=1e-5)
+    assert adv[1] == pytest.approx([1 + 0.5 * -1, -1], abs=1e-5)
+    # a constant group has no signal: advantages 0
+    assert adv[2] == pytest.approx([0.0, 0.0], abs=1e-5)
+
+
+def test_outcome_reward_lands_on_last_step():
+    adv = step_advantages([[0.0, 0.0], [0.0, 0.0]], [0, 0], gamma=1.0, outcome=[1.0, 0.0], outcome_weight=2.0)
+    assert adv[0][0] > 0 > adv[1][0]
+    assert adv[0][1] > adv[0][0]  # the outcome enters at the last step, then flows back
+    with pytest.raises(ValueError, match="group ids"):
+        step_advantages([[1.0]], [0, 1])
+
+
+def test_ppo_loss_clips_and_penalises_kl():
+    logp = torch.tensor([[0.0, -1.0]], requires_grad=True)
+    old = torch.tensor([[-1.0, -1.0]])
+    adv = torch.tensor([[1.0, 1.0]])
+    mask = torch.tensor([[1, 1]])
+    loss, stats = ppo_loss(logp, old, ref_logp=logp.detach(), advantages=adv, mask=mask, clip=0.2, kl_coef=0.0)
+    # token 0: ratio e > 1.2, clipped to 1.2; token 1: ratio 1
+    assert loss.item() == pytest.approx(-(1.2 + 1.0) / 2, abs=1e-5)
+    assert stats["clip_frac"] == pytest.approx(0.5)
+    loss.backward()
+    assert logp.grad[0, 0] == 0.0 and logp.grad[0, 1] != 0.0  # clipped token passes no gradient
+    _, stats = ppo_loss(logp.detach(), old, ref_logp=old, advantages=adv, mask=mask, kl_coef=0.1)
+    assert stats["kl"] > 0
+
+
+def test_soft_backup_on_a_small_tree():
+    chains = [["a", "b"], ["a", "c"], ["d"]]
+    rewards = [[1.0, 2.0], [1.0, 0.0], [0.5]]
+    out = soft_backup(chains, rewards, alpha=1.0)
+    v_a = math.log(0.5 * math.exp(2.0) + 0.5 * math.exp(0.0))
+    v_root = math.log((2 / 3) * math.exp(1.0 + v_a) + (1 / 3) * math.exp(0.5))
+    assert out["root_value"] == pytest.approx(v_root)
+    assert out["values"][0] == pytest.approx([v_root, v_a])
+    assert out["advantages"][0] == pytest.approx([1.0 + v_a - v_root, 2.0 - v_a])
+    assert out["advantages"][2] == pytest.approx([0.5 - v_root])
+
+
+def test_soft_backup_tends_to_max_as_alpha_shrinks_and_mean_as_it_grows():
+    chains, rewards = [["x"], ["y"]], [[1.0], [3.0]]
+    assert soft_backup(chains, rewards, alpha=1e-3)["root_value"] == pytest.approx(3.0, abs=1e-2)
+    assert soft_backup(chains, rewards, alpha=1e4)["root_value"] == pytest.approx(2.0, abs=1e-2)
+    with pytest.raises(ValueError, match="alpha"):
+        soft_backup(chains, rewards, alpha=0.0)
+    with pytest.raises(ValueError, match="rewards"):
+        soft_backup([["x", "y"]], [[1.0]])
