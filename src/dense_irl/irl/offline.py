@@ -147,57 +147,65 @@ def negatives_for(batch: list[Demonstration], kinds: list[str], rng: random.Rand
     return out
 
 
+def reward_loss(rm: RewardModel, policy, experts: list[tuple], negatives: list[tuple],
+                cfg: RewardConfig, forward=None) -> tuple[torch.Tensor, dict]:
+    """The reward objective on one batch: experts (label 1) vs negatives (label 0), plus the iq terms.
+
+    ``policy`` is the frozen pi_old of the AIRL logit (it shares the reward backbone's tokenizer);
+    ``forward`` is what runs the model (a DDP / DeepSpeed wrapper of ``rm``), ``rm`` itself by default.
+    """
+    sep, max_len = rm.config.separator, rm.config.max_length
+    chains = experts + negatives
+    is_expert = torch.tensor([1.0] * len(experts) + [0.0] * len(negatives))
+    enc = encode_chains(rm.tokenizer, chains, max_len, sep)
+    out = (forward or rm)(enc)
+    S = enc.step_mask.shape[1]
+    dev = out["logits"].device
+    ids, step_ids, step_mask = enc.input_ids.to(dev), enc.step_ids.to(dev), enc.step_mask.to(dev)
+    is_expert = is_expert.to(dev)
+    pol_logp = None
+    if not cfg.gail:
+        with torch.no_grad():
+            pol_logits = policy(input_ids=ids, attention_mask=enc.attention_mask.to(dev)).logits
+            pol_logp = sum_by_step(token_logprobs(pol_logits, ids), step_ids, S)
+    logits = discriminator_logits(out["step_rewards"], pol_logp, cfg.alpha, cfg.gail)
+    bce = level_bce(logits, step_mask, is_expert, cfg.label_smoothing, cfg.level_weights, cfg.paragraph_steps)
+    loss = bce["total"]
+    metrics = {f"bce_{k}": v.item() for k, v in bce.items()}
+    with torch.no_grad():
+        r, n = out["step_rewards"], len(experts)
+        metrics["reward_expert"] = r[:n][step_mask[:n]].mean().item()
+        metrics["reward_negative"] = r[n:][step_mask[n:]].mean().item() if negatives else 0.0
+    expert_tokens = (step_ids >= 0) & (is_expert[:, None] > 0)
+    iq_terms = cfg.objective in ("iq", "airl+iq")
+    if iq_terms and cfg.lm_weight > 0:
+        nll = expert_nll(out["logits"], ids, expert_tokens)
+        loss = loss + cfg.lm_weight * nll
+        metrics["expert_nll"] = nll.item()
+    if iq_terms and cfg.td_weight > 0:
+        q_taken = out["logits"][:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+        v_next = torch.logsumexp(out["logits"][:, 1:], dim=-1)
+        td = td_penalty(q_taken - cfg.gamma * v_next, expert_tokens[:, 1:])
+        loss = loss + cfg.td_weight * td
+        metrics["td"] = td.item()
+    metrics["loss"] = loss.item()
+    return loss, metrics
+
+
 def train_reward(rm: RewardModel, policy, demos, cfg: RewardConfig, kinds, log) -> None:
     """Discriminator / inverse soft-Q training of ``rm``: experts vs perturbed experts."""
     opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=0.0)
     rng = random.Random(1)
-    lm_weight = cfg.lm_weight if cfg.objective in ("iq", "airl+iq") else 0.0
-    td_weight = cfg.td_weight if cfg.objective in ("iq", "airl+iq") else 0.0
-    sep, max_len = rm.config.separator, rm.config.max_length
     for step in _loop("reward", cfg.minutes, cfg.max_steps):
         rm.train()
         experts = rng.sample(demos, min(cfg.batch_size, len(demos)))
-        negatives = negatives_for(experts, kinds, rng)
-        chains = _chains(experts) + negatives
-        is_expert = torch.tensor([1.0] * len(experts) + [0.0] * len(negatives))
-        enc = encode_chains(rm.tokenizer, chains, max_len, sep)
-        out = rm(enc)
-        S = enc.step_mask.shape[1]
-        metrics = {"phase": "reward", "step": step}
-        pol_logp = None
-        if not cfg.gail:
-            # log pi_old per step, from the frozen SFT policy (same tokenizer as the reward backbone).
-            with torch.no_grad():
-                pol_logits = policy(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
-                pol_logp = sum_by_step(token_logprobs(pol_logits, enc.input_ids), enc.step_ids, S)
-        logits = discriminator_logits(out["step_rewards"], pol_logp, cfg.alpha, cfg.gail)
-        bce = level_bce(logits, enc.step_mask, is_expert, cfg.label_smoothing, cfg.level_weights,
-                        cfg.paragraph_steps)
-        loss = bce["total"]
-        metrics |= {f"bce_{k}": v.item() for k, v in bce.items()}
-        with torch.no_grad():
-            r, m, n = out["step_rewards"], enc.step_mask, len(experts)
-            metrics["reward_expert"] = r[:n][m[:n]].mean().item()
-            metrics["reward_negative"] = r[n:][m[n:]].mean().item()
-        expert_tokens = (enc.step_ids >= 0) & (is_expert[:, None] > 0)
-        if lm_weight > 0:
-            nll = expert_nll(out["logits"], enc.input_ids, expert_tokens)
-            loss = loss + lm_weight * nll
-            metrics["expert_nll"] = nll.item()
-        if td_weight > 0:
-            q_taken = out["logits"][:, :-1].gather(-1, enc.input_ids[:, 1:, None])[..., 0]
-            v_next = torch.logsumexp(out["logits"][:, 1:], dim=-1)
-            r_iq = q_taken - cfg.gamma * v_next
-            td = td_penalty(r_iq, expert_tokens[:, 1:])
-            loss = loss + td_weight * td
-            metrics["td"] = td.item()
+        loss, metrics = reward_loss(rm, policy, _chains(experts), negatives_for(experts, kinds, rng), cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
         opt.step()
-        metrics["loss"] = loss.item()
         if step % 25 == 0:
-            log(metrics)
+            log({"phase": "reward", "step": step, **metrics})
 
 
 def run(cfg: TrainRewardConfig) -> dict:

@@ -61,3 +61,58 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor,
         clipped = (((ratio - 1).abs() > clip).to(m.dtype) * m).sum() / n
     return loss, {"kl": ((kl * m).sum() / n).item(), "clip_frac": clipped.item(),
                   "ratio": ((ratio * m).sum() / n).item()}
+
+
+def token_steps(tokenizer, token_ids: list[int], separator: str) -> list[int]:
+    """The step index of every completion token (steps as ``split_completion`` counts them).
+
+    A token belongs to the piece of text it starts in; blank pieces are not steps, so their tokens
+    (and the closing ``</s>``) go to the nearest step before them (the first step if none).
+    """
+    out, piece_of_token = [], []
+    for t in range(len(token_ids)):
+        before = tokenizer.decode(token_ids[:t], skip_special_tokens=True)
+        piece_of_token.append(before.count(separator))
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    pieces = text.split(separator)
+    step_of_piece, k = [], -1
+    for p in pieces:
+        if p.strip():
+            k += 1
+        step_of_piece.append(max(k, 0))
+    for p in piece_of_token:
+        out.append(step_of_piece[min(p, len(step_of_piece) - 1)])
+    return out
+
+
+def policy_batch(tokenizer, rollouts: list[dict], separator: str, device) -> dict[str, torch.Tensor]:
+    """Tensors for one PPO step: prompt + completion ids, behaviour log-probs and token advantages.
+
+    Each rollout holds ``prompt``, ``token_ids`` and ``logprobs`` of its completion, and
+    ``advantages`` per step; a token's advantage is the advantage of its step.
+    """
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    rows = []
+    for r in rollouts:
+        prompt = bos + tokenizer(r["prompt"] + separator, add_special_tokens=False)["input_ids"]
+        steps_of = token_steps(tokenizer, r["token_ids"], separator)
+        adv = r["advantages"] or [0.0]
+        token_adv = [adv[min(k, len(adv) - 1)] for k in steps_of]
+        rows.append((prompt, list(r["token_ids"]), list(r["logprobs"]), token_adv))
+    T = max(len(p) + len(c) for p, c, _, _ in rows)
+    B = len(rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((B, T), pad, dtype=torch.long)
+    attention = torch.zeros((B, T), dtype=torch.long)
+    old_logp = torch.zeros((B, T))
+    advantages = torch.zeros((B, T))
+    mask = torch.zeros((B, T), dtype=torch.bool)
+    for b, (prompt, comp, logps, token_adv) in enumerate(rows):
+        n, m = len(prompt), len(comp)
+        input_ids[b, : n + m] = torch.tensor(prompt + comp)
+        attention[b, : n + m] = 1
+        old_logp[b, n : n + m] = torch.tensor(logps[:m])
+        advantages[b, n : n + m] = torch.tensor(token_adv)
+        mask[b, n : n + m] = True
+    return {k: v.to(device) for k, v in {"input_ids": input_ids, "attention_mask": attention,
+                                          "old_logp": old_logp, "advantages": advantages, "mask": mask}.items()}

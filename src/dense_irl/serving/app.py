@@ -43,9 +43,9 @@ from dense_irl.serving.schemas import (
     GetRewardRequest,
     GetRewardResponse,
     Health,
-    ModelInfo,
     ModelList,
     ReloadRequest,
+    ReloadResult,
     ScoreRequest,
     ServeArgs,
 )
@@ -185,13 +185,26 @@ def _too_large(message: str) -> HTTPException:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, logging_config={"enable_access_log": False})
 class ModelSource:
-    """The checkpoint every replica should serve after admin reloads: a path and a counter."""
+    """The checkpoint every replica should serve after admin reloads: a path and a counter.
 
-    def __init__(self, path: str):
-        self.path, self.config_path, self.seq = path, path, 0
+    Replicas poll it, reporting the counter value they serve, so an admin reload can wait until every
+    replica heard from in the last ``window_s`` seconds serves the new checkpoint.
+    """
 
-    def get(self) -> tuple[str, int]:
+    def __init__(self, path: str, window_s: float = 30.0):
+        self.path, self.config_path, self.seq, self.window_s = path, path, 0, window_s
+        self.replicas: dict[str, tuple[int, float]] = {}  # replica id -> (seq served, last poll)
+
+    def get(self, replica: str | None = None, served: int = 0) -> tuple[str, int]:
+        if replica is not None:
+            self.replicas[replica] = (served, time.monotonic())
         return self.path, self.seq
+
+    def progress(self, seq: int) -> tuple[int, int]:
+        """(replicas serving ``seq`` or later, replicas still behind) among the recently seen."""
+        now = time.monotonic()
+        recent = [s for s, t in self.replicas.values() if now - t < self.window_s]
+        return sum(s >= seq for s in recent), sum(s < seq for s in recent)
 
     def publish(self, path: str) -> tuple[str, int]:
         self.path, self.seq = path, self.seq + 1
@@ -225,6 +238,7 @@ class RewardScorer:
         self._lock = asyncio.Lock()
         self._user_config = {"reward_model": self.args.reward_model}
         self._seen, self._poller = 0, None
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.stats = {"requests": 0, "chains": 0, "batches": 0, "largest_batch": 0}
         rm = RewardModel.from_pretrained(self.args.reward_model, self.device)
         self._live = _Live(rm, self.args.reward_model, rm.config.version, time.time())
@@ -268,7 +282,7 @@ class RewardScorer:
         while True:
             await asyncio.sleep(self.args.poll_s)
             try:
-                _, seq = await self.source.get.remote()
+                _, seq = await self.source.get.remote(self.replica_id, self._seen)
                 if seq == self._seen:
                     continue
                 async with self._lock:
@@ -390,17 +404,17 @@ class RewardScorer:
 
     @api.get("/v1/models", response_model=ModelList, summary="The live checkpoint")
     async def models(self) -> dict:
-        replica = serve.get_replica_context().replica_id.unique_id
         return {
             "object": "list",
             "data": [self._info()],
-            "replica": replica,
+            "replica": self.replica_id,
             "replica_stats": dict(self.stats),
         }
 
-    @api.post("/admin/reload", response_model=ModelInfo, summary="Load another checkpoint, no downtime")
+    @api.post("/admin/reload", response_model=ReloadResult, summary="Load another checkpoint, no downtime")
     async def reload(self, body: ReloadRequest) -> dict:
-        """Load ``reward_model`` (an absolute path) here, then publish it so every replica loads it."""
+        """Load ``reward_model`` (an absolute path) here, publish it to the other replicas, and answer once
+        they all serve it (or after ``reload_wait_s``; ``replicas_pending`` then says how many lag)."""
         if not os.path.isabs(body.reward_model):
             raise HTTPException(422, "reward_model must be an absolute path (replicas do not share your cwd)")
         async with self._lock:
@@ -409,7 +423,14 @@ class RewardScorer:
             except Exception as e:  # anything that does not load is the caller's path's fault
                 raise HTTPException(422, f"cannot load reward model {body.reward_model}: {e}") from e
             _, self._seen = await self.source.publish.remote(body.reward_model)
-        return self._info()
+        # Wait (bounded) until the other replicas have polled and loaded it too.
+        deadline = time.monotonic() + self.args.reload_wait_s
+        while True:
+            updated, pending = await self.source.progress.remote(self._seen)
+            if pending == 0 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(self.args.poll_s / 2)
+        return {**self._info(), "replicas_updated": updated, "replicas_pending": pending}
 
 
 # ---------------------------------------------------------------------------- building and running

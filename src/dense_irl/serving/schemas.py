@@ -32,6 +32,7 @@ class ServeArgs(BaseModel):
         "sum", description="/get_reward reward: task reward (sum of steps), worst step, or last step"
     )
     poll_s: float = Field(1.0, gt=0, description="how often replicas check for an admin reload")
+    reload_wait_s: float = Field(60.0, ge=0, description="how long an admin reload waits for all replicas")
     # request limits (each answered with 413 naming the limit)
     max_body_bytes: int = Field(1 << 20, ge=1)
     max_chains: int = Field(64, ge=1, description="chains (or queries) per request")
@@ -147,6 +148,13 @@ class ModelInfo(BaseModel):
     separator: str
     threshold: float
     loaded_at: float = Field(description="unix time the checkpoint was loaded")
+
+
+class ReloadResult(ModelInfo):
+    """The admin reload's answer: the new checkpoint, and how many replicas serve it yet."""
+
+    replicas_updated: int
+    replicas_pending: int = Field(description="replicas still loading when reload_wait_s ran out (else 0)")
 
 
 class ModelList(BaseModel):

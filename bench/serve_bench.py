@@ -1,0 +1,252 @@
+"""Benchmark (not a test): the Ray Serve scoring app against a naive per-request server, in one run.
+
+    python bench/serve_bench.py [--reward-model PATH] [--clients 32] [--seconds 20] [--replicas 1]
+
+C concurrent clients on loopback, each sending one chain per request in a closed loop, against
+  (a) the Serve app (dense_irl.serving.app): @serve.batch gathers concurrent requests, one forward
+      pass scores every step of every chain of the batch;
+  (b) a naive FastAPI/uvicorn server (own process, same model, same request schema) that scores each
+      request on its own with one forward pass per step prefix (how a PRM is often served).
+Prints chains/s, steps/s, p50/p99 latency and the ratios; writes bench/results/serve_bench.md.
+Without --reward-model it uses a random reward model of the default tiny preset (hidden 128, 4 layers).
+"""
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+
+from dense_irl.data.synthetic import SyntheticConfig, generate  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "serve_bench.md"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_random_rm(out: Path, seed: int = 0) -> str:
+    """A reward model of the default tiny preset with random weights (heads included)."""
+    from dense_irl.models.factory import ModelConfig, load_policy
+    from dense_irl.models.reward_model import RewardModel, RewardModelConfig
+
+    demos = generate(SyntheticConfig(n_problems=2000, seed=seed))
+    policy, tok = load_policy(ModelConfig(), [d.prompt for d in demos] + [s for d in demos for s in d.steps])
+    rm = RewardModel(policy, tok, RewardModelConfig(version="bench-random"))
+    torch.manual_seed(seed)
+    torch.nn.init.normal_(rm.g_head.weight, std=0.1)
+    torch.nn.init.normal_(rm.h_head.weight, std=0.1)
+    rm.save_pretrained(out)
+    return str(out)
+
+
+# ---------------------------------------------------------------------------- (b) the naive server
+
+
+def naive_server(path: str, port: int) -> None:
+    """Score each request alone, one forward pass per step prefix (runs in its own process)."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from dense_irl.models.reward_model import RewardModel
+    from dense_irl.serving.schemas import ChainIn
+
+    rm = RewardModel.from_pretrained(path)
+    app = FastAPI()
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok"}
+
+    @app.post("/v1/score")
+    def score(body: ChainIn) -> dict:  # sync: FastAPI runs it in its thread pool, like most such servers
+        steps = body.steps
+        rewards = [
+            rm.score([(body.prompt, steps[: k + 1])], batch_size=1)[0].step_rewards[-1]
+            for k in range(len(steps))
+        ]
+        return {"step_rewards": rewards, "task_reward": sum(rewards), "steps_scored": len(rewards)}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+# ---------------------------------------------------------------------------- load generator
+
+
+async def _load(url: str, chains: list, clients: int, seconds: float, warmup: float) -> dict:
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    lat, steps, errors = [], [0], [0]
+    t_start = time.monotonic()
+    t_measure, t_end = t_start + warmup, t_start + warmup + seconds
+
+    async def client(i: int, http: httpx.AsyncClient) -> None:
+        k = i
+        while (now := time.monotonic()) < t_end:
+            prompt, chain_steps = chains[k % len(chains)]
+            k += clients
+            r = await http.post("/v1/score", json={"prompt": prompt, "steps": chain_steps})
+            done = time.monotonic()
+            if now >= t_measure and done <= t_end:
+                if r.status_code != 200:
+                    errors[0] += 1
+                    continue
+                lat.append(done - now)
+                steps[0] += r.json()["steps_scored"]
+
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as http:
+        await asyncio.gather(*(client(i, http) for i in range(clients)))
+    lat.sort()
+    n = len(lat)
+    return {
+        "chains_s": n / seconds,
+        "steps_s": steps[0] / seconds,
+        "p50_ms": 1000 * statistics.median(lat),
+        "p99_ms": 1000 * lat[min(n - 1, int(0.99 * n))],
+        "requests": n,
+        "errors": errors[0],
+    }
+
+
+def wait_ready(url: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not come up within {timeout}s")
+
+
+def run_load(url: str, chains: list, clients: int, seconds: float, warmup: float) -> dict:
+    return asyncio.run(_load(url, chains, clients, seconds, warmup))
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reward-model", default=None, help="checkpoint; default: random tiny-preset model")
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--seconds", type=float, default=20.0, help="measured time per server")
+    p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--batch-wait-s", type=float, default=0.005)
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+
+    tmp = tempfile.TemporaryDirectory()
+    path = args.reward_model or make_random_rm(Path(tmp.name) / "rm")
+    demos = generate(SyntheticConfig(n_problems=512, seed=1))
+    chains = [(d.prompt, d.steps) for d in demos]
+    mean_steps = sum(len(s) for _, s in chains) / len(chains)
+    print(
+        f"model {path}; {len(chains)} chains, {mean_steps:.2f} steps each on average; "
+        f"{args.clients} clients, {args.seconds:.0f}s per server",
+        flush=True,
+    )
+
+    # (b) the naive server first, alone on the machine.
+    port_b = free_port()
+    proc = mp.get_context("spawn").Process(target=naive_server, args=(path, port_b), daemon=True)
+    proc.start()
+    try:
+        wait_ready(f"http://127.0.0.1:{port_b}")
+        naive = run_load(f"http://127.0.0.1:{port_b}", chains, args.clients, args.seconds, args.warmup)
+    finally:
+        proc.terminate()
+        proc.join(10)
+    print(f"naive: {naive}", flush=True)
+
+    # (a) the Serve app.
+    import ray
+    from ray import serve
+
+    from dense_irl.serving.app import app_builder
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    port_a = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port_a})
+        serve.run(
+            app_builder(
+                {
+                    "reward_model": path,
+                    "num_replicas": args.replicas,
+                    "num_cpus": min(1.0, os.cpu_count() / args.replicas),
+                    "max_batch_size": args.max_batch_size,
+                    "batch_wait_timeout_s": args.batch_wait_s,
+                }
+            ),
+            name="bench",
+            route_prefix="/",
+            blocking=False,
+        )
+        wait_ready(f"http://127.0.0.1:{port_a}")
+        served = run_load(f"http://127.0.0.1:{port_a}", chains, args.clients, args.seconds, args.warmup)
+        stats = httpx.get(f"http://127.0.0.1:{port_a}/v1/models").json()["replica_stats"]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print(f"serve: {served}; replica stats {stats}", flush=True)
+
+    ratio = {k: served[k] / naive[k] for k in ("chains_s", "steps_s")}
+    ratio["p50"] = naive["p50_ms"] / served["p50_ms"]
+    ratio["p99"] = naive["p99_ms"] / served["p99_ms"]
+    cmd = "python bench/serve_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    rows = [
+        ("Ray Serve app (batched, one pass per batch)", served),
+        ("naive (per request, one pass per step prefix)", naive),
+    ]
+    md = [
+        "# Scoring server benchmark",
+        "",
+        f"`{cmd.strip()}` on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+        f"torch {torch.__version__}, {args.clients} concurrent clients on loopback, one chain per request, "
+        f"{args.seconds:.0f} s measured per server after {args.warmup:.0f} s warm-up. Model: "
+        f"{'random tiny preset (hidden 128, 4 layers)' if not args.reward_model else path}; synthetic chains, "
+        f"{mean_steps:.2f} steps on average. Serve: {args.replicas} replica(s), max_batch_size "
+        f"{args.max_batch_size}, batch_wait_timeout_s {args.batch_wait_s}; mean batch "
+        f"{stats['chains'] / max(1, stats['batches']):.1f} chains (largest {stats['largest_batch']}).",
+        "",
+        "| server | chains/s | steps/s | p50 ms | p99 ms | requests | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *(
+            f"| {name} | {r['chains_s']:.1f} | {r['steps_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+            f"{r['requests']} | {r['errors']} |"
+            for name, r in rows
+        ),
+        f"| **ratio (Serve / naive)** | **{ratio['chains_s']:.2f}x** | {ratio['steps_s']:.2f}x | "
+        f"{ratio['p50']:.2f}x lower | {ratio['p99']:.2f}x lower | | |",
+        "",
+    ]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    from dense_irl.io import atomic_write_text
+
+    atomic_write_text(args.out, "\n".join(md))
+    print("\n".join(md))
+    tmp.cleanup()
+    return {"serve": served, "naive": naive, "ratio": ratio}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""The IRL loop on Ray (DESIGN §4-5). The driver owns the loop and the config; it holds no model.
+
+    SFT warm start (policy learners) -> reward model initialised from the SFT policy
+    per iteration:
+      sample G completions per prompt (rollout workers)
+      m reward steps: experts vs policy samples vs perturbed experts (reward learners)
+      score the samples -> dense step rewards (+ weighted outcome reward)
+      advantages: group-normalised discounted reward-to-go, or step-tree soft advantages
+      n PPO-clip steps with a KL penalty to the reference (policy learners)
+      push the new weights to the rollout workers and to pi_old of the discriminator
+    checkpoints (atomic) every k iterations; `resume: auto` continues with the same next batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+
+from dense_irl.config import save_config
+from dense_irl.data.perturb import make_processbench, perturb
+from dense_irl.data.synthetic import is_correct_answer
+from dense_irl.eval.localisation import calibrate_threshold, first_error, processbench_metrics
+from dense_irl.io import write_json
+from dense_irl.irl.offline import DataConfig, RewardConfig, SFTConfig, load_data
+from dense_irl.irl.tree import soft_backup
+from dense_irl.models.factory import ModelConfig, load_policy, save_policy
+from dense_irl.models.reward_model import RewardModel, RewardModelConfig
+from dense_irl.rl.ppo import step_advantages
+from dense_irl.runtime.learners import LearnerConfig, PolicyLearner, RewardLearner, free_port
+from dense_irl.runtime.rollout import RolloutConfig, RolloutWorker
+
+
+@dataclass
+class RLConfig:
+    """The policy update."""
+
+    lr: float = 5e-4
+    clip: float = 0.2
+    kl_coef: float = 0.05
+    gamma: float = 1.0
+    outcome_weight: float = 0.0  # weight of the verifier's 0/1 reward on the last step
+    ppo_steps: int = 2  # n policy steps per iteration
+    advantages: str = "group"  # "group" (normalised reward-to-go) or "tree" (soft backups, DESIGN §4)
+
+
+@dataclass
+class LoopConfig:
+    """`dense-irl train`: the whole online IRL run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    iterations: int = 10
+    prompts_per_iteration: int = 8
+    reward_steps: int = 2  # m reward steps per iteration
+    negative_mix: float = 0.5  # share of negatives that are perturbed experts (the rest: policy samples)
+    eval_every: int = 5
+    eval_prompts: int = 64
+    checkpoint_every: int = 5
+    output_dir: str = "runs/irl"
+    resume: str = "no"  # "no", "auto" (latest checkpoint in output_dir) or a checkpoint folder
+    seed: int = 0
+
+
+def next_prompts(demos: list, cursor: dict, n: int, seed: int) -> tuple[list, dict]:
+    """The next ``n`` demonstrations of a seeded per-epoch order; the cursor makes resumes exact."""
+    epoch, pos = cursor["epoch"], cursor["pos"]
+    out = []
+    while len(out) < n:
+        order = list(range(len(demos)))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        take = order[pos : pos + n - len(out)]
+        out += [demos[i] for i in take]
+        pos += len(take)
+        if pos >= len(demos):
+            epoch, pos = epoch + 1, 0
+    return out, {"epoch": epoch, "pos": pos}
+
+
+def outcome(demo, completion: str) -> float:
+    """1.0 when the completion's final answer is right (synthetic verifier, or the demo's answer)."""
+    if demo.source == "synthetic":
+        return float(is_correct_answer(demo.meta, completion))
+    import re
+
+    found = re.findall(r"(?:answer is|####)\s*\$?(-?[\d,]*\.?\d+)", completion)
+    norm = (lambda x: x.replace(",", "").rstrip(".").removesuffix(".0")) if demo.answer else None
+    return float(bool(found) and norm is not None and norm(found[-1]) == norm(demo.answer))
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder under ``out_dir/checkpoints``."""
+    pointer = out_dir / "checkpoints" / "latest"
+    if pointer.is_file():
+        path = out_dir / "checkpoints" / pointer.read_text().strip()
+        if (path / "state.json").is_file():
+            return path
+    return None
+
+
+class Driver:
+    """Holds the actor handles and the loop state; every model lives in an actor."""
+
+    def __init__(self, cfg: LoopConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.sep = cfg.data.step_separator or "\n"
+        demos = load_data(cfg.data, cfg.seed)
+        random.Random(cfg.seed).shuffle(demos)
+        n_cal = min(cfg.data.calibration_chains, len(demos) // 5)
+        self.calib, self.train = demos[:n_cal], demos[n_cal:]
+        self.eval_demos = self.calib[: cfg.eval_prompts]
+        self.metrics = open(self.out / "metrics.jsonl", "a")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(self.out / "tb"))
+        self.state = {"iteration": 0, "cursor": {"epoch": 0, "pos": 0}, "rng": None}
+        self.rng = random.Random(cfg.seed + 1)
+
+    # ---------------------------------------------------------------- actors
+    def start_actors(self, policy_path: str, reward_path: str) -> None:
+        c = self.cfg
+        n, port = c.learner.num_workers, free_port()
+        opts = {"num_cpus": c.learner.num_cpus_per_worker, "num_gpus": c.learner.num_gpus_per_worker}
+        self.policy = [PolicyLearner.options(**opts).remote(policy_path, c.rl.lr, r, n, port, c.learner, self.sep,
+                                                            c.model.max_length) for r in range(n)]
+        port = free_port()
+        self.reward = [RewardLearner.options(**opts).remote(reward_path, policy_path, c.reward, c.reward.lr, r, n,
+                                                            port, c.learner) for r in range(n)]
+        self.policy_path = policy_path
+        self.workers = [self._new_worker(i) for i in range(c.rollout.num_workers)]
+
+    def _new_worker(self, i: int):
+        c = self.cfg.rollout
+        return RolloutWorker.options(num_cpus=c.num_cpus_per_worker, num_gpus=c.num_gpus_per_worker).remote(
+            c.engine, self.policy_path, self.cfg.seed * 1000 + i + 7919 * self.state["iteration"])
+
+    def _on_all(self, actors, method: str, shards: list) -> list:
+        """Call ``method`` on every rank with its shard (data parallel) and wait."""
+        return ray.get([getattr(a, method).remote(*s) for a, s in zip(actors, shards)])
+
+    def _shard(self, items: list) -> list[list]:
+        n = len(self.policy)
+        return [items[r::n] for r in range(n)]
+
+    def generate(self, prompts: list[str], n: int, cfg: RolloutConfig) -> list[list[dict]]:
+        """Sample on all rollout workers; a dead worker is replaced (with current weights) and retried."""
+        k = len(self.workers)
+        shards = [prompts[i::k] for i in range(k)]
+        results: list = [None] * k
+        for i in range(k):
+            for attempt in range(3):
+                try:
+                    results[i] = ray.get(self.workers[i].generate.remote(shards[i], n, cfg, self.sep))
+                    break
+                except ray.exceptions.RayActorError:
+                    self.log({"event": "rollout_worker_replaced", "worker": i, "attempt": attempt})
+                    self.workers[i] = self._new_worker(i)
+                    if self.state["iteration"] > 0:
+                        ray.get(self.workers[i].update_weights.remote(self.weights_ref, self.state["iteration"]))
+            else:
+                raise RuntimeError(f"rollout worker {i} died three times in a row")
+        out: list = [None] * len(prompts)
+        for i in range(k):
+            for j, group in enumerate(results[i]):
+                out[i + j * k] = group
+        return out
+
+    def push_weights(self, version: int) -> None:
+        state = ray.get(self.policy[0].state_dict.remote())
+        self.weights_ref = ray.put(state)
+        ray.get([w.update_weights.remote(self.weights_ref, version) for w in self.workers]
+                + [r.update_pi_old.remote(self.weights_ref) for r in self.reward])
+
+    # ---------------------------------------------------------------- logging / checkpoints
+    def log(self, row: dict) -> None:
+        row = {"iteration": self.state["iteration"], "time": round(time.time(), 2), **row}
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+        for k, v in row.items():
+            if isinstance(v, float):
+                self.tb.add_scalar(k, v, self.state["iteration"])
+
+    def checkpoint(self) -> Path:
+        it = self.state["iteration"]
+        root = self.out / "checkpoints"
+        final, tmp = root / f"iter_{it:06d}", root / f".iter_{it:06d}.tmp"
+        ray.get([self.policy[0].save.remote(str(tmp / "policy")),
+                 self.reward[0].save.remote(str(tmp / "reward_model"), f"iter-{it}")])
+        self.state["rng"] = self.rng.getstate()
+        write_json(tmp / "state.json", {**self.state, "rng": _rng_to_json(self.state["rng"])})
+        if final.exists():
+            import shutil
+
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        (root / "latest.tmp").write_text(final.name)
+        os.replace(root / "latest.tmp", root / "latest")
+        return final
+
+    # ---------------------------------------------------------------- the loop
+    def iteration(self) -> dict:
+        c = self.cfg
+        batch, self.state["cursor"] = next_prompts(self.train, self.state["cursor"], c.prompts_per_iteration,
+                                                   c.seed)
+        t0 = time.monotonic()
+        groups = self.generate([d.prompt for d in batch], c.rollout.samples_per_prompt, c.rollout)
+        t_roll = time.monotonic() - t0
+        samples = [(d, s) for d, g in zip(batch, groups) for s in g if s["steps"]]
+        experts = [(d.prompt, d.steps) for d in batch]
+
+        # m reward steps: experts vs policy samples and perturbed experts, mixed by negative_mix.
+        t0 = time.monotonic()
+        n_neg = max(1, len(experts))
+        n_pert = round(c.negative_mix * n_neg)
+        reward_metrics = []
+        for _ in range(c.reward_steps):
+            pool = [(d.prompt, s["steps"]) for d, s in self.rng.sample(samples, min(n_neg - n_pert, len(samples)))]
+            for d in self.rng.sample(batch, min(n_pert, len(batch))):
+                kinds = self.rng.sample(list(c.data.perturbations), len(c.data.perturbations))
+                hit = next((r for r in (perturb(d, k, self.rng) for k in kinds) if r is not None), None)
+                if hit is not None:
+                    pool.append((d.prompt, hit[0]))
+            reward_metrics.append(self._on_all(self.reward, "reward_step",
+                                               list(zip(self._shard(experts), self._shard(pool))))[0])
+        t_reward = time.monotonic() - t0
+
+        # Dense step rewards for the samples, then advantages.
+        t0 = time.monotonic()
+        rewards = ray.get(self.reward[0].score.remote([(d.prompt, s["steps"]) for d, s in samples]))
+        outcomes = [outcome(d, s["completion"]) for d, s in samples]
+        group_of = {id(d): i for i, d in enumerate(batch)}
+        groups_idx = [group_of[id(d)] for d, _ in samples]
+        if c.rl.advantages == "tree":
+            adv = [None] * len(samples)
+            for g in set(groups_idx):
+                idx = [i for i, gi in enumerate(groups_idx) if gi == g]
+                rs = [list(rewards[i]) for i in idx]
+                for i, r in zip(idx, rs):
+                    r[-1] += c.rl.outcome_weight * outcomes[i]
+                tree = soft_backup([samples[i][1]["steps"][: len(rewards[i])] for i in idx], rs, c.reward.alpha)
+                for i, a in zip(idx, tree["advantages"]):
+                    adv[i] = a
+        else:
+            adv = step_advantages(rewards, groups_idx, c.rl.gamma, outcomes, c.rl.outcome_weight)
+        rollouts = [{"prompt": d.prompt, "token_ids": s["token_ids"], "logprobs": s["logprobs"], "advantages": a}
+                    for (d, s), a in zip(samples, adv)]
+        policy_metrics = self._on_all(self.policy, "ppo_steps", [(sh, c.rl.ppo_steps, c.rl.clip, c.rl.kl_coef)
+                                                                for sh in self._shard(rollouts)])
+        self.state["iteration"] += 1
+        self.push_weights(self.state["iteration"])
+        t_policy = time.monotonic() - t0
+        n = max(1, len(samples))
+        return {
+            "samples": len(samples), "accuracy_samples": sum(outcomes) / n,
+            "step_reward_mean": sum(sum(r) for r in rewards) / max(1, sum(len(r) for r in rewards)),
+            **{f"reward/{k}": v for k, v in reward_metrics[-1].items()},
+            **{f"policy/{k}": v for k, v in policy_metrics[0].items()},
+            "time_rollout_s": t_roll, "time_reward_s": t_reward, "time_policy_s": t_policy,
+        }
+
+    def evaluate(self) -> dict:
+        """Reward model: localisation F1 on held-out perturbed chains; policy: accuracy on held-out prompts."""
+        rows = make_processbench(self.eval_demos, kinds=self.cfg.data.perturbations, seed=self.cfg.seed + 11)
+        half = len(rows) // 2
+        scores = ray.get(self.reward[0].score.remote([(r["problem"], r["steps"]) for r in rows]))
+        thr = calibrate_threshold(scores[:half], [r["label"] for r in rows[:half]]) if half >= 2 else 0.0
+        m = processbench_metrics([first_error(s, thr) for s in scores[half:]], [r["label"] for r in rows[half:]])
+        greedy = RolloutConfig(**{**self.cfg.rollout.__dict__, "temperature": 0.0})
+        groups = self.generate([d.prompt for d in self.eval_demos], 1, greedy)
+        acc = sum(outcome(d, g[0]["completion"]) for d, g in zip(self.eval_demos, groups)) / len(groups)
+        return {"eval/localisation_f1": m["f1"] or 0.0, "eval/policy_accuracy": acc, "eval/threshold": thr}
+
+
+def _rng_to_json(state) -> list:
+    return [state[0], list(state[1]), state[2]]
+
+
+def _rng_from_json(state) -> tuple:
+    return (state[0], tuple(state[1]), state[2])
+
+
+def run(cfg: LoopConfig) -> dict:
+    """Run the loop (starting Ray locally when no cluster is connected); returns the final metrics."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    drv = Driver(cfg)
+    save_config(cfg, drv.out / "config.yaml")
+    resume_from = latest_checkpoint(drv.out) if cfg.resume == "auto" else (
+        Path(cfg.resume) if cfg.resume != "no" else None)
+    if cfg.resume not in ("no", "auto") and not (Path(cfg.resume) / "state.json").is_file():
+        raise FileNotFoundError(f"resume: no checkpoint at {cfg.resume} (expected state.json inside)")
+    if resume_from is not None:
+        st = json.loads((resume_from / "state.json").read_text())
+        drv.state = {**st, "rng": None}
+        drv.rng.setstate(_rng_from_json(st["rng"]))
+        drv.start_actors(str(resume_from / "policy"), str(resume_from / "reward_model"))
+        drv.push_weights(drv.state["iteration"])
+        drv.log({"event": "resumed", "from": str(resume_from)})
+    else:
+        # SFT warm start, in the driver's process only to build the tiny tokenizer; training runs on a learner.
+        texts = [d.prompt for d in drv.train] + [s for d in drv.train for s in d.steps]
+        model, tok = load_policy(cfg.model, texts, cfg.seed)
+        init = drv.out / "init"
+        save_policy(model, tok, init / "policy")
+        rm_cfg = RewardModelConfig(terms={"airl": "heads", "iq": "lm", "airl+iq": "lm+heads"}[cfg.reward.objective],
+                                   potential=not cfg.reward.gail, gamma=cfg.reward.gamma, alpha=cfg.reward.alpha,
+                                   separator=drv.sep, max_length=cfg.model.max_length,
+                                   paragraph_steps=cfg.reward.paragraph_steps)
+        drv.policy_path = str(init / "policy")
+        learner = PolicyLearner.options(num_cpus=cfg.learner.num_cpus_per_worker).remote(
+            str(init / "policy"), cfg.sft.lr, 0, 1, free_port(), LearnerConfig(threads=cfg.learner.threads),
+            drv.sep, cfg.model.max_length)
+        deadline = time.monotonic() + 60 * cfg.sft.minutes
+        rng = random.Random(cfg.seed)
+        for step in tqdm(range(cfg.sft.max_steps), desc="sft", mininterval=2):
+            if time.monotonic() > deadline:
+                break
+            batch = rng.sample(drv.train, min(cfg.sft.batch_size, len(drv.train)))
+            m = ray.get(learner.sft_step.remote([(d.prompt, d.steps) for d in batch]))
+            if step % 25 == 0:
+                drv.log({"phase": "sft", "step": step, **m})
+        ray.get(learner.save.remote(str(init / "sft_policy")))
+        ray.kill(learner)
+        sft = init / "sft_policy"
+        policy, tok = load_policy(ModelConfig(name=str(sft)))
+        RewardModel(policy, tok, rm_cfg).save_pretrained(init / "reward_model")
+        drv.start_actors(str(sft), str(init / "reward_model"))
+    last: dict = {}
+    bar = tqdm(total=cfg.iterations, initial=drv.state["iteration"], desc="irl", unit="iter")
+    while drv.state["iteration"] < cfg.iterations:
+        last = drv.iteration()
+        drv.log(last)
+        it = drv.state["iteration"]
+        if cfg.eval_every and it % cfg.eval_every == 0:
+            ev = drv.evaluate()
+            drv.log(ev)
+            last |= ev
+        if cfg.checkpoint_every and (it % cfg.checkpoint_every == 0 or it == cfg.iterations):
+            drv.checkpoint()
+        bar.update(1)
+    bar.close()
+    ray.get([a.shutdown.remote() for a in drv.policy + drv.reward])
+    drv.metrics.close()
+    drv.tb.close()
+    return last

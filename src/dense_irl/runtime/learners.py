@@ -1,0 +1,215 @@
+"""Learners: Ray actor groups that train the policy and the reward model, data-parallel over N workers.
+
+Backend ``torch``: plain PyTorch, DistributedDataParallel over gloo (CPU) or NCCL (GPU) when N > 1.
+Backend ``deepspeed``: a DeepSpeed engine with ZeRO stage 1-3 (on CPU with gloo and torch Adam).
+The driver sends each worker its shard of a batch; gradients are averaged by the backend, so every
+rank holds the same weights and rank 0 speaks for the group (weights, checkpoints).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from dataclasses import dataclass
+
+import ray
+import torch
+
+
+@dataclass
+class LearnerConfig:
+    """How the learners run."""
+
+    backend: str = "torch"  # "torch" or "deepspeed"
+    num_workers: int = 1  # data-parallel ranks per role
+    num_cpus_per_worker: float = 0.5
+    num_gpus_per_worker: float = 0.0
+    zero_stage: int = 2  # deepspeed only
+    threads: int = 1  # torch CPU threads per worker
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for the process-group rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Learner:
+    """Shared set-up: process group, model wrapping and the optimiser step for either backend."""
+
+    def _setup(self, model: torch.nn.Module, lr: float, rank: int, world: int, port: int,
+               cfg: LearnerConfig) -> None:
+        import torch.distributed as dist
+
+        torch.set_num_threads(cfg.threads)
+        self.rank, self.world, self.backend = rank, world, cfg.backend
+        device = "cuda" if cfg.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(world), LOCAL_RANK="0")
+        if cfg.backend == "deepspeed":
+            import deepspeed
+
+            if device == "cpu":
+                os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
+            ds_config = {
+                "train_micro_batch_size_per_gpu": 1,
+                "gradient_accumulation_steps": 1,
+                "gradient_clipping": 1.0,
+                "zero_optimization": {"stage": cfg.zero_stage},
+                "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True}},
+            }
+            self.engine, self.opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                                               config=ds_config)
+            self.module = self.engine.module
+            return
+        if cfg.backend != "torch":
+            raise ValueError(f"learner.backend must be 'torch' or 'deepspeed', got {cfg.backend!r}")
+        model.to(self.device)
+        if world > 1:
+            dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
+            self.engine = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        else:
+            self.engine = model
+        self.module = model
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+
+    def _step(self, loss: torch.Tensor) -> None:
+        if self.backend == "deepspeed":
+            self.engine.backward(loss)
+            self.engine.step()
+            return
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
+        self.opt.step()
+
+    def _full_state_dict(self) -> dict:
+        """Full (gathered) weights on CPU, for weight sync and checkpoints."""
+        if self.backend == "deepspeed" and getattr(self.engine, "zero_optimization_stage", lambda: 0)() == 3:
+            import deepspeed
+
+            params = list(self.module.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@ray.remote
+class PolicyLearner(_Learner):
+    """Holds the policy (trained), its frozen reference, and the optimiser."""
+
+    def __init__(self, policy_path: str, lr: float, rank: int, world: int, port: int, cfg: LearnerConfig,
+                 separator: str, max_length: int):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(policy_path)
+        self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
+        self.separator, self.max_length = separator, max_length
+        self._setup(model, lr, rank, world, port, cfg)
+        self.ref.to(self.device)
+
+    def sft_step(self, chains: list) -> dict:
+        """One next-token step on expert chains (the warm start)."""
+        from dense_irl.irl.objectives import expert_nll
+        from dense_irl.models.chains import encode_chains
+
+        self.engine.train()
+        enc = encode_chains(self.tokenizer, chains, self.max_length, self.separator)
+        ids = enc.input_ids.to(self.device)
+        logits = self.engine(input_ids=ids, attention_mask=enc.attention_mask.to(self.device)).logits
+        loss = expert_nll(logits, ids, (enc.step_ids >= 0).to(self.device))
+        self._step(loss)
+        return {"sft_nll": loss.item()}
+
+    def reset_reference(self) -> None:
+        """Make the current weights the KL reference (after the SFT warm start)."""
+        self.ref.load_state_dict(self._full_state_dict())
+
+    def ppo_steps(self, rollouts: list[dict], n_steps: int, clip: float, kl_coef: float) -> dict:
+        """``n_steps`` PPO-clip steps on this rank's rollouts (token ids and per-step advantages).
+
+        The "old" log-probs are recomputed here, once, with the weights that sampled the rollouts
+        (the engines' own log-probs can differ by kernels, warpers and temperature).
+        """
+        from dense_irl.models.chains import token_logprobs
+        from dense_irl.rl.ppo import policy_batch, ppo_loss
+
+        batch = policy_batch(self.tokenizer, rollouts, self.separator, self.device)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        with torch.no_grad():
+            old_logp = token_logprobs(self.module(input_ids=ids, attention_mask=mask).logits, ids)
+            ref_logp = token_logprobs(self.ref(input_ids=ids, attention_mask=mask).logits, ids)
+        self.engine.train()
+        stats: dict = {}
+        for _ in range(n_steps):
+            logp = token_logprobs(self.engine(input_ids=ids, attention_mask=mask).logits, ids)
+            loss, stats = ppo_loss(logp, old_logp, ref_logp, batch["advantages"], batch["mask"], clip, kl_coef)
+            self._step(loss)
+            stats["policy_loss"] = loss.item()
+        behaviour = batch["old_logp"][batch["mask"]]
+        stats["behaviour_logp_gap"] = (old_logp[batch["mask"]] - behaviour).abs().mean().item()
+        return stats
+
+    def state_dict(self) -> dict:
+        return self._full_state_dict()
+
+    def save(self, path: str) -> None:
+        from dense_irl.models.factory import save_policy
+
+        if self.rank == 0:
+            module = copy.deepcopy(self.module).cpu()
+            module.load_state_dict(self._full_state_dict())
+            save_policy(module, self.tokenizer, path)
+
+
+@ray.remote
+class RewardLearner(_Learner):
+    """Holds the reward model (trained) and the frozen pi_old of the AIRL logit."""
+
+    def __init__(self, reward_path: str, policy_path: str, reward_cfg, lr: float, rank: int, world: int,
+                 port: int, cfg: LearnerConfig):
+        from transformers import AutoModelForCausalLM
+
+        from dense_irl.models.reward_model import RewardModel
+
+        self.rm = RewardModel.from_pretrained(reward_path)
+        self.pi_old = AutoModelForCausalLM.from_pretrained(policy_path).eval().requires_grad_(False)
+        self.reward_cfg = reward_cfg
+        self._setup(self.rm, lr, rank, world, port, cfg)
+        self.pi_old.to(self.device)
+
+    def reward_step(self, experts: list, negatives: list) -> dict:
+        """One discriminator step on this rank's experts and negatives."""
+        from dense_irl.irl.offline import reward_loss
+
+        self.rm.train()
+        loss, metrics = reward_loss(self.rm, self.pi_old, experts, negatives, self.reward_cfg, self.engine)
+        self._step(loss)
+        return metrics
+
+    def update_pi_old(self, state_dict: dict) -> None:
+        """pi_old of the AIRL logit follows the policy being trained."""
+        self.pi_old.load_state_dict(state_dict)
+
+    def score(self, chains: list) -> list[list[float]]:
+        return [s.step_rewards for s in self.rm.score(chains)]
+
+    def set_threshold(self, threshold: float, rule: str) -> None:
+        self.rm.config.threshold, self.rm.config.threshold_rule = threshold, rule
+
+    def save(self, path: str, version: str) -> None:
+        if self.rank == 0:
+            self.rm.config.version = version
+            self.rm.load_state_dict(self._full_state_dict())
+            self.rm.save_pretrained(path)
