@@ -59,8 +59,9 @@ def make_random_rm(out: Path, seed: int = 0) -> str:
 # ---------------------------------------------------------------------------- (b) the naive server
 
 
-def naive_server(path: str, port: int) -> None:
+def naive_server(path: str, port: int, threads: int) -> None:
     """Score each request alone, one forward pass per step prefix (runs in its own process)."""
+    torch.set_num_threads(threads)
     import uvicorn
     from fastapi import FastAPI
 
@@ -151,9 +152,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-s", type=float, default=0.005)
+    p.add_argument("--forward-batch-size", type=int, default=8)
+    p.add_argument("--naive-threads", type=int, default=1, help="torch threads of the naive server")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
 
+    load_before = "/".join(f"{x:.1f}" for x in os.getloadavg())
     tmp = tempfile.TemporaryDirectory()
     path = args.reward_model or make_random_rm(Path(tmp.name) / "rm")
     demos = generate(SyntheticConfig(n_problems=512, seed=1))
@@ -167,7 +171,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     # (b) the naive server first, alone on the machine.
     port_b = free_port()
-    proc = mp.get_context("spawn").Process(target=naive_server, args=(path, port_b), daemon=True)
+    proc = mp.get_context("spawn").Process(
+        target=naive_server, args=(path, port_b, args.naive_threads), daemon=True
+    )
     proc.start()
     try:
         wait_ready(f"http://127.0.0.1:{port_b}")
@@ -195,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "num_cpus": min(1.0, os.cpu_count() / args.replicas),
                     "max_batch_size": args.max_batch_size,
                     "batch_wait_timeout_s": args.batch_wait_s,
+                    "forward_batch_size": args.forward_batch_size,
                 }
             ),
             name="bench",
@@ -225,8 +232,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.seconds:.0f} s measured per server after {args.warmup:.0f} s warm-up. Model: "
         f"{'random tiny preset (hidden 128, 4 layers)' if not args.reward_model else path}; synthetic chains, "
         f"{mean_steps:.2f} steps on average. Serve: {args.replicas} replica(s), max_batch_size "
-        f"{args.max_batch_size}, batch_wait_timeout_s {args.batch_wait_s}; mean batch "
-        f"{stats['chains'] / max(1, stats['batches']):.1f} chains (largest {stats['largest_batch']}).",
+        f"{args.max_batch_size}, forward_batch_size {args.forward_batch_size}, batch_wait_timeout_s "
+        f"{args.batch_wait_s}; mean batch {stats['chains'] / max(1, stats['batches']):.1f} chains (largest "
+        f"{stats['largest_batch']}). Naive server: FastAPI + uvicorn, sync handler (thread pool), torch "
+        f"threads {args.naive_threads}. Load average before the run: {load_before} (the machine may be shared).",
         "",
         "| server | chains/s | steps/s | p50 ms | p99 ms | requests | errors |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -5,6 +5,7 @@
     dense-irl data synth OUT [--n N] [--seed S] [--min-steps A] [--max-steps B] [--max-value V] [--phrasing P]
     dense-irl data perturb IN OUT.jsonl [--kinds K,K] [--seed S] [--correct-fraction X] [--format F]
     dense-irl train-reward --config FILE [--key.sub=value ...]
+    dense-irl train --config FILE [--resume auto|PATH] [--key.sub=value ...]
     dense-irl eval localisation --reward-model PATH --data FILE.jsonl [--out report.json]
                                 [--calibration FILE.jsonl] [--policy PATH] [--plots N]
     dense-irl eval bon --reward-model PATH --data FILE.jsonl [--out report.json] [--policy PATH]
@@ -99,6 +100,17 @@ def _train_reward(args, overrides: list[str]) -> None:
     print(json.dumps(run(cfg), indent=2))
 
 
+def _train(args, overrides: list[str]) -> None:
+    from dense_irl.config import load_config
+    from dense_irl.runtime.driver import LoopConfig, run
+
+    if args.resume:
+        overrides = [*overrides, f"--resume={args.resume}"]
+    cfg = load_config(LoopConfig, args.config, overrides)
+    last = run(cfg)
+    print(json.dumps({k: v for k, v in last.items() if k != "batch_ids"}, indent=2))
+
+
 def _demo(args, overrides: list[str]) -> None:
     from dense_irl.demo import run_demo
 
@@ -140,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train-reward", help="offline IRL of the step reward model")
     tr.add_argument("--config", default=None)
 
+    tl = sub.add_parser("train", help="the online IRL loop on Ray (rollouts, reward and policy updates)")
+    tl.add_argument("--config", default=None)
+    tl.add_argument("--resume", default=None, help="'auto' (latest checkpoint in output_dir) or a checkpoint")
+
     ev = sub.add_parser("eval", help="localisation (ProcessBench) and Best-of-N").add_subparsers(
         dest="eval_cmd", required=True)
     for name in ("localisation", "bon"):
@@ -164,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     overrides = [a for a in rest if a.startswith("--") and "=" in a]
     stray = [a for a in rest if a not in overrides]
-    if stray or (overrides and args.cmd not in ("train-reward", "demo")):
+    if stray or (overrides and args.cmd not in ("train-reward", "train", "demo")):
         print(f"error: unrecognised arguments: {' '.join(stray or overrides)}", file=sys.stderr)
         return 2
     try:
@@ -174,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             _eval(args)
         elif args.cmd == "train-reward":
             _train_reward(args, overrides)
+        elif args.cmd == "train":
+            _train(args, overrides)
         elif args.cmd == "demo":
             _demo(args, overrides)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:

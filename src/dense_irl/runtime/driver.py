@@ -264,7 +264,7 @@ class Driver:
         t_policy = time.monotonic() - t0
         n = max(1, len(samples))
         return {
-            "samples": len(samples), "accuracy_samples": sum(outcomes) / n,
+            "batch_ids": [d.id for d in batch], "samples": len(samples), "accuracy_samples": sum(outcomes) / n,
             "step_reward_mean": sum(sum(r) for r in rewards) / max(1, sum(len(r) for r in rewards)),
             **{f"reward/{k}": v for k, v in reward_metrics[-1].items()},
             **{f"policy/{k}": v for k, v in policy_metrics[0].items()},
@@ -292,10 +292,13 @@ def _rng_from_json(state) -> tuple:
     return (state[0], tuple(state[1]), state[2])
 
 
-def run(cfg: LoopConfig) -> dict:
-    """Run the loop (starting Ray locally when no cluster is connected); returns the final metrics."""
+def start(cfg: LoopConfig) -> Driver:
+    """A driver with its actors up: resumed from a checkpoint, or after the SFT warm start."""
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    if cfg.prompts_per_iteration < cfg.learner.num_workers:
+        raise ValueError(f"prompts_per_iteration ({cfg.prompts_per_iteration}) must be >= learner.num_workers "
+                         f"({cfg.learner.num_workers}): every data-parallel rank needs a shard")
     drv = Driver(cfg)
     save_config(cfg, drv.out / "config.yaml")
     resume_from = latest_checkpoint(drv.out) if cfg.resume == "auto" else (
@@ -338,6 +341,12 @@ def run(cfg: LoopConfig) -> dict:
         policy, tok = load_policy(ModelConfig(name=str(sft)))
         RewardModel(policy, tok, rm_cfg).save_pretrained(init / "reward_model")
         drv.start_actors(str(sft), str(init / "reward_model"))
+    return drv
+
+
+def run(cfg: LoopConfig) -> dict:
+    """Run the loop (starting Ray locally when no cluster is connected); returns the last metrics."""
+    drv = start(cfg)
     last: dict = {}
     bar = tqdm(total=cfg.iterations, initial=drv.state["iteration"], desc="irl", unit="iter")
     while drv.state["iteration"] < cfg.iterations:

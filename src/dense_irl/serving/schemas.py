@@ -25,7 +25,10 @@ class ServeArgs(BaseModel):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; > 0 puts the model on cuda")
-    max_batch_size: int = Field(32, ge=1, description="chains per forward pass (@serve.batch)")
+    max_batch_size: int = Field(32, ge=1, description="chains gathered per batch (@serve.batch)")
+    forward_batch_size: int = Field(
+        8, ge=1, description="chains per forward pass inside a batch, sorted by length (GPU: raise it)"
+    )
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")
     max_ongoing_requests: int = Field(256, ge=1, description="per replica; keep >= max_batch_size")
     reward_aggregate: Literal["sum", "min", "last"] = Field(
