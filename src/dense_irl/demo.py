@@ -11,14 +11,15 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from dense_irl.config import load_config
 from dense_irl.data.perturb import make_processbench, write_processbench
-from dense_irl.data.synthetic import SyntheticConfig, generate
+from dense_irl.data.synthetic import generate
 from dense_irl.eval import compare, report
 from dense_irl.io import write_json
-from dense_irl.irl.offline import TrainRewardConfig, run, train_sft
+from dense_irl.irl.offline import TrainRewardConfig, load_data, run, train_sft
 from dense_irl.models.factory import load_policy, save_policy
 from dense_irl.models.reward_model import RewardModel
 
@@ -36,16 +37,14 @@ def run_demo(out: str, config: str | None = None, overrides: list[str] | None = 
 
     # Baseline: the SFT policy trained for as long as the reward model's whole run (SFT + IRL).
     extra = cfg.reward.minutes
-    policy, tokenizer = load_policy(cfg.model.__class__(**{**cfg.model.__dict__, "name": summary["sft_policy"]}))
-    train_sft(policy, tokenizer, _train_demos(cfg), type(cfg.sft)(**{**cfg.sft.__dict__, "minutes": extra}),
+    policy, tokenizer = load_policy(replace(cfg.model, name=summary["sft_policy"]))
+    train_sft(policy, tokenizer, load_data(cfg.data, cfg.seed), replace(cfg.sft, minutes=extra),
               cfg.model.max_length, cfg.data.step_separator or "\n", lambda m: None)
     save_policy(policy, tokenizer, out_dir / "sft_as_long")
 
     syn = cfg.data.synthetic
-    test_rows = make_processbench(generate(SyntheticConfig(**{**syn.__dict__, "n_problems": 600,
-                                                              "seed": syn.seed + 1000})), seed=1)
-    calib_rows = make_processbench(generate(SyntheticConfig(**{**syn.__dict__, "n_problems": 300,
-                                                               "seed": syn.seed + 2000})), seed=2)
+    test_rows = make_processbench(generate(replace(syn, n_problems=600, seed=syn.seed + 1000)), seed=1)
+    calib_rows = make_processbench(generate(replace(syn, n_problems=300, seed=syn.seed + 2000)), seed=2)
     write_processbench(test_rows, out_dir / "data" / "test_processbench.jsonl")
     write_processbench(calib_rows, out_dir / "data" / "calibration_processbench.jsonl")
 
@@ -78,9 +77,3 @@ def run_demo(out: str, config: str | None = None, overrides: list[str] | None = 
     print(md)
     write_json(out_dir / "demo_summary.json", {**summary, "eval": str(out_dir / "eval.json")})
     return result
-
-
-def _train_demos(cfg: TrainRewardConfig):
-    from dense_irl.irl.offline import load_data
-
-    return load_data(cfg.data, cfg.seed)

@@ -8,6 +8,7 @@ rank holds the same weights and rank 0 speaks for the group (weights, checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import socket
@@ -87,15 +88,18 @@ class _Learner:
         torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
         self.opt.step()
 
-    def _full_state_dict(self) -> dict:
-        """Full (gathered) weights on CPU, for weight sync and checkpoints."""
-        if self.backend == "deepspeed" and getattr(self.engine, "zero_optimization_stage", lambda: 0)() == 3:
+    def _gathered(self):
+        """A context in which every parameter is whole (ZeRO-3 partitions them across ranks)."""
+        if self.backend == "deepspeed" and self.engine.zero_optimization_stage() == 3:
             import deepspeed
 
-            params = list(self.module.parameters())
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
-        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+            return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def _full_state_dict(self) -> dict:
+        """Full weights on CPU, for weight sync and checkpoints."""
+        with self._gathered():
+            return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
     def shutdown(self) -> None:
         import torch.distributed as dist
@@ -167,10 +171,9 @@ class PolicyLearner(_Learner):
     def save(self, path: str) -> None:
         from dense_irl.models.factory import save_policy
 
-        if self.rank == 0:
-            module = copy.deepcopy(self.module).cpu()
-            module.load_state_dict(self._full_state_dict())
-            save_policy(module, self.tokenizer, path)
+        with self._gathered():
+            if self.rank == 0:
+                save_policy(self.module, self.tokenizer, path)
 
 
 @ray.remote
@@ -209,7 +212,7 @@ class RewardLearner(_Learner):
         self.rm.config.threshold, self.rm.config.threshold_rule = threshold, rule
 
     def save(self, path: str, version: str) -> None:
-        if self.rank == 0:
-            self.rm.config.version = version
-            self.rm.load_state_dict(self._full_state_dict())
-            self.rm.save_pretrained(path)
+        self.rm.config.version = version
+        with self._gathered():
+            if self.rank == 0:
+                self.rm.save_pretrained(path)
