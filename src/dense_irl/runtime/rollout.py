@@ -45,7 +45,9 @@ class HFEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.manual_seed(seed)
-        self.model = AutoModelForCausalLM.from_pretrained(policy_path).eval()
+        # Ray exposes the GPUs it granted this actor; with none, CUDA is unavailable here.
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(policy_path).eval().to(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
 
     def _prompt_ids(self, prompt: str, separator: str) -> list[int]:
@@ -66,11 +68,19 @@ class HFEngine:
             input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, ids in chunk])
             mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids in chunk])
             gen = self.model.generate(
-                input_ids=input_ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad,
+                input_ids=input_ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                max_new_tokens=cfg.max_new_tokens,
+                pad_token_id=pad,
                 # temperature 0 means greedy decoding (evaluation), as in vLLM.
-                **({"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
-                   if cfg.temperature > 0 else {"do_sample": False}),
-                eos_token_id=tok.eos_token_id, output_scores=True, return_dict_in_generate=True,
+                **(
+                    {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
+                    if cfg.temperature > 0
+                    else {"do_sample": False}
+                ),
+                eos_token_id=tok.eos_token_id,
+                output_scores=True,
+                return_dict_in_generate=True,
             )
             new = gen.sequences[:, width:]
             logps = self.model.compute_transition_scores(gen.sequences, gen.scores, normalize_logits=True)
@@ -78,13 +88,15 @@ class HFEngine:
                 ids = new[row].tolist()
                 end = ids.index(tok.eos_token_id) + 1 if tok.eos_token_id in ids else len(ids)
                 text = tok.decode(ids[:end], skip_special_tokens=True)
-                out[i].append({
-                    "completion": text,
-                    "steps": split_completion(text, separator),
-                    "token_ids": ids[:end],
-                    "logprobs": logps[row, :end].float().tolist(),
-                    "finished": end < len(ids) or (len(ids) > 0 and ids[end - 1] == tok.eos_token_id),
-                })
+                out[i].append(
+                    {
+                        "completion": text,
+                        "steps": split_completion(text, separator),
+                        "token_ids": ids[:end],
+                        "logprobs": logps[row, :end].float().tolist(),
+                        "finished": end < len(ids) or (len(ids) > 0 and ids[end - 1] == tok.eos_token_id),
+                    }
+                )
         return out
 
     def update_weights(self, state_dict: dict) -> None:
@@ -97,8 +109,13 @@ class VLLMEngine:
     def __init__(self, policy_path: str, seed: int = 0):
         from vllm import LLM
 
-        self.llm = LLM(model=policy_path, enforce_eager=True, seed=seed, dtype="float32",
-                       worker_extension_cls="dense_irl.runtime.rollout.VLLMWorkerExtension")
+        self.llm = LLM(
+            model=policy_path,
+            enforce_eager=True,
+            seed=seed,
+            dtype="float32",
+            worker_extension_cls="dense_irl.runtime.rollout.VLLMWorkerExtension",
+        )
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(self, prompts: list[str], n: int, cfg: RolloutConfig, separator: str) -> list[list[dict]]:
@@ -106,10 +123,18 @@ class VLLMEngine:
 
         tok = self.tokenizer
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        params = SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p,
-                                max_tokens=cfg.max_new_tokens, logprobs=0, stop_token_ids=[tok.eos_token_id])
-        inputs = [TokensPrompt(prompt_token_ids=bos + tok(p + separator, add_special_tokens=False)["input_ids"])
-                  for p in prompts]
+        params = SamplingParams(
+            n=n,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_tokens=cfg.max_new_tokens,
+            logprobs=0,
+            stop_token_ids=[tok.eos_token_id],
+        )
+        inputs = [
+            TokensPrompt(prompt_token_ids=bos + tok(p + separator, add_special_tokens=False)["input_ids"])
+            for p in prompts
+        ]
         results = self.llm.generate(inputs, params, use_tqdm=False)
         out = []
         for res in results:
@@ -118,8 +143,15 @@ class VLLMEngine:
                 ids = list(c.token_ids)
                 logps = [lp[t].logprob for t, lp in zip(ids, c.logprobs)]
                 text = tok.decode(ids, skip_special_tokens=True)
-                group.append({"completion": text, "steps": split_completion(text, separator), "token_ids": ids,
-                              "logprobs": logps, "finished": c.finish_reason == "stop"})
+                group.append(
+                    {
+                        "completion": text,
+                        "steps": split_completion(text, separator),
+                        "token_ids": ids,
+                        "logprobs": logps,
+                        "finished": c.finish_reason == "stop",
+                    }
+                )
             out.append(group)
         return out
 

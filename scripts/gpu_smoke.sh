@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# GPU smoke test (one GPU, a few minutes): the GPU-only paths the CPU suite cannot reach.
+#   - the online IRL loop with learners on CUDA (torch and DeepSpeed ZeRO-2 over NCCL),
+#   - rollouts with the official vLLM wheel on CUDA (skipped with a reason when vllm is absent),
+#   - reward-model scoring throughput on the GPU.
+# Prints one JSON line per check with its timing; exits non-zero if a check fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+export RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+"$PY" -m pytest -q -m gpu tests/gpu -rA "$@"
