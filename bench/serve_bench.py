@@ -1,12 +1,15 @@
-"""Benchmark (not a test): the Ray Serve scoring app against a naive per-request server, in one run.
+"""Benchmark (not a test): the Ray Serve scoring app against naive per-request servers, in one run.
 
-    python bench/serve_bench.py [--reward-model PATH] [--clients 32] [--seconds 20] [--replicas 1]
+    python bench/serve_bench.py [--reward-model PATH] [--clients 32] [--rounds 3] [--seconds 10] [--replicas 2]
 
 C concurrent clients on loopback, each sending one chain per request in a closed loop, against
-  (a) the Serve app (dense_irl.serving.app): @serve.batch gathers concurrent requests, one forward
-      pass scores every step of every chain of the batch;
-  (b) a naive FastAPI/uvicorn server (own process, same model, same request schema) that scores each
+  (a) the Serve app (dense_irl.serving.app): @serve.batch gathers concurrent requests into one
+      RewardModel.score call, every step of a chain scored in the same forward pass;
+  (b) naive FastAPI/uvicorn servers (own processes, same model, same request schema) that score each
       request on its own with one forward pass per step prefix (how a PRM is often served).
+    Two naive variants: FastAPI's default thread pool (up to 40 requests on the model at once), and
+    at most one request per core on the model at once (no GIL contention: the stronger baseline).
+All servers stay up and are measured in turn, round after round (a shared machine's load hits all alike).
 Prints chains/s, steps/s, p50/p99 latency and the ratios; writes bench/results/serve_bench.md.
 Without --reward-model it uses a random reward model of the default tiny preset (hidden 128, 4 layers).
 """
@@ -33,6 +36,7 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from dense_irl.data.synthetic import SyntheticConfig, generate  # noqa: E402
+from dense_irl.io import atomic_write_text  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_bench.md"
 
@@ -61,9 +65,15 @@ def make_random_rm(out: Path, seed: int = 0) -> str:
 # ---------------------------------------------------------------------------- (b) the naive server
 
 
-def naive_server(path: str, port: int, threads: int) -> None:
-    """Score each request alone, one forward pass per step prefix (runs in its own process)."""
+def naive_server(path: str, port: int, threads: int, workers: int) -> None:
+    """Score each request alone, one forward pass per step prefix (runs in its own process).
+
+    ``workers`` bounds how many requests use the model at once (0: no bound beyond FastAPI's 40 threads).
+    """
+    import threading
+
     torch.set_num_threads(threads)
+    gate = threading.BoundedSemaphore(workers) if workers > 0 else None
     import uvicorn
     from fastapi import Body, FastAPI
 
@@ -85,6 +95,12 @@ def naive_server(path: str, port: int, threads: int) -> None:
 
     @app.post("/v1/score")
     def score(body: Annotated[ScoreRequest, Body()]) -> dict:  # sync: runs in FastAPI's thread pool
+        if gate is not None:
+            with gate:
+                return _score(body)
+        return _score(body)
+
+    def _score(body) -> dict:
         if isinstance(body, BatchIn):
             return {"items": [one(c.prompt, c.steps) for c in body.items]}
         return one(body.prompt, body.steps)
@@ -177,124 +193,115 @@ def run_load(port: int, chains: list, args) -> dict:
 # ---------------------------------------------------------------------------- main
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The round with the median chains/s (one real measurement, not a mix of rounds)."""
+    return sorted(runs, key=lambda r: r["chains_s"])[len(runs) // 2]
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reward-model", default=None, help="checkpoint; default: random tiny-preset model")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--chains-per-request", type=int, default=1, help="> 1 sends {items: [...]} batches")
-    p.add_argument("--seconds", type=float, default=20.0, help="measured time per server")
-    p.add_argument("--warmup", type=float, default=3.0)
-    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--seconds", type=float, default=10.0, help="measured time per server per round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; each measures every server in turn")
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-s", type=float, default=0.005)
     p.add_argument("--forward-batch-size", type=int, default=8)
-    p.add_argument("--naive-threads", type=int, default=1, help="torch threads of the naive server")
+    p.add_argument("--naive-threads", type=int, default=1, help="torch threads of the naive servers")
     p.add_argument("--ray-niceness", type=int, default=0, help="niceness of Ray workers (Ray's default: 15)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
 
-    load_before = "/".join(f"{x:.1f}" for x in os.getloadavg())
-    tmp = tempfile.TemporaryDirectory()
-    path = args.reward_model or make_random_rm(Path(tmp.name) / "rm")
-    demos = generate(SyntheticConfig(n_problems=512, seed=1))
-    chains = [(d.prompt, d.steps) for d in demos]
-    mean_steps = sum(len(s) for _, s in chains) / len(chains)
-    print(
-        f"model {path}; {len(chains)} chains, {mean_steps:.2f} steps each on average; "
-        f"{args.clients} clients, {args.seconds:.0f}s per server",
-        flush=True,
-    )
-
-    # (b) the naive server first, alone on the machine.
-    port_b = free_port()
-    proc = mp.get_context("spawn").Process(
-        target=naive_server, args=(path, port_b, args.naive_threads), daemon=True
-    )
-    proc.start()
-    try:
-        wait_ready(f"http://127.0.0.1:{port_b}")
-        naive = run_load(port_b, chains, args)
-    finally:
-        proc.terminate()
-        proc.join(10)
-    print(f"naive: {naive}", flush=True)
-
-    # (a) the Serve app.
     import ray
     from ray import serve
 
     from dense_irl.serving.app import app_builder
 
-    # Ray starts its workers at nice 15; the naive server runs at the bench's own priority. On a shared
-    # machine that alone starves the Serve side, so both run at the same niceness unless told otherwise.
+    load_before = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    tmp = tempfile.TemporaryDirectory()
+    path = args.reward_model or make_random_rm(Path(tmp.name) / "rm")
+    chains = [(d.prompt, d.steps) for d in generate(SyntheticConfig(n_problems=512, seed=1))]
+    mean_steps = sum(len(s) for _, s in chains) / len(chains)
+    print(
+        f"model {path}; {len(chains)} chains, {mean_steps:.2f} steps on average; {args.clients} clients",
+        flush=True,
+    )
+
+    # Two naive servers, each in its own process: FastAPI's default thread pool (40 requests on the model
+    # at once: Python threads contend for the GIL), and one that lets only as many requests as there are
+    # cores use the model at once (the better naive server). All servers stay up and are measured in
+    # turn, round after round, so a busy neighbour on a shared machine hits them alike.
+    naive = {"naive, FastAPI thread pool": 0, f"naive, {os.cpu_count()} requests at a time": os.cpu_count()}
+    ports = {"Ray Serve app": free_port(), **{name: free_port() for name in naive}}
+    procs = [mp.get_context("spawn").Process(target=naive_server, daemon=True,
+                                             args=(path, ports[name], args.naive_threads, workers))
+             for name, workers in naive.items()]  # fmt: skip
+    [proc.start() for proc in procs]
+    # Ray starts its workers at nice 15, the naive servers run at the bench's own priority: against a
+    # busy neighbour that alone starves the Serve side, so all run at the same niceness by default.
     os.environ.setdefault("RAY_worker_niceness", str(args.ray_niceness))
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    port_a = free_port()
+    runs: dict[str, list[dict]] = {name: [] for name in ports}
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port_a})
-        serve.run(
-            app_builder(
-                {
-                    "reward_model": path,
-                    "num_replicas": args.replicas,
-                    "num_cpus": min(1.0, os.cpu_count() / args.replicas),
-                    "max_batch_size": args.max_batch_size,
-                    "batch_wait_timeout_s": args.batch_wait_s,
-                    "forward_batch_size": args.forward_batch_size,
-                }
-            ),
-            name="bench",
-            route_prefix="/",
-            blocking=False,
-        )
-        wait_ready(f"http://127.0.0.1:{port_a}")
-        served = run_load(port_a, chains, args)
-        stats = httpx.get(f"http://127.0.0.1:{port_a}/v1/models").json()["replica_stats"]
+        serve.start(http_options={"host": "127.0.0.1", "port": ports["Ray Serve app"]})
+        app = app_builder({
+            "reward_model": path, "num_replicas": args.replicas, "num_cpus": min(1.0, os.cpu_count() / args.replicas),
+            "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s,
+            "forward_batch_size": args.forward_batch_size,
+        })  # fmt: skip
+        serve.run(app, name="bench", route_prefix="/", blocking=False)
+        for port in ports.values():
+            wait_ready(f"http://127.0.0.1:{port}")
+        for r in range(args.rounds):
+            for name, port in ports.items():
+                runs[name].append(run_load(port, chains, args))
+                print(f"round {r}: {name}: {runs[name][-1]}", flush=True)
+        stats = httpx.get(f"http://127.0.0.1:{ports['Ray Serve app']}/v1/models").json()["replica_stats"]
     finally:
         serve.shutdown()
         ray.shutdown()
-    print(f"serve: {served}; replica stats {stats}", flush=True)
+        for proc in procs:
+            proc.terminate()
+            proc.join(10)
+    tmp.cleanup()
 
-    ratio = {k: served[k] / naive[k] for k in ("chains_s", "steps_s")}
-    ratio["p50"] = naive["p50_ms"] / served["p50_ms"]
-    ratio["p99"] = naive["p99_ms"] / served["p99_ms"]
+    med = {name: median_run(r) for name, r in runs.items()}
+    served = med["Ray Serve app"]
+    ratios = {name: served["chains_s"] / med[name]["chains_s"] for name in naive}
     cmd = "python bench/serve_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    rows = [
-        ("Ray Serve app (batched, one pass per batch)", served),
-        ("naive (per request, one pass per step prefix)", naive),
-    ]
     md = [
         "# Scoring server benchmark",
         "",
-        f"`{cmd.strip()}` on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-        f"torch {torch.__version__}, {args.clients} concurrent clients on loopback, "
-        f"{args.chains_per_request} chain(s) per request, "
-        f"{args.seconds:.0f} s measured per server after {args.warmup:.0f} s warm-up. Model: "
-        f"{'random tiny preset (hidden 128, 4 layers)' if not args.reward_model else path}; synthetic chains, "
-        f"{mean_steps:.2f} steps on average. Serve: {args.replicas} replica(s), max_batch_size "
+        f"`{cmd.strip()}` on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch "
+        f"{torch.__version__}: {args.clients} concurrent clients on loopback, {args.chains_per_request} chain(s) "
+        f"per request, {args.rounds} rounds of {args.seconds:.0f} s per server (after {args.warmup:.0f} s warm-up), "
+        f"the servers measured in turn each round; the table shows each server's median round. Model: "
+        f"{path if args.reward_model else 'random, default tiny preset (hidden 128, 4 layers)'}; synthetic "
+        f"chains, {mean_steps:.2f} steps on average. Serve: {args.replicas} replica(s), max_batch_size "
         f"{args.max_batch_size}, forward_batch_size {args.forward_batch_size}, batch_wait_timeout_s "
         f"{args.batch_wait_s}; mean batch {stats['chains'] / max(1, stats['batches']):.1f} chains (largest "
-        f"{stats['largest_batch']}). Naive server: FastAPI + uvicorn, sync handler (thread pool), torch "
-        f"threads {args.naive_threads}. Load average before the run: {load_before} (the machine may be shared).",
+        f"{stats['largest_batch']}). Naive servers: FastAPI + uvicorn, a sync handler that scores each request "
+        f"alone with one forward pass per step prefix, torch threads {args.naive_threads}. Ray workers at "
+        f"niceness {os.environ['RAY_worker_niceness']}. Load average before the run: {load_before} (this "
+        "machine may be shared with other jobs).",
         "",
-        "| server | chains/s | steps/s | p50 ms | p99 ms | requests | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        *(
-            f"| {name} | {r['chains_s']:.1f} | {r['steps_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-            f"{r['requests']} | {r['errors']} |"
-            for name, r in rows
-        ),
-        f"| **ratio (Serve / naive)** | **{ratio['chains_s']:.2f}x** | {ratio['steps_s']:.2f}x | "
-        f"{ratio['p50']:.2f}x lower | {ratio['p99']:.2f}x lower | | |",
+        "| server | chains/s | steps/s | p50 ms | p99 ms | requests | errors | Serve chains/s ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *(f"| {name} | {r['chains_s']:.1f} | {r['steps_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+          f"{r['requests']} | {r['errors']} | {f'**{ratios[name]:.2f}x**' if name in ratios else ''} |"
+          for name, r in med.items()),
         "",
-    ]
+        "Chains/s per round: " + "; ".join(f"{name}: " + ", ".join(f"{x['chains_s']:.1f}" for x in r)
+                                          for name, r in runs.items()) + ".",
+        "",
+    ]  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    from dense_irl.io import atomic_write_text
-
     atomic_write_text(args.out, "\n".join(md))
     print("\n".join(md))
-    tmp.cleanup()
-    return {"serve": served, "naive": naive, "ratio": ratio}
+    return {"runs": runs, "ratios": ratios}
 
 
 if __name__ == "__main__":

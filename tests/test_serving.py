@@ -20,6 +20,8 @@ from dense_irl.data.synthetic import SyntheticConfig, generate
 from dense_irl.models.factory import ModelConfig, load_policy
 from dense_irl.models.reward_model import RewardModel, RewardModelConfig
 
+# Ray's own pydantic models warn about deprecated Field arguments on import; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-token"
 LIMITS = {"max_chains": 4, "max_steps": 24, "max_chars": 2000, "max_tokens": 500, "max_body_bytes": 20_000}

@@ -38,7 +38,7 @@ def _check_file(path: str | Path) -> Path:
     return path
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict | DataError]]:
+def jsonl_rows(path: Path) -> Iterator[tuple[int, dict | DataError]]:
     """Yield (line, row) for each non-blank line; a line that is not a JSON object yields a DataError."""
     with open(path, "rb") as f:  # bytes, so one badly encoded line is one bad row, not a dead file
         for lineno, raw in enumerate(f, 1):
@@ -94,7 +94,7 @@ def _collect(path: Path, rows, make: MakeDemo, skip_bad: bool) -> tuple[list[Dem
 
 def _read_jsonl(path, make: MakeDemo, skip_bad: bool) -> tuple[list[Demonstration], int]:
     path = _check_file(path)
-    return _collect(path, _jsonl_rows(path), make, skip_bad)
+    return _collect(path, jsonl_rows(path), make, skip_bad)
 
 
 def _text(row: dict, key: str, path: Path, lineno: int) -> str:
@@ -327,7 +327,7 @@ def read_plain(
         source = _optional_str(row, "source", path, lineno) or "plain"
         return Demonstration(row_id, prompt, steps, answer, source, meta or {})
 
-    rows = _parquet_rows(path) if path.suffix == ".parquet" else _jsonl_rows(path)
+    rows = _parquet_rows(path) if path.suffix == ".parquet" else jsonl_rows(path)
     return _collect(path, rows, make, skip_bad)
 
 
@@ -343,7 +343,7 @@ def detect_format(path: str | Path) -> str:
         except (pa.ArrowException, OSError) as e:
             raise DataError(path, None, None, f"not a readable Parquet file ({e})") from e
         return "parquet" if {"id", "prompt", "steps"} <= names else "plain"
-    keys = next((set(row) for _, row in _jsonl_rows(path) if isinstance(row, dict)), set())
+    keys = next((set(row) for _, row in jsonl_rows(path) if isinstance(row, dict)), set())
     for fmt, needed in (
         ("gsm8k", {"question", "answer"}),
         ("processbench", {"problem", "steps", "label"}),

@@ -7,13 +7,13 @@ correct or not) or from a generic JSONL of that same shape.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from dense_irl.data.readers import jsonl_rows
 from dense_irl.data.schema import DataError
 from dense_irl.eval.localisation import ScoreFn, score_chains
 
@@ -107,22 +107,15 @@ def load_bon(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"Best-of-N file not found: {path}")
     problems = []
-    with open(path) as f:
-        for ln, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, ln, None, f"not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(path, ln, None, "a row must be a JSON object")
-            if "candidates" in row:
-                problems.append(_generic_problem(row, path, ln))
-            elif "question" in row:
-                problems.append(_gsm8k_problem(row, path, ln))
-            else:
-                raise DataError(path, ln, "candidates", "missing (and no GSM8K 'question' either)")
+    for ln, row in jsonl_rows(path):
+        if isinstance(row, DataError):
+            raise row
+        if "candidates" in row:
+            problems.append(_generic_problem(row, path, ln))
+        elif "question" in row:
+            problems.append(_gsm8k_problem(row, path, ln))
+        else:
+            raise DataError(path, ln, "candidates", "missing (and no GSM8K 'question' either)")
     if not problems:
         raise DataError(path, None, None, "no rows in file")
     return problems

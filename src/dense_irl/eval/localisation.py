@@ -11,13 +11,13 @@ chains (prediction == -1), and F1 = their harmonic mean. We report them as fract
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from dense_irl.data.readers import jsonl_rows
 from dense_irl.data.schema import DataError
 
 # Given chains (prompt, steps), one score per step; higher = better step.
@@ -242,31 +242,24 @@ def load_processbench_rows(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"ProcessBench file not found: {path}")
     rows = []
-    with open(path) as f:
-        for ln, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, ln, None, f"not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(path, ln, None, "a row must be a JSON object")
-            if not isinstance(row.get("problem"), str):
-                raise DataError(path, ln, "problem", "missing or not a string")
-            steps = row.get("steps")
-            if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
-                raise DataError(path, ln, "steps", "missing or not a list of strings")
-            lab = row.get("label")
-            if isinstance(lab, bool) or not isinstance(lab, int):
-                raise DataError(path, ln, "label", f"missing or not an int: {lab!r}")
-            if not -1 <= lab < len(steps):
-                raise DataError(
-                    path, ln, "label", f"{lab} out of range for {len(steps)} steps (-1 = no error)"
-                )
-            if row.get("error_type") is not None and not isinstance(row["error_type"], str):
-                raise DataError(path, ln, "error_type", "not a string")
-            rows.append(row)
+    for ln, row in jsonl_rows(path):
+        if isinstance(row, DataError):
+            raise row
+        if not isinstance(row.get("problem"), str):
+            raise DataError(path, ln, "problem", "missing or not a string")
+        steps = row.get("steps")
+        if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
+            raise DataError(path, ln, "steps", "missing or not a list of strings")
+        lab = row.get("label")
+        if isinstance(lab, bool) or not isinstance(lab, int):
+            raise DataError(path, ln, "label", f"missing or not an int: {lab!r}")
+        if not -1 <= lab < len(steps):
+            raise DataError(
+                path, ln, "label", f"{lab} out of range for {len(steps)} steps (-1 = no error)"
+            )
+        if row.get("error_type") is not None and not isinstance(row["error_type"], str):
+            raise DataError(path, ln, "error_type", "not a string")
+        rows.append(row)
     if not rows:
         raise DataError(path, None, None, "no rows in file")
     return rows

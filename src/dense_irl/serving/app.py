@@ -21,7 +21,6 @@ malformed JSON, wrong types, unknown fields and empty steps are 422.
 """
 
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -43,32 +42,23 @@ from dense_irl.serving.schemas import (
     ChainResult,
     GetRewardRequest,
     GetRewardResponse,
+    Guard,
     Health,
     ModelList,
     ReloadRequest,
     ReloadResult,
     ScoreRequest,
     ServeArgs,
+    aggregate,
+    chain_result,
+    split_steps,
 )
 
 TOKEN_ENV = "DENSE_IRL_TOKEN"
 APP_NAME = "dense-irl"
-OPEN_PATHS = {"/health", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"}
 # Special-token text an OpenRLHF query may end with (decoded with skip_special_tokens=False).
 END_MARKERS = ("</s>", "<pad>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
 logger = logging.getLogger("ray.serve")
-
-
-def split_steps(text: str, separator: str) -> list[str]:
-    """Split a solution text into steps the way the data readers do (stripped, empty ones dropped)."""
-    return [s.strip() for s in text.split(separator) if s.strip()]
-
-
-def aggregate(step_rewards: list[float], how: str) -> float:
-    """One scalar per chain for /get_reward: ``sum`` (the task reward), ``min`` or ``last`` step."""
-    if not step_rewards:
-        return 0.0
-    return {"sum": sum, "min": min, "last": lambda r: r[-1]}[how](step_rewards)
 
 
 def score_sorted(
@@ -87,96 +77,12 @@ def score_sorted(
     return out
 
 
-def chain_result(score: ChainScore, version: str, steps_given: int) -> dict:
-    """The JSON answer for one scored chain."""
-    return {
-        "step_rewards": score.step_rewards,
-        "paragraph_rewards": score.paragraph_rewards,
-        "task_reward": score.task_reward,
-        "first_error": score.first_error,
-        "steps_given": steps_given,
-        "steps_scored": score.steps_scored,
-        "truncated": score.steps_scored < steps_given,
-        "model_version": version,
-    }
-
-
-# ---------------------------------------------------------------------------- guard middleware
-
-
-async def _send_json(send, status: int, detail: str, headers: list | None = None) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+# ---------------------------------------------------------------------------- the FastAPI app
 
 
 def _replica_guard() -> tuple[str | None, int]:
     # The FastAPI app is copied into each replica, so the guard asks the replica for its settings.
     return serve.get_replica_context().servable_object.guard_settings()
-
-
-class Guard:
-    """ASGI middleware: bearer token (401) and body size (413), both before any parsing."""
-
-    def __init__(self, app, settings=_replica_guard):
-        self.app, self.settings = app, settings
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        token, max_body = self.settings()
-        path, root = scope.get("path", ""), scope.get("root_path", "")
-        path = path[len(root) :] if root and path.startswith(root) else path
-        headers = dict(scope.get("headers") or [])
-        if token and path not in OPEN_PATHS:
-            sent = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(sent, b"Bearer " + token.encode()):
-                return await _send_json(
-                    send,
-                    401,
-                    "missing or wrong bearer token (Authorization: Bearer <token>)",
-                    [(b"www-authenticate", b"Bearer")],
-                )
-        too_big = f"request body exceeds the limit max_body_bytes={max_body}"
-        length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body):
-            return await _send_json(
-                send,
-                413 if length.isdigit() else 400,
-                too_big if length.isdigit() else "bad Content-Length header",
-            )
-        # Read the body ourselves (chunked requests carry no length), then replay it to the app.
-        chunks, n = [], 0
-        while True:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                return
-            n += len(msg.get("body", b""))
-            if n > max_body:
-                return await _send_json(send, 413, too_big)
-            chunks.append(msg.get("body", b""))
-            if not msg.get("more_body"):
-                break
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-
-        await self.app(scope, replay, send)
 
 
 async def _validation_error(_request, exc: RequestValidationError) -> JSONResponse:
@@ -189,7 +95,7 @@ async def _validation_error(_request, exc: RequestValidationError) -> JSONRespon
 
 
 api = FastAPI(title="dense-irl step reward scoring", version="1", description=__doc__.split("\n\n")[0])
-api.add_middleware(Guard)
+api.add_middleware(Guard, settings=_replica_guard)
 api.add_exception_handler(RequestValidationError, _validation_error)
 
 
@@ -328,6 +234,10 @@ class RewardScorer:
         chars = len(prompt) + sum(map(len, steps))
         if chars > a.max_chars:
             raise _too_large(f"{where} has {chars} characters, over the limit max_chars={a.max_chars}")
+        # A token covers at least one byte (plus a possible word-start marker per piece), so short chains
+        # skip the tokenizer.
+        if sum(len(x.encode()) + 1 for x in (prompt, *steps)) <= a.max_tokens:
+            return
         ids = self._live.rm.tokenizer([prompt, *steps], add_special_tokens=False)["input_ids"]
         tokens = sum(map(len, ids))
         if tokens > a.max_tokens:
@@ -357,7 +267,8 @@ class RewardScorer:
             chains.append((item.prompt, self._steps(item, where)))
             self._check(item.prompt, chains[-1][1], where)
         results = [chain_result(s, v, len(c[1])) for (s, v), c in zip(await self._score_all(chains), chains)]
-        return {"items": results} if isinstance(body, BatchIn) else results[0]
+        # Built from plain floats and ints: skip FastAPI's response re-validation (response_model documents it).
+        return JSONResponse({"items": results} if isinstance(body, BatchIn) else results[0])
 
     def _steps(self, item: ChainIn, where: str) -> list[str]:
         if item.steps is not None:
@@ -485,13 +396,16 @@ def start(args: dict | ServeArgs, host: str = "127.0.0.1", port: int = 8000, nam
 
 
 def serve_forever(args: dict | ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """``dense-irl serve``: run until Ctrl-C, then shut Serve down."""
-    url = start(args, host, port)
-    print(json.dumps({"url": url, "health": f"{url}/health", "docs": f"{url}/docs"}), flush=True)
+    """``dense-irl serve``: deploy, print the URLs, run until Ctrl-C, then shut Serve down."""
+    import ray
+
     try:
+        url = start(args, host, port)
+        print(json.dumps({"url": url, "health": f"{url}/health", "docs": f"{url}/docs"}), flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        if ray.is_initialized():
+            serve.shutdown()

@@ -1,4 +1,5 @@
-"""The HTTP contract of the scoring server: request/response models, server settings and limits.
+"""The HTTP contract of the scoring server: request/response models, server settings and limits, and
+the framework-free pieces that enforce them (the token/body-size guard, step splitting, result rows).
 
 Every request model forbids unknown fields, so a typo (``step`` for ``steps``) is a 422 naming the field
 instead of a silently ignored key. Limits that depend on the server's settings (chains per request,
@@ -7,9 +8,13 @@ steps, characters and tokens per chain) are checked by the app after parsing and
 
 from __future__ import annotations
 
+import hmac
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+
+from dense_irl.models.reward_model import ChainScore
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 _FORBID = ConfigDict(extra="forbid")
@@ -172,3 +177,111 @@ class ModelList(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     version: str
+
+
+# ---------------------------------------------------------------------------- helpers of the app
+
+
+def split_steps(text: str, separator: str) -> list[str]:
+    """Split a solution text into steps the way the data readers do (stripped, empty ones dropped)."""
+    return [s.strip() for s in text.split(separator) if s.strip()]
+
+
+def aggregate(step_rewards: list[float], how: str) -> float:
+    """One scalar per chain for /get_reward: ``sum`` (the task reward), ``min`` or ``last`` step."""
+    if not step_rewards:
+        return 0.0
+    return {"sum": sum, "min": min, "last": lambda r: r[-1]}[how](step_rewards)
+
+
+def chain_result(score: ChainScore, version: str, steps_given: int) -> dict:
+    """The JSON answer for one scored chain."""
+    return {
+        "step_rewards": score.step_rewards,
+        "paragraph_rewards": score.paragraph_rewards,
+        "task_reward": score.task_reward,
+        "first_error": score.first_error,
+        "steps_given": steps_given,
+        "steps_scored": score.steps_scored,
+        "truncated": score.steps_scored < steps_given,
+        "model_version": version,
+    }
+
+
+# ---------------------------------------------------------------------------- guard middleware
+
+OPEN_PATHS = {"/health", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"}
+
+
+async def _send_json(send, status: int, detail: str, headers: list | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """ASGI middleware: bearer token (401) and body size (413), both before any parsing.
+
+    ``settings()`` returns ``(token or None, max_body_bytes)``; it is asked per request, so the app object
+    can be shared while each server (replica) has its own settings.
+    """
+
+    def __init__(self, app, settings):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        token, max_body = self.settings()
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        path = path[len(root) :] if root and path.startswith(root) else path
+        headers = dict(scope.get("headers") or [])
+        if token and path not in OPEN_PATHS:
+            sent = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(sent, b"Bearer " + token.encode()):
+                return await _send_json(
+                    send,
+                    401,
+                    "missing or wrong bearer token (Authorization: Bearer <token>)",
+                    [(b"www-authenticate", b"Bearer")],
+                )
+        too_big = f"request body exceeds the limit max_body_bytes={max_body}"
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body):
+            return await _send_json(
+                send,
+                413 if length.isdigit() else 400,
+                too_big if length.isdigit() else "bad Content-Length header",
+            )
+        # Read the body ourselves (chunked requests carry no length), then replay it to the app.
+        chunks, n = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return
+            n += len(msg.get("body", b""))
+            if n > max_body:
+                return await _send_json(send, 413, too_big)
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
