@@ -166,8 +166,9 @@ async def _load(
     return {
         "chains_s": counts["chains"] / seconds,
         "steps_s": counts["steps"] / seconds,
-        "p50_ms": 1000 * statistics.median(lat),
-        "p99_ms": 1000 * lat[min(n - 1, int(0.99 * n))],
+        # No request may finish inside the window when a server is that slow: no latency then.
+        "p50_ms": 1000 * statistics.median(lat) if n else float("nan"),
+        "p99_ms": 1000 * lat[min(n - 1, int(0.99 * n))] if n else float("nan"),
         "requests": n,
         "errors": counts["errors"],
     }
@@ -191,6 +192,12 @@ def run_load(port: int, chains: list, args) -> dict:
 
 
 # ---------------------------------------------------------------------------- main
+
+
+def _ratio(x: float | None) -> str:
+    if x is None:
+        return ""
+    return "no request finished" if x == float("inf") else f"**{x:.2f}x**"
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -270,7 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     med = {name: median_run(r) for name, r in runs.items()}
     served = med["Ray Serve app"]
-    ratios = {name: served["chains_s"] / med[name]["chains_s"] for name in naive}
+    ratios = {name: served["chains_s"] / med[name]["chains_s"] if med[name]["chains_s"] else float("inf")
+              for name in naive}  # fmt: skip
     cmd = "python bench/serve_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     md = [
         "# Scoring server benchmark",
@@ -291,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
         "| server | chains/s | steps/s | p50 ms | p99 ms | requests | errors | Serve chains/s ratio |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
         *(f"| {name} | {r['chains_s']:.1f} | {r['steps_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-          f"{r['requests']} | {r['errors']} | {f'**{ratios[name]:.2f}x**' if name in ratios else ''} |"
+          f"{r['requests']} | {r['errors']} | {_ratio(ratios.get(name))} |"
           for name, r in med.items()),
         "",
         "Chains/s per round: " + "; ".join(f"{name}: " + ", ".join(f"{x['chains_s']:.1f}" for x in r)

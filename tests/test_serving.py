@@ -389,14 +389,16 @@ class Traffic:
 def test_reload_by_user_config_while_requests_flow(server, checkpoints):
     paths, _ = checkpoints
     cfg = _deploy_config(server["base"], paths, server["port"], open_user_config={"reward_model": paths["2"]})
+    replica = server["client"].get("/v1/models").json()["replica"]
     with Traffic(server["url"], "/v1/score", {}) as traffic:
         time.sleep(0.5)
         _deploy(cfg)  # what `serve deploy` with a new user_config does
         traffic.wait_for("2")
     traffic.check(monotone=True)  # one replica: the swap is a single assignment
     assert {v for s in traffic.seen for _, v in s} == {"1", "2"}
-    info = server["client"].get("/v1/models").json()["data"][0]
-    assert (info["version"], info["path"]) == ("2", paths["2"])
+    got = server["client"].get("/v1/models").json()
+    assert (got["data"][0]["version"], got["data"][0]["path"]) == ("2", paths["2"])
+    assert got["replica"] == replica  # the running replica loaded it (reconfigure), nothing restarted
 
 
 def test_admin_reload_reaches_every_replica_while_requests_flow(server, checkpoints):
@@ -413,8 +415,8 @@ def test_admin_reload_reaches_every_replica_while_requests_flow(server, checkpoi
         traffic.wait_for("2")
         time.sleep(0.5)
     traffic.check(monotone=False)  # two replicas: until the answer, one may still serve "1"
-    for s, mark in zip(traffic.seen, marks):
-        assert {v for _, v in s[mark + 1 :]} == {"2"}  # (+1: a request in flight during the answer)
+    after = [v for s, mark in zip(traffic.seen, marks) for _, v in s[mark + 1 :]]  # +1: one was in flight
+    assert after and set(after) == {"2"}
     replicas = {}
     for _ in range(40):  # both replicas answer, both with the new checkpoint
         got = c.get("/secure/v1/models", headers=AUTH).json()
@@ -422,3 +424,14 @@ def test_admin_reload_reaches_every_replica_while_requests_flow(server, checkpoi
     assert len(replicas) == 2 and set(replicas.values()) == {"2"}
     bad = c.post("/secure/admin/reload", json={"reward_model": paths["1"] + "-missing"}, headers=AUTH)
     assert bad.status_code == 422 and c.get("/secure/health").json()["version"] == "2"
+
+
+def test_cli_score_and_serve_errors(server, tmp_path, capsys):
+    """`dense-irl score` talks to the running app; `dense-irl serve` names a missing checkpoint."""
+    from dense_irl.cli import main
+
+    assert main(["score", "--url", server["url"], "--prompt", PROMPT, *sum((["--step", s] for s in STEPS), [])]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["steps_scored"] == len(STEPS) and len(out["step_rewards"]) == len(STEPS)
+    assert main(["serve", "--reward-model", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err

@@ -9,6 +9,8 @@
     dense-irl eval localisation --reward-model PATH --data FILE.jsonl [--out report.json]
                                 [--calibration FILE.jsonl] [--policy PATH] [--plots N]
     dense-irl eval bon --reward-model PATH --data FILE.jsonl [--out report.json] [--policy PATH]
+    dense-irl serve --reward-model PATH [--host 127.0.0.1] [--port 8000] [--replicas N] [--token T] ...
+    dense-irl score [--url URL] (--prompt P --step S [--step S ...] | --text T | --data FILE [--out F] | --info)
     dense-irl demo [--out runs/demo] [--key.sub=value ...]
 
 Every user error ends in one line ``error: ...`` on stderr and exit status 2.
@@ -111,6 +113,21 @@ def _train(args, overrides: list[str]) -> None:
     print(json.dumps({k: v for k, v in last.items() if k != "batch_ids"}, indent=2))
 
 
+def _serve(args) -> None:
+    from dense_irl.serving.app import serve_forever
+
+    serve_forever({"reward_model": args.reward_model, "num_replicas": args.replicas, "num_cpus": args.num_cpus,
+                   "num_gpus": args.num_gpus, "token": args.token, "max_batch_size": args.max_batch_size,
+                   "reward_aggregate": args.reward_aggregate}, args.host, args.port)
+
+
+def _score(args) -> None:
+    from dense_irl.serving.client import score_command
+
+    print(json.dumps(score_command(args.url, args.token, args.data, args.out, args.format, args.prompt, args.steps,
+                                   args.text, args.step_separator, args.batch_size, args.info), indent=2))
+
+
 def _demo(args, overrides: list[str]) -> None:
     from dense_irl.demo import run_demo
 
@@ -168,6 +185,29 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--calibration", default=None, help="held-out ProcessBench JSONL to set thresholds")
             e.add_argument("--plots", type=int, default=0, help="plot the step rewards of the first N chains")
 
+    sv = sub.add_parser("serve", help="serve a reward model over HTTP (Ray Serve; endpoints in the README)")
+    sv.add_argument("--reward-model", required=True, help="reward model checkpoint folder")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--replicas", type=int, default=1)
+    sv.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
+    sv.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (> 0: the model runs on cuda)")
+    sv.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' (default: env DENSE_IRL_TOKEN)")
+    sv.add_argument("--max-batch-size", type=int, default=32, help="chains gathered per batch")
+    sv.add_argument("--reward-aggregate", choices=["sum", "min", "last"], default="sum", help="/get_reward's reward")
+    sc = sub.add_parser("score", help="score chains with a running 'dense-irl serve'")
+    sc.add_argument("--url", default="http://127.0.0.1:8000")
+    sc.add_argument("--token", default=None, help="default: env DENSE_IRL_TOKEN")
+    sc.add_argument("--data", default=None, help="a file of chains (any supported format)")
+    sc.add_argument("--format", default="auto")
+    sc.add_argument("--step-separator", default=None)
+    sc.add_argument("--out", default=None, help="JSONL of per-chain results (with --data)")
+    sc.add_argument("--batch-size", type=int, default=32, help="chains per request (with --data)")
+    sc.add_argument("--prompt", default=None)
+    sc.add_argument("--step", dest="steps", action="append", default=None, help="one step; repeat in order")
+    sc.add_argument("--text", default=None, help="the whole solution, split by --step-separator")
+    sc.add_argument("--info", action="store_true", help="print the live checkpoint")
+
     d = sub.add_parser("demo", help="the end-to-end demo on the synthetic task")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--config", default=None)
@@ -192,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
             _train_reward(args, overrides)
         elif args.cmd == "train":
             _train(args, overrides)
+        elif args.cmd == "serve":
+            _serve(args)
+        elif args.cmd == "score":
+            _score(args)
         elif args.cmd == "demo":
             _demo(args, overrides)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:

@@ -32,6 +32,7 @@ from typing import Annotated, Any
 from fastapi import Body, FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from ray import serve
 
 from dense_irl.models.reward_model import ChainScore, RewardModel
@@ -367,7 +368,11 @@ class RewardScorer:
 def app_builder(args: dict | ServeArgs) -> serve.Application:
     """Build the application from ``serve run``/``serve deploy`` args (see :class:`ServeArgs`)."""
     if isinstance(args, dict):
-        args = ServeArgs.model_validate(args)
+        try:
+            args = ServeArgs.model_validate(args)
+        except ValidationError as e:  # one line per bad arg, naming it
+            bad = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+            raise ValueError(f"invalid serve args: {bad}") from None
     path = Path(os.path.expanduser(args.reward_model)).resolve()
     if not path.is_dir():
         raise FileNotFoundError(f"reward model checkpoint not found: {path}")
