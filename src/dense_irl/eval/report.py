@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +120,7 @@ def plot_step_rewards(
         ax.set_xticklabels([f"{i}\n{s[:14]}" for i, s in enumerate(steps)], fontsize=7)
     ax.set_xlabel("step")
     ax.set_ylabel("step reward")
-    ax.set_title(title or "step rewards")
+    ax.set_title(textwrap.fill(title, 70) if title else "step rewards", fontsize=9)
     if threshold is not None or (first_error_label is not None and first_error_label >= 0):
         ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
