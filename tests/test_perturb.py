@@ -126,7 +126,14 @@ def test_synthetic_perturbations_change_one_thing():
             if out is None:
                 continue
             steps, k = out
-            assert steps[:k] == d.steps[:k] and steps[k + 1 :] == d.steps[k + 1 :]
+            assert steps[:k] == d.steps[:k] and len(steps) == len(d.steps)
+            # The wrong value is carried forward: every later step is right given the one before it.
+            value = int(EQ_RE.findall(steps[k])[0][3])
+            for j in range(k + 1, len(steps) - 1):
+                a3, o3, b3, c3 = EQ_RE.findall(steps[j])[0]
+                assert int(a3) == value and int(c3) == apply_op(value, o3, int(b3))
+                value = int(c3)
+            assert steps[-1] == f"The answer is {value}."
             (a, o, b, c), (a2, o2, b2, c2) = EQ_RE.findall(d.steps[k])[0], EQ_RE.findall(steps[k])[0]
             assert steps[k].split(":")[0] == d.steps[k].split(":")[0]  # the words are kept
             if kind == "wrong_result":
@@ -150,7 +157,7 @@ def test_flipped_operator_changes_the_result():
     d.meta = {"start": 2, "ops": [["+", 2]]}
     for seed in range(20):  # 2 * 2 would be right by accident; only 2 - 2 = 0 is a real error
         assert perturb(d, "flipped_operator", random.Random(seed)) == (
-            ["He finds 2 more: 2 - 2 = 0.", d.steps[1]],
+            ["He finds 2 more: 2 - 2 = 0.", "The answer is 0."],
             0,
         )
 
@@ -274,7 +281,8 @@ def test_make_processbench_ratios_and_format():
     for row, d in zip(rows, demos):
         assert tuple(row) == ROW_FIELDS and row["problem"] == d.prompt and row["source"] == "synthetic"
         assert row["id"].startswith(d.id)
-        assert row["final_answer_correct"] is (row["error_type"] != "wrong_final_answer")
+        changes_answer = {"wrong_final_answer", "wrong_result", "flipped_operator", "wrong_operand"}
+        assert row["final_answer_correct"] is (row["error_type"] not in changes_answer)  # errors carry forward
         assert verify(by_id[d.id].meta, row["steps"]) == row["label"]
         assert (row["label"] == -1) == (row["error_type"] == "none")
         if row["label"] == -1:

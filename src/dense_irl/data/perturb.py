@@ -247,7 +247,9 @@ def perturb(demo: Demonstration, kind: str, rng: random.Random) -> tuple[list[st
 
     For GSM8K chains the steps are :func:`chain_steps` (with the appended answer step). Kinds:
     wrong_result (step k's result changed), flipped_operator (operator changed, result recomputed),
-    wrong_operand (an operand changed, result recomputed), dropped_step (step k removed where step k+1
+    wrong_operand (an operand changed, result recomputed) — on synthetic chains the wrong value is carried
+    through the later steps and the answer (each later step is right given the one before, as when a model
+    goes on from its own mistake); on GSM8K chains later steps are left as they are — dropped_step (step k removed where step k+1
     uses its result), swapped_steps (steps k, k+1 swapped where k+1 uses k) and wrong_final_answer.
     """
     if kind not in KINDS:
@@ -277,9 +279,37 @@ def perturb(demo: Demonstration, kind: str, rng: random.Random) -> tuple[list[st
                 return steps[:k] + [steps[k + 1], steps[k]] + steps[k + 2 :], k
             continue
         new = _synthetic_edit(demo, k, kind, rng) if synthetic else _note_edits(steps[k], kind, rng)
-        if new is not None and new != steps[k]:
+        if new is None or new == steps[k]:
+            continue
+        if not synthetic:
             return steps[:k] + [new] + steps[k + 1 :], k
+        later = _carry_forward(demo, k, int(EQ_RE.search(new).group(4)))
+        if later is not None:
+            return steps[:k] + [new] + later, k
     return None
+
+
+def _carry_forward(demo: Demonstration, k: int, value: int) -> list[str] | None:
+    """Steps k+1.. of a synthetic chain redone from a wrong value at step k, as a model that made the
+    mistake would go on: each later step is right given the one before it, the answer follows the
+    chain. None when a later operation is undefined on the wrong value (inexact division, below 0)."""
+    out = []
+    for j in range(k + 1, len(demo.steps)):
+        step = demo.steps[j]
+        m = EQ_RE.search(step)
+        if m is not None:
+            op, n = demo.meta["ops"][j]
+            try:
+                result = apply_op(value, op, n)
+            except ValueError:
+                return None
+            if result < 0:
+                return None
+            step, value = f"{step[: m.start()]}{value} {op} {n} = {result}{step[m.end() :]}", result
+        elif (a := ANSWER_RE.search(step)) is not None:
+            step = f"{step[: a.start(1)]}{value}{step[a.end(1) :]}"
+        out.append(step)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ ProcessBench
