@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from dense_irl.config import save_config
 from dense_irl.data.perturb import make_processbench, perturb
 from dense_irl.data.synthetic import is_correct_answer
+from dense_irl.eval.bon import normalise_answer
 from dense_irl.eval.localisation import calibrate_threshold, first_error, processbench_metrics
 from dense_irl.io import write_json
 from dense_irl.irl.offline import DataConfig, RewardConfig, SFTConfig, load_data
@@ -35,6 +37,8 @@ from dense_irl.models.reward_model import RewardModel, RewardModelConfig
 from dense_irl.rl.ppo import step_advantages
 from dense_irl.runtime.learners import LearnerConfig, PolicyLearner, RewardLearner, free_port
 from dense_irl.runtime.rollout import RolloutConfig, RolloutWorker
+
+FINAL_ANSWER_RE = re.compile(r"(?:answer is|####)\s*\$?(-?[\d,]*\.?\d+)")
 
 
 @dataclass
@@ -92,11 +96,9 @@ def outcome(demo, completion: str) -> float:
     """1.0 when the completion's final answer is right (synthetic verifier, or the demo's answer)."""
     if demo.source == "synthetic":
         return float(is_correct_answer(demo.meta, completion))
-    import re
-
-    found = re.findall(r"(?:answer is|####)\s*\$?(-?[\d,]*\.?\d+)", completion)
-    norm = (lambda x: x.replace(",", "").rstrip(".").removesuffix(".0")) if demo.answer else None
-    return float(bool(found) and norm is not None and norm(found[-1]) == norm(demo.answer))
+    found = FINAL_ANSWER_RE.findall(completion)
+    return float(bool(found) and demo.answer is not None
+                 and normalise_answer(found[-1]) == normalise_answer(demo.answer))
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
