@@ -162,16 +162,18 @@ class Driver:
         k = len(self.workers)
         shards = [prompts[i::k] for i in range(k)]
         results: list = [None] * k
+        futures = [w.generate.remote(shard, n, cfg, self.sep) for w, shard in zip(self.workers, shards)]
         for i in range(k):
             for attempt in range(3):
                 try:
-                    results[i] = ray.get(self.workers[i].generate.remote(shards[i], n, cfg, self.sep))
+                    results[i] = ray.get(futures[i])
                     break
                 except ray.exceptions.RayActorError:
                     self.log({"event": "rollout_worker_replaced", "worker": i, "attempt": attempt})
                     self.workers[i] = self._new_worker(i)
                     if self.state["iteration"] > 0:
                         ray.get(self.workers[i].update_weights.remote(self.weights_ref, self.state["iteration"]))
+                    futures[i] = self.workers[i].generate.remote(shards[i], n, cfg, self.sep)
             else:
                 raise RuntimeError(f"rollout worker {i} died three times in a row")
         out: list = [None] * len(prompts)
