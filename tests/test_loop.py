@@ -70,7 +70,7 @@ def test_loop_runs_checkpoints_and_resumes_with_the_same_next_batch(tmp_path):
     run(cfg2)
     rows = [r for r in _metrics(out) if "batch_ids" in r]
     assert [r["iteration"] for r in rows] == [1, 2]
-    drv_demos = load_data(cfg.data, cfg.seed)
+    drv_demos = load_data(cfg.data)
     random.Random(cfg.seed).shuffle(drv_demos)
     train = drv_demos[min(cfg.data.calibration_chains, len(drv_demos) // 5):]
     first, cursor = next_prompts(train, {"epoch": 0, "pos": 0}, 4, cfg.seed)

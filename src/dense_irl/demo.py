@@ -38,7 +38,7 @@ def run_demo(out: str, config: str | None = None, overrides: list[str] | None = 
     # Baseline: the SFT policy trained for as long as the reward model's whole run (SFT + IRL).
     extra = cfg.reward.minutes
     policy, tokenizer = load_policy(replace(cfg.model, name=summary["sft_policy"]))
-    train_sft(policy, tokenizer, load_data(cfg.data, cfg.seed), replace(cfg.sft, minutes=extra),
+    train_sft(policy, tokenizer, load_data(cfg.data), replace(cfg.sft, minutes=extra),
               cfg.model.max_length, cfg.data.step_separator or "\n", lambda m: None)
     save_policy(policy, tokenizer, out_dir / "sft_as_long")
 

@@ -88,7 +88,7 @@ class TrainRewardConfig:
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
 
 
-def load_data(cfg: DataConfig, seed: int) -> list[Demonstration]:
+def load_data(cfg: DataConfig) -> list[Demonstration]:
     """Demonstrations from the synthetic generator or a data file."""
     if cfg.train == "synthetic":
         demos = generate(cfg.synthetic)
@@ -99,6 +99,15 @@ def load_data(cfg: DataConfig, seed: int) -> list[Demonstration]:
     if len(demos) < 2:
         raise ValueError(f"data.train={cfg.train!r} gave {len(demos)} demonstrations; need at least 2")
     return demos
+
+
+def reward_model_config(cfg: RewardConfig, separator: str, max_length: int) -> RewardModelConfig:
+    """The reward model's own config for an objective: which reward terms it reads out."""
+    return RewardModelConfig(
+        terms={"airl": "heads", "iq": "lm", "airl+iq": "lm+heads"}[cfg.objective], potential=not cfg.gail,
+        gamma=cfg.gamma, alpha=cfg.alpha, separator=separator, max_length=max_length,
+        paragraph_steps=cfg.paragraph_steps,
+    )
 
 
 def _chains(demos):
@@ -223,7 +232,7 @@ def run(cfg: TrainRewardConfig) -> dict:
         raise ValueError(f"data.perturbations: unknown kind {unknown[0]!r}; valid: {', '.join(KINDS)}")
     separator = cfg.data.step_separator or "\n"
 
-    demos = load_data(cfg.data, cfg.seed)
+    demos = load_data(cfg.data)
     random.Random(cfg.seed).shuffle(demos)
     n_cal = min(cfg.data.calibration_chains, len(demos) // 5)
     calib, train = demos[:n_cal], demos[n_cal:]
@@ -254,12 +263,7 @@ def run(cfg: TrainRewardConfig) -> dict:
     backbone = copy.deepcopy(policy)
     if cfg.reward.init == "random":
         backbone = type(policy)(policy.config)
-    rm_cfg = RewardModelConfig(
-        terms={"airl": "heads", "iq": "lm", "airl+iq": "lm+heads"}[cfg.reward.objective],
-        potential=not cfg.reward.gail,
-        gamma=cfg.reward.gamma, alpha=cfg.reward.alpha, separator=separator,
-        max_length=cfg.model.max_length, paragraph_steps=cfg.reward.paragraph_steps,
-    )
+    rm_cfg = reward_model_config(cfg.reward, separator, cfg.model.max_length)
     rm = RewardModel(backbone, tokenizer, rm_cfg)
     for p in policy.parameters():
         p.requires_grad_(False)

@@ -30,10 +30,10 @@ from dense_irl.data.synthetic import is_correct_answer
 from dense_irl.eval.bon import normalise_answer
 from dense_irl.eval.localisation import calibrate_threshold, first_error, processbench_metrics
 from dense_irl.io import write_json
-from dense_irl.irl.offline import DataConfig, RewardConfig, SFTConfig, load_data
+from dense_irl.irl.offline import DataConfig, RewardConfig, SFTConfig, load_data, reward_model_config
 from dense_irl.irl.tree import soft_backup
 from dense_irl.models.factory import ModelConfig, load_policy, save_policy
-from dense_irl.models.reward_model import RewardModel, RewardModelConfig
+from dense_irl.models.reward_model import RewardModel
 from dense_irl.rl.ppo import step_advantages
 from dense_irl.runtime.learners import LearnerConfig, PolicyLearner, RewardLearner, free_port
 from dense_irl.runtime.rollout import RolloutConfig, RolloutWorker
@@ -119,7 +119,7 @@ class Driver:
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.sep = cfg.data.step_separator or "\n"
-        demos = load_data(cfg.data, cfg.seed)
+        demos = load_data(cfg.data)
         random.Random(cfg.seed).shuffle(demos)
         n_cal = min(cfg.data.calibration_chains, len(demos) // 5)
         self.calib, self.train = demos[:n_cal], demos[n_cal:]
@@ -322,10 +322,7 @@ def start(cfg: LoopConfig) -> Driver:
         model, tok = load_policy(cfg.model, texts, cfg.seed)
         init = drv.out / "init"
         save_policy(model, tok, init / "policy")
-        rm_cfg = RewardModelConfig(terms={"airl": "heads", "iq": "lm", "airl+iq": "lm+heads"}[cfg.reward.objective],
-                                   potential=not cfg.reward.gail, gamma=cfg.reward.gamma, alpha=cfg.reward.alpha,
-                                   separator=drv.sep, max_length=cfg.model.max_length,
-                                   paragraph_steps=cfg.reward.paragraph_steps)
+        rm_cfg = reward_model_config(cfg.reward, drv.sep, cfg.model.max_length)
         drv.policy_path = str(init / "policy")
         learner = PolicyLearner.options(num_cpus=cfg.learner.num_cpus_per_worker).remote(
             str(init / "policy"), cfg.sft.lr, 0, 1, free_port(), LearnerConfig(threads=cfg.learner.threads),
