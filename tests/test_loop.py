@@ -103,10 +103,11 @@ def test_resume_from_missing_checkpoint_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize(
     "backend_args",
     [
-        ["--learner.backend=deepspeed", "--learner.zero_stage=3"],
+        ["--learner.backend=deepspeed", "--learner.zero_stage=3", "--learner.num_workers=2",
+         "--learner.num_cpus_per_worker=0.25"],
         ["--learner.backend=torch", "--learner.num_workers=2", "--learner.num_cpus_per_worker=0.25"],
     ],
-    ids=["deepspeed-zero3", "torch-ddp-2-ranks"],
+    ids=["deepspeed-zero3-2-ranks", "torch-ddp-2-ranks"],
 )
 def test_loop_backends(tmp_path, backend_args):
     """One iteration on each learner backend this machine runs (DeepSpeed on CPU uses gloo)."""

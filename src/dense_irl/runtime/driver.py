@@ -182,16 +182,36 @@ class Driver:
                 self.pg, placement_group_bundle_index=self.bundle_of[(role, i)])
         return opts
 
+    def _master(self, role: str) -> str:
+        """Where a role's ranks meet: the node of its rank-0 bundle (this node without a group), a free port.
+
+        The port is checked free on this node only; on another node a clash shows as a rendezvous error.
+        """
+        host = "127.0.0.1"
+        if self.pg is not None and self.cfg.learner.num_workers > 1:
+            from ray.util.placement_group import placement_group_table
+
+            node = placement_group_table(self.pg)["bundles_to_node_id"][self.bundle_of[(role, 0)]]
+            ip = next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node)
+            host = "127.0.0.1" if ip == ray.util.get_node_ip_address() else ip
+        return f"{host}:{free_port()}"
+
+    def _lead(self, actors: list, method: str, *args):
+        """Rank 0's answer. Under ZeRO-3 every rank must join the parameter gathers, so all ranks are called."""
+        zero3 = self.cfg.learner.backend == "deepspeed" and self.cfg.learner.zero_stage == 3
+        return ray.get([getattr(a, method).remote(*args) for a in (actors if zero3 else actors[:1])])[0]
+
     def start_actors(self, policy_path: str, reward_path: str) -> None:
         c = self.cfg
         self.place_roles()
-        n, port = c.learner.num_workers, free_port()
+        n = c.learner.num_workers
         cpu, gpu = c.learner.num_cpus_per_worker, c.learner.num_gpus_per_worker
+        master = self._master("policy")
         self.policy = [PolicyLearner.options(**self._opts("policy", r, cpu, gpu)).remote(
-            policy_path, c.rl.lr, r, n, port, c.learner, self.sep, c.model.max_length) for r in range(n)]
-        port = free_port()
+            policy_path, c.rl.lr, r, n, master, c.learner, self.sep, c.model.max_length) for r in range(n)]
+        master = self._master("reward")
         self.reward = [RewardLearner.options(**self._opts("reward", r, cpu, gpu)).remote(
-            reward_path, policy_path, c.reward, c.reward.lr, r, n, port, c.learner) for r in range(n)]
+            reward_path, policy_path, c.reward, c.reward.lr, r, n, master, c.learner) for r in range(n)]
         self.policy_path = policy_path
         self.workers = [self._new_worker(i) for i in range(c.rollout.num_workers)]
 
@@ -234,7 +254,7 @@ class Driver:
         return out
 
     def push_weights(self, version: int) -> None:
-        state = ray.get(self.policy[0].state_dict.remote())
+        state = self._lead(self.policy, "state_dict")
         self.weights_ref = ray.put(state)
         ray.get([w.update_weights.remote(self.weights_ref, version) for w in self.workers]
                 + [r.update_pi_old.remote(self.weights_ref) for r in self.reward])
@@ -264,8 +284,8 @@ class Driver:
         it = self.state["iteration"]
         root = self.out / "checkpoints"
         final, tmp = root / f"iter_{it:06d}", root / f".iter_{it:06d}.tmp"
-        ray.get([self.policy[0].save.remote(str(tmp / "policy")),
-                 self.reward[0].save.remote(str(tmp / "reward_model"), f"iter-{it}")])
+        self._lead(self.policy, "save", str(tmp / "policy"))
+        self._lead(self.reward, "save", str(tmp / "reward_model"), f"iter-{it}")
         self.state["rng"] = self.rng.getstate()
         write_json(tmp / "state.json", {**self.state, "rng": _rng_to_json(self.state["rng"])})
         if final.exists():
@@ -306,7 +326,7 @@ class Driver:
 
         # Dense step rewards for the samples, then advantages.
         t0 = time.monotonic()
-        rewards = ray.get(self.reward[0].score.remote([(d.prompt, s["steps"]) for d, s in samples]))
+        rewards = self._lead(self.reward, "score", [(d.prompt, s["steps"]) for d, s in samples])
         outcomes = [outcome(d, s["completion"]) for d, s in samples]
         group_of = {id(d): i for i, d in enumerate(batch)}
         groups_idx = [group_of[id(d)] for d, _ in samples]
@@ -342,7 +362,7 @@ class Driver:
         """Reward model: localisation F1 on held-out perturbed chains; policy: accuracy on held-out prompts."""
         rows = make_processbench(self.eval_demos, kinds=self.cfg.data.perturbations, seed=self.cfg.seed + 11)
         half = len(rows) // 2
-        scores = ray.get(self.reward[0].score.remote([(r["problem"], r["steps"]) for r in rows]))
+        scores = self._lead(self.reward, "score", [(r["problem"], r["steps"]) for r in rows])
         thr = calibrate_threshold(scores[:half], [r["label"] for r in rows[:half]]) if half >= 2 else 0.0
         m = processbench_metrics([first_error(s, thr) for s in scores[half:]], [r["label"] for r in rows[half:]])
         greedy = RolloutConfig(**{**self.cfg.rollout.__dict__, "temperature": 0.0})
@@ -388,7 +408,7 @@ def start(cfg: LoopConfig) -> Driver:
         rm_cfg = reward_model_config(cfg.reward, drv.sep, cfg.model.max_length)
         drv.policy_path = str(init / "policy")
         learner = PolicyLearner.options(num_cpus=cfg.learner.num_cpus_per_worker).remote(
-            str(init / "policy"), cfg.sft.lr, 0, 1, free_port(), LearnerConfig(threads=cfg.learner.threads),
+            str(init / "policy"), cfg.sft.lr, 0, 1, f"127.0.0.1:{free_port()}", LearnerConfig(threads=cfg.learner.threads),
             drv.sep, cfg.model.max_length)
         deadline = time.monotonic() + 60 * cfg.sft.minutes
         rng = random.Random(cfg.seed)

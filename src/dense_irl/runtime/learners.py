@@ -40,7 +40,7 @@ def free_port() -> int:
 class _Learner:
     """Shared set-up: process group, model wrapping and the optimiser step for either backend."""
 
-    def _setup(self, model: torch.nn.Module, lr: float, rank: int, world: int, port: int,
+    def _setup(self, model: torch.nn.Module, lr: float, rank: int, world: int, master: str,
                cfg: LearnerConfig) -> None:
         import torch.distributed as dist
 
@@ -48,7 +48,8 @@ class _Learner:
         self.rank, self.world, self.backend = rank, world, cfg.backend
         device = "cuda" if cfg.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+        host, port = master.rsplit(":", 1)
+        os.environ.update(MASTER_ADDR=host, MASTER_PORT=port, RANK=str(rank),
                           WORLD_SIZE=str(world), LOCAL_RANK="0")
         if cfg.backend == "deepspeed":
             import deepspeed
@@ -112,7 +113,7 @@ class _Learner:
 class PolicyLearner(_Learner):
     """Holds the policy (trained), its frozen reference, and the optimiser."""
 
-    def __init__(self, policy_path: str, lr: float, rank: int, world: int, port: int, cfg: LearnerConfig,
+    def __init__(self, policy_path: str, lr: float, rank: int, world: int, master: str, cfg: LearnerConfig,
                  separator: str, max_length: int):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -120,7 +121,7 @@ class PolicyLearner(_Learner):
         self.ref = copy.deepcopy(model).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
         self.separator, self.max_length = separator, max_length
-        self._setup(model, lr, rank, world, port, cfg)
+        self._setup(model, lr, rank, world, master, cfg)
         self.ref.to(self.device)
 
     def sft_step(self, chains: list) -> dict:
@@ -181,7 +182,7 @@ class RewardLearner(_Learner):
     """Holds the reward model (trained) and the frozen pi_old of the AIRL logit."""
 
     def __init__(self, reward_path: str, policy_path: str, reward_cfg, lr: float, rank: int, world: int,
-                 port: int, cfg: LearnerConfig):
+                 master: str, cfg: LearnerConfig):
         from transformers import AutoModelForCausalLM
 
         from dense_irl.models.reward_model import RewardModel
@@ -189,7 +190,7 @@ class RewardLearner(_Learner):
         self.rm = RewardModel.from_pretrained(reward_path)
         self.pi_old = AutoModelForCausalLM.from_pretrained(policy_path).eval().requires_grad_(False)
         self.reward_cfg = reward_cfg
-        self._setup(self.rm, lr, rank, world, port, cfg)
+        self._setup(self.rm, lr, rank, world, master, cfg)
         self.pi_old.to(self.device)
 
     def reward_step(self, experts: list, negatives: list) -> dict:
