@@ -141,3 +141,25 @@ def test_unplaceable_roles_are_a_clear_error(tmp_path):
                                          "--sft.max_steps=1", f"--output_dir={tmp_path}"])
     with pytest.raises(RuntimeError, match="could not be placed"):
         start(cfg)
+
+
+def test_collective_weight_sync_reaches_workers_and_pi_old(tmp_path):
+    """`rollout.weight_sync: collective`: a broadcast group (gloo here, NCCL on GPUs) carries the weights."""
+    cfg = load_config(LoopConfig, None, [*TINY_LOOP, "--rollout.weight_sync=collective", "--rollout.num_workers=2",
+                                         "--rollout.num_cpus_per_worker=0.25", f"--output_dir={tmp_path}"])
+    drv = start(cfg)
+    try:
+        drv.iteration()  # PPO changes the policy, then the push broadcasts it
+        assert drv.weight_spec is not None
+        sums = lambda model: {k: round(v.double().sum().item(), 6) for k, v in model.state_dict().items()}  # noqa: E731
+        want = ray.get(drv.policy[0].__ray_call__.remote(lambda self: sums(self.module)))
+        for w in drv.workers:
+            assert ray.get(w.__ray_call__.remote(lambda self: sums(self.engine.model))) == want
+        assert ray.get(drv.reward[0].__ray_call__.remote(lambda self: sums(self.pi_old))) == want
+        ray.kill(drv.workers[1])
+        drv.iteration()  # the replaced worker gets the weights and the group is rebuilt at the next push
+        want = ray.get(drv.policy[0].__ray_call__.remote(lambda self: sums(self.module)))
+        assert ray.get(drv.workers[1].__ray_call__.remote(lambda self: sums(self.engine.model))) == want
+        assert ray.get(drv.workers[1].ping.remote()) == 2
+    finally:
+        drv.close()

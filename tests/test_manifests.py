@@ -29,6 +29,7 @@ KUBERAY = REPO / "cluster" / "kuberay"
 # Every preset in jobs/configs/ and the config class it loads as; a new preset must be added here.
 PRESETS = {
     "irl_tiny.yaml": LoopConfig,
+    "demo_online.yaml": LoopConfig,
     "gsm8k_1node.yaml": LoopConfig,
     "gsm8k_multinode_7b.yaml": LoopConfig,
     "offline_tiny.yaml": TrainRewardConfig,

@@ -18,7 +18,7 @@ import os
 import random
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import ray
@@ -66,6 +66,7 @@ class LoopConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     iterations: int = 10
+    minutes: float = 0.0  # wall-clock budget of the iterations (0: none); the last one is checkpointed
     prompts_per_iteration: int = 8
     reward_steps: int = 2  # m reward steps per iteration
     negative_mix: float = 0.5  # share of negatives that are perturbed experts (the rest: policy samples)
@@ -134,6 +135,10 @@ class Driver:
 
         self.tb = SummaryWriter(str(self.out / "tb"))
         self.state = {"iteration": 0, "cursor": {"epoch": 0, "pos": 0}, "rng": None}
+        self.weight_spec = None  # set once the collective weight-sync group is built
+        if cfg.rollout.weight_sync not in ("object_store", "collective"):
+            raise ValueError(f"rollout.weight_sync must be 'object_store' or 'collective', "
+                             f"got {cfg.rollout.weight_sync!r}")
         self.rng = random.Random(cfg.seed + 1)
 
     # ---------------------------------------------------------------- actors
@@ -183,17 +188,16 @@ class Driver:
         return opts
 
     def _master(self, role: str) -> str:
-        """Where a role's ranks meet: the node of its rank-0 bundle (this node without a group), a free port.
+        """Where a role's ranks meet: the node of its rank-0 bundle (127.0.0.1 without a group), a free port.
 
         The port is checked free on this node only; on another node a clash shows as a rendezvous error.
         """
         host = "127.0.0.1"
-        if self.pg is not None and self.cfg.learner.num_workers > 1:
+        if self.pg is not None:
             from ray.util.placement_group import placement_group_table
 
             node = placement_group_table(self.pg)["bundles_to_node_id"][self.bundle_of[(role, 0)]]
-            ip = next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node)
-            host = "127.0.0.1" if ip == ray.util.get_node_ip_address() else ip
+            host = next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node)
         return f"{host}:{free_port()}"
 
     def _lead(self, actors: list, method: str, *args):
@@ -242,6 +246,10 @@ class Driver:
                 except ray.exceptions.RayActorError:
                     self.log({"event": "rollout_worker_replaced", "worker": i, "attempt": attempt})
                     self.workers[i] = self._new_worker(i)
+                    if self.cfg.rollout.weight_sync == "collective":  # the group lost a member: rebuilt at next push
+                        self.weight_spec = None
+                        if self.state["iteration"] > 0:
+                            self.weights_ref = ray.put(self._lead(self.policy, "state_dict"))
                     if self.state["iteration"] > 0:
                         ray.get(self.workers[i].update_weights.remote(self.weights_ref, self.state["iteration"]))
                     futures[i] = self.workers[i].generate.remote(shards[i], n, cfg, self.sep)
@@ -254,10 +262,27 @@ class Driver:
         return out
 
     def push_weights(self, version: int) -> None:
-        state = self._lead(self.policy, "state_dict")
-        self.weights_ref = ray.put(state)
+        """The policy's new weights to every rollout worker and to the reward learners' pi_old."""
+        if self.cfg.rollout.weight_sync == "collective":
+            if self.weight_spec is None:
+                self._build_weight_group()
+            zero3 = self.cfg.learner.backend == "deepspeed" and self.cfg.learner.zero_stage == 3
+            ray.get([a.broadcast_weights.remote() for a in (self.policy if zero3 else self.policy[:1])]
+                    + [w.receive_weights.remote(self.weight_spec, version) for w in self.workers]
+                    + [r.receive_pi_old.remote(self.weight_spec) for r in self.reward])
+            return
+        self.weights_ref = ray.put(self._lead(self.policy, "state_dict"))
         ray.get([w.update_weights.remote(self.weights_ref, version) for w in self.workers]
                 + [r.update_pi_old.remote(self.weights_ref) for r in self.reward])
+
+    def _build_weight_group(self) -> None:
+        """One broadcast group: policy rank 0 (rank 0), the rollout workers, the reward learners."""
+        c = self.cfg
+        backend = "nccl" if c.learner.num_gpus_per_worker > 0 and c.rollout.num_gpus_per_worker > 0 else "gloo"
+        members = [self.policy[0], *self.workers, *self.reward]
+        master = self._master("policy")
+        ray.get([m.join_weight_group.remote(master, i, len(members), backend) for i, m in enumerate(members)])
+        self.weight_spec = self._lead(self.policy, "weight_spec")
 
     def close(self) -> None:
         """Leave the process groups, stop every actor, free the placement group, close the logs."""
@@ -407,9 +432,12 @@ def start(cfg: LoopConfig) -> Driver:
         save_policy(model, tok, init / "policy")
         rm_cfg = reward_model_config(cfg.reward, drv.sep, cfg.model.max_length)
         drv.policy_path = str(init / "policy")
-        learner = PolicyLearner.options(num_cpus=cfg.learner.num_cpus_per_worker).remote(
-            str(init / "policy"), cfg.sft.lr, 0, 1, f"127.0.0.1:{free_port()}", LearnerConfig(threads=cfg.learner.threads),
-            drv.sep, cfg.model.max_length)
+        # One rank of the learners' kind (backend, GPU share) runs the warm start.
+        learner = PolicyLearner.options(num_cpus=cfg.learner.num_cpus_per_worker,
+                                        num_gpus=cfg.learner.num_gpus_per_worker).remote(
+            str(init / "policy"), cfg.sft.lr, 0, 1, f"127.0.0.1:{free_port()}",
+            replace(cfg.learner, num_workers=1, threads=cfg.learner.sft_threads or cfg.learner.threads), drv.sep,
+            cfg.model.max_length)
         deadline = time.monotonic() + 60 * cfg.sft.minutes
         rng = random.Random(cfg.seed)
         for step in tqdm(range(cfg.sft.max_steps), desc="sft", mininterval=2):
@@ -435,23 +463,32 @@ def run(cfg: LoopConfig, report=None) -> dict:
     with that iteration's metrics (evaluation included when it ran) and the checkpoint folder when one
     was written (Ray Tune hooks in here).
     """
-    drv = start(cfg)
-    last: dict = {}
+    return loop(start(cfg), report)
+
+
+def loop(drv: Driver, report=None) -> dict:
+    """The iterations of a started driver (see :func:`run`), then its actors are stopped."""
+    cfg, last = drv.cfg, {}
+    deadline = time.monotonic() + 60 * cfg.minutes if cfg.minutes > 0 else float("inf")
     bar = tqdm(total=cfg.iterations, initial=drv.state["iteration"], desc="irl", unit="iter")
     while drv.state["iteration"] < cfg.iterations:
         last = drv.iteration()
         drv.log(last)
         it = drv.state["iteration"]
+        out_of_time = time.monotonic() > deadline
         if cfg.eval_every and it % cfg.eval_every == 0:
             ev = drv.evaluate()
             drv.log(ev)
             last |= ev
         ckpt = None
-        if cfg.checkpoint_every and (it % cfg.checkpoint_every == 0 or it == cfg.iterations):
+        if cfg.checkpoint_every and (it % cfg.checkpoint_every == 0 or it == cfg.iterations or out_of_time):
             ckpt = drv.checkpoint()
         if report is not None:
             report({"iteration": it, **{k: v for k, v in last.items() if k != "batch_ids"}}, ckpt)
         bar.update(1)
+        if out_of_time:
+            drv.log({"event": "time_budget_reached", "minutes": cfg.minutes})
+            break
     bar.close()
     drv.close()
     return last

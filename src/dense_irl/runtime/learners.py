@@ -28,6 +28,7 @@ class LearnerConfig:
     num_gpus_per_worker: float = 0.0
     zero_stage: int = 2  # deepspeed only
     threads: int = 1  # torch CPU threads per worker
+    sft_threads: int = 0  # torch CPU threads of the warm-start learner, alone on its node then (0: threads)
 
 
 def free_port() -> int:
@@ -102,6 +103,13 @@ class _Learner:
         with self._gathered():
             return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
+    def join_weight_group(self, master: str, rank: int, world: int, backend: str) -> None:
+        """Join the stand-alone broadcast group of the weight sync (``rollout.weight_sync: collective``)."""
+        from dense_irl.runtime.weight_sync import make_group
+
+        self.weight_group = make_group(master, rank, world, backend)
+        self.weight_device = "cuda" if backend == "nccl" else "cpu"
+
     def shutdown(self) -> None:
         import torch.distributed as dist
 
@@ -169,6 +177,19 @@ class PolicyLearner(_Learner):
     def state_dict(self) -> dict:
         return self._full_state_dict()
 
+    def weight_spec(self) -> list:
+        from dense_irl.runtime.weight_sync import spec_of
+
+        return spec_of(self._full_state_dict())
+
+    def broadcast_weights(self) -> None:
+        """Send the full weights to the weight group (rank 0 sends; under ZeRO-3 every rank gathers)."""
+        from dense_irl.runtime.weight_sync import send
+
+        state = self._full_state_dict()
+        if self.rank == 0:
+            send(self.weight_group, state, self.weight_device)
+
     def save(self, path: str) -> None:
         from dense_irl.models.factory import save_policy
 
@@ -205,6 +226,12 @@ class RewardLearner(_Learner):
     def update_pi_old(self, state_dict: dict) -> None:
         """pi_old of the AIRL logit follows the policy being trained."""
         self.pi_old.load_state_dict(state_dict)
+
+    def receive_pi_old(self, spec: list) -> None:
+        """pi_old from the weight group's broadcast (``rollout.weight_sync: collective``)."""
+        from dense_irl.runtime.weight_sync import receive
+
+        self.pi_old.load_state_dict(receive(self.weight_group, spec, self.weight_device))
 
     def score(self, chains: list) -> list[list[float]]:
         return [s.step_rewards for s in self.rm.score(chains)]

@@ -32,6 +32,9 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 96
     batch_size: int = 64  # sequences per generate call (hf engine)
+    # How new policy weights reach the workers: "object_store" (Ray's, one put, every worker fetches) or
+    # "collective" (a broadcast group over learner rank 0, the workers and the reward learners: NCCL on GPUs).
+    weight_sync: str = "object_store"
 
 
 def split_completion(text: str, separator: str) -> list[str]:
@@ -236,6 +239,19 @@ class RolloutWorker:
         self.engine.update_weights(state_dict)
         self.version = version
         return version
+
+    def join_weight_group(self, master: str, rank: int, world: int, backend: str) -> None:
+        """Join the stand-alone broadcast group of the weight sync (``weight_sync: collective``)."""
+        from dense_irl.runtime.weight_sync import make_group
+
+        self.weight_group = make_group(master, rank, world, backend)
+        self.weight_device = "cuda" if backend == "nccl" else "cpu"
+
+    def receive_weights(self, spec: list, version: int) -> int:
+        """New weights from the policy learner's broadcast."""
+        from dense_irl.runtime.weight_sync import receive
+
+        return self.update_weights(receive(self.weight_group, spec, self.weight_device), version)
 
     def ping(self) -> int:
         return self.version

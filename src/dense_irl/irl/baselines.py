@@ -1,0 +1,123 @@
+"""The reward models dense-irl is compared with: both trained from outcome labels only, both from the SFT model.
+
+- **Implicit PRM** (Yuan et al. 2024, "Free process rewards without process labels"): a causal LM ``pi``
+  trained so that ``beta * sum_t log(pi/pi_ref)`` over a chain is the logit of "the chain is correct"
+  (BCE on outcome labels); the reward of step k is ``beta * sum_{t in step k} log(pi/pi_ref)``.
+- **Outcome reward model (ORM)**: the backbone plus a scalar value head, trained with BCE on the
+  outcome label at the end of the chain; the score of step k is the head's value after step k (the
+  value of the prefix), the usual way an ORM is read at step level.
+
+The outcome labels come from the same chains the IRL reward model sees (experts are correct, perturbed
+experts are not), so every learner gets the same data; only the IRL model learns without a verifier.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+
+import torch
+from torch import nn
+
+from dense_irl.data.perturb import perturb
+from dense_irl.models.chains import encode_chains, sum_by_step, token_logprobs
+
+
+def _batches(demos, kinds, batch_size: int, minutes: float, max_steps: int, seed: int):
+    """Yield (chains, labels): half experts (1), half perturbed experts (0), until time or steps run out."""
+    rng = random.Random(seed)
+    deadline, step = time.monotonic() + 60 * minutes, 0
+    while step < max_steps and time.monotonic() < deadline:
+        experts = rng.sample(demos, min(batch_size // 2, len(demos)))
+        chains, labels = [(d.prompt, d.steps) for d in experts], [1.0] * len(experts)
+        for d in experts:
+            for kind in rng.sample(kinds, len(kinds)):
+                hit = perturb(d, kind, rng)
+                if hit is not None:
+                    chains.append((d.prompt, hit[0]))
+                    labels.append(0.0)
+                    break
+        yield chains, torch.tensor(labels)
+        step += 1
+
+
+def _step_logratio(pi, ref, enc) -> torch.Tensor:
+    """(B, S) summed log(pi/pi_ref) of every step's tokens."""
+    ids, mask = enc.input_ids, enc.attention_mask
+    lp = token_logprobs(pi(input_ids=ids, attention_mask=mask).logits, ids)
+    with torch.no_grad():
+        lr = token_logprobs(ref(input_ids=ids, attention_mask=mask).logits, ids)
+    return sum_by_step(lp - lr, enc.step_ids, enc.step_mask.shape[1])
+
+
+def train_implicit_prm(sft_policy, tokenizer, demos, kinds, *, beta: float = 0.05, lr: float = 5e-4,
+                       batch_size: int = 32, minutes: float = 1.0, max_steps: int = 100_000,
+                       max_length: int = 256, separator: str = "\n", seed: int = 0):
+    """Train an implicit PRM from ``sft_policy`` (also its frozen reference); returns its ScoreFn."""
+    pi, ref = copy.deepcopy(sft_policy).train(), copy.deepcopy(sft_policy).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(pi.parameters(), lr=lr, weight_decay=0.0)
+    for chains, labels in _batches(demos, kinds, batch_size, minutes, max_steps, seed):
+        enc = encode_chains(tokenizer, chains, max_length, separator)
+        logit = beta * (_step_logratio(pi, ref, enc) * enc.step_mask).sum(1)
+        loss = nn.functional.binary_cross_entropy_with_logits(logit, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(pi.parameters(), 1.0)
+        opt.step()
+    pi.eval()
+
+    @torch.no_grad()
+    def score(chains):
+        out = []
+        for i in range(0, len(chains), 64):
+            enc = encode_chains(tokenizer, chains[i : i + 64], max_length, separator)
+            r = beta * _step_logratio(pi, ref, enc)
+            out += [r[b, : enc.n_steps[b]].tolist() for b in range(len(enc.n_steps))]
+        return out
+
+    return score
+
+
+class OutcomeRewardModel(nn.Module):
+    """Backbone + a scalar value head read at the end of every step."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone, self.head = backbone, nn.Linear(backbone.config.hidden_size, 1)
+
+    def forward(self, enc) -> torch.Tensor:
+        """(B, S) value of every step's prefix (the head on the step's last token)."""
+        hidden = self.backbone(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                               output_hidden_states=True).hidden_states[-1]
+        values = self.head(hidden)[..., 0]
+        return values.gather(1, enc.step_end)
+
+
+def train_orm(sft_policy, tokenizer, demos, kinds, *, lr: float = 5e-4, batch_size: int = 32,
+              minutes: float = 1.0, max_steps: int = 100_000, max_length: int = 256, separator: str = "\n",
+              seed: int = 0):
+    """Train an outcome reward model from the SFT backbone; returns its ScoreFn (prefix values)."""
+    orm = OutcomeRewardModel(copy.deepcopy(sft_policy)).train()
+    opt = torch.optim.AdamW(orm.parameters(), lr=lr, weight_decay=0.0)
+    for chains, labels in _batches(demos, kinds, batch_size, minutes, max_steps, seed):
+        enc = encode_chains(tokenizer, chains, max_length, separator)
+        values = orm(enc)
+        last = values.gather(1, (enc.step_mask.sum(1, keepdim=True) - 1).clamp(min=0))[:, 0]
+        loss = nn.functional.binary_cross_entropy_with_logits(last, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(orm.parameters(), 1.0)
+        opt.step()
+    orm.eval()
+
+    @torch.no_grad()
+    def score(chains):
+        out = []
+        for i in range(0, len(chains), 64):
+            enc = encode_chains(tokenizer, chains[i : i + 64], max_length, separator)
+            v = orm(enc)
+            out += [v[b, : enc.n_steps[b]].tolist() for b in range(len(enc.n_steps))]
+        return out
+
+    return score
