@@ -9,7 +9,7 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-vllm test-gpu lint format bench clean
+.PHONY: setup demo demo-offline test test-vllm test-gpu lint format bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(VENV)/bin/dense-irl demo --out runs/demo
+
+# The offline comparison: reward model vs the log-prob of an SFT model trained as long (no rollouts).
+demo-offline: setup
+	$(VENV)/bin/dense-irl demo --offline --out runs/demo_offline
 
 test: setup
 	$(PY) -m pytest -q tests

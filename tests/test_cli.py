@@ -140,8 +140,8 @@ def test_gsm8k_test_set_to_processbench(tmp_path, capsys):
 
 
 def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, capsys):
-    """`make demo`'s command with tiny sizes: trains, trains the as-long baseline, evaluates, writes reports."""
-    code, out, err = _run(capsys, "demo", "--out", tmp_path / "demo", *TINY_RUN, "--reward.minutes=0.02")
+    """`dense-irl demo --offline` with tiny sizes: trains, trains the as-long baseline, evaluates, writes reports."""
+    code, out, err = _run(capsys, "demo", "--offline", "--out", tmp_path / "demo", *TINY_RUN, "--reward.minutes=0.02")
     assert code == 0, err
     result = json.loads((tmp_path / "demo" / "eval.json").read_text())
     names = [row["scorer"] for row in result["table"]]

@@ -6,12 +6,14 @@
     dense-irl data perturb IN OUT.jsonl [--kinds K,K] [--seed S] [--correct-fraction X] [--format F]
     dense-irl train-reward --config FILE [--key.sub=value ...]
     dense-irl train --config FILE [--resume auto|PATH] [--key.sub=value ...]
+    dense-irl tune --search SEARCH.yaml [--config FILE] [--storage-path DIR] [--name N] [--resume]
+                   [--key.sub=value ...]
     dense-irl eval localisation --reward-model PATH --data FILE.jsonl [--out report.json]
                                 [--calibration FILE.jsonl] [--policy PATH] [--plots N]
     dense-irl eval bon --reward-model PATH --data FILE.jsonl [--out report.json] [--policy PATH]
     dense-irl serve --reward-model PATH [--host 127.0.0.1] [--port 8000] [--replicas N] [--token T] ...
     dense-irl score [--url URL] (--prompt P --step S [--step S ...] | --text T | --data FILE [--out F] | --info)
-    dense-irl demo [--out runs/demo] [--key.sub=value ...]
+    dense-irl demo [--out runs/demo] [--config FILE] [--offline] [--key.sub=value ...]
 
 Every user error ends in one line ``error: ...`` on stderr and exit status 2.
 """
@@ -113,6 +115,20 @@ def _train(args, overrides: list[str]) -> None:
     print(json.dumps({k: v for k, v in last.items() if k != "batch_ids"}, indent=2))
 
 
+def _tune(args, overrides: list[str]) -> int:
+    from dense_irl.runtime.tune import as_overrides, load_tune_config, run_tune
+
+    flags = as_overrides({k: v for k, v in (("storage_path", args.storage_path), ("name", args.name)) if v})
+    cfg = load_tune_config(args.search, args.config, flags)
+    summary = run_tune(cfg, overrides, resume=args.resume)
+    print(json.dumps(summary, indent=2))
+    if summary.get("interrupted"):
+        print(f"interrupted: the search state is saved in {summary['experiment']}; continue it with --resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
 def _serve(args) -> None:
     from dense_irl.serving.app import serve_forever
 
@@ -129,9 +145,12 @@ def _score(args) -> None:
 
 
 def _demo(args, overrides: list[str]) -> None:
-    from dense_irl.demo import run_demo
+    if args.offline:
+        from dense_irl.demo import run_demo
+    else:
+        from dense_irl.runtime.demo import run_demo
 
-    run_demo(args.out, args.config, overrides)
+    run_demo(args.out or ("runs/demo_offline" if args.offline else "runs/demo"), args.config, overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--config", default=None)
     tl.add_argument("--resume", default=None, help="'auto' (latest checkpoint in output_dir) or a checkpoint")
 
+    tn = sub.add_parser("tune", help="Ray Tune search (ASHA) over the online IRL loop's hyper-parameters")
+    tn.add_argument("--search", required=True, help="search YAML: base config, space, metric, ASHA, resources")
+    tn.add_argument("--config", default=None, help="base `dense-irl train` config (replaces the YAML's base)")
+    tn.add_argument("--storage-path", default=None, help="folder of searches (default: the YAML's storage_path)")
+    tn.add_argument("--name", default=None, help="this search's folder name (default: the YAML's name)")
+    tn.add_argument("--resume", action="store_true", help="continue the interrupted search in storage/name")
+
     ev = sub.add_parser("eval", help="localisation (ProcessBench) and Best-of-N").add_subparsers(
         dest="eval_cmd", required=True)
     for name in ("localisation", "bon"):
@@ -208,9 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--text", default=None, help="the whole solution, split by --step-separator")
     sc.add_argument("--info", action="store_true", help="print the live checkpoint")
 
-    d = sub.add_parser("demo", help="the end-to-end demo on the synthetic task")
-    d.add_argument("--out", default="runs/demo")
+    d = sub.add_parser("demo", help="the end-to-end demo on the synthetic task (the online IRL loop on Ray)")
+    d.add_argument("--out", default=None, help="output folder (runs/demo, or runs/demo_offline with --offline)")
     d.add_argument("--config", default=None)
+    d.add_argument("--offline", action="store_true",
+                   help="the offline run instead: reward model vs the log-prob of SFT trained as long")
     return p
 
 
@@ -220,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     overrides = [a for a in rest if a.startswith("--") and "=" in a]
     stray = [a for a in rest if a not in overrides]
-    if stray or (overrides and args.cmd not in ("train-reward", "train", "demo")):
+    if stray or (overrides and args.cmd not in ("train-reward", "train", "tune", "demo")):
         print(f"error: unrecognised arguments: {' '.join(stray or overrides)}", file=sys.stderr)
         return 2
     try:
@@ -232,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             _train_reward(args, overrides)
         elif args.cmd == "train":
             _train(args, overrides)
+        elif args.cmd == "tune":
+            return _tune(args, overrides)
         elif args.cmd == "serve":
             _serve(args)
         elif args.cmd == "score":
