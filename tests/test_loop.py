@@ -94,6 +94,12 @@ def test_killed_rollout_worker_is_replaced(tmp_path):
     drv.close()
 
 
+def test_non_positive_alpha_is_a_clear_error(tmp_path):
+    cfg = load_config(LoopConfig, None, [*TINY_LOOP, f"--output_dir={tmp_path}", "--reward.alpha=0"])
+    with pytest.raises(ValueError, match="reward.alpha must be > 0"):
+        run(cfg)
+
+
 def test_resume_from_missing_checkpoint_is_a_clear_error(tmp_path):
     cfg = load_config(LoopConfig, None, [*TINY_LOOP, f"--output_dir={tmp_path}", f"--resume={tmp_path / 'x'}"])
     with pytest.raises(FileNotFoundError, match="no checkpoint"):

@@ -408,6 +408,8 @@ def start(cfg: LoopConfig) -> Driver:
     """A driver with its actors up: resumed from a checkpoint, or after the SFT warm start."""
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    if cfg.reward.alpha <= 0:
+        raise ValueError(f"reward.alpha must be > 0 (the max-ent temperature divides the reward), got {cfg.reward.alpha}")
     if cfg.prompts_per_iteration < cfg.learner.num_workers:
         raise ValueError(f"prompts_per_iteration ({cfg.prompts_per_iteration}) must be >= learner.num_workers "
                          f"({cfg.learner.num_workers}): every data-parallel rank needs a shard")
