@@ -24,9 +24,9 @@ from dense_irl.data.perturb import KINDS, make_processbench, perturb
 from dense_irl.data.readers import load_demonstrations
 from dense_irl.data.schema import Demonstration
 from dense_irl.data.synthetic import SyntheticConfig, generate
-from dense_irl.eval.localisation import calibrate_threshold
+from dense_irl.eval.localisation import calibrate_threshold, first_error, processbench_metrics
 from dense_irl.irl.objectives import discriminator_logits, expert_nll, level_bce, td_penalty
-from dense_irl.models.chains import encode_chains, sum_by_step, token_logprobs
+from dense_irl.models.chains import encode_chains, step_logprobs, sum_by_step, token_logprobs
 from dense_irl.models.factory import ModelConfig, load_policy, save_policy
 from dense_irl.models.reward_model import RewardModel, RewardModelConfig
 
@@ -71,7 +71,10 @@ class RewardConfig:
     minutes: float = 3.0
     max_steps: int = 100_000
     lr: float = 1e-3
-    batch_size: int = 32  # experts per batch; as many negatives are added
+    batch_size: int = 32  # experts per batch
+    negatives_per_expert: float = 1.0  # < 1: a cheaper step; the lm term still sees every expert
+    negative_pool: int = 0  # > 0: fixed negatives per expert, pi_old log-probs cached (offline only)
+    readout_weights: list[float] = field(default_factory=lambda: [1.0])  # heads' weight, calibrated
 
 
 @dataclass
@@ -156,12 +159,19 @@ def negatives_for(batch: list[Demonstration], kinds: list[str], rng: random.Rand
     return out
 
 
+def _negative_count(n_experts: int, per_expert: float) -> int:
+    return max(1, round(n_experts * per_expert))
+
+
 def reward_loss(rm: RewardModel, policy, experts: list[tuple], negatives: list[tuple],
-                cfg: RewardConfig, forward=None) -> tuple[torch.Tensor, dict]:
+                cfg: RewardConfig, forward=None, policy_logp: list[list[float]] | None = None,
+                ) -> tuple[torch.Tensor, dict]:
     """The reward objective on one batch: experts (label 1) vs negatives (label 0), plus the iq terms.
 
     ``policy`` is the frozen pi_old of the AIRL logit (it shares the reward backbone's tokenizer);
     ``forward`` is what runs the model (a DDP / DeepSpeed wrapper of ``rm``), ``rm`` itself by default.
+    ``policy_logp``: log pi_old of every step of every chain (experts then negatives), when already
+    known; then ``policy`` is not run.
     """
     sep, max_len = rm.config.separator, rm.config.max_length
     chains = experts + negatives
@@ -173,7 +183,12 @@ def reward_loss(rm: RewardModel, policy, experts: list[tuple], negatives: list[t
     ids, step_ids, step_mask = enc.input_ids.to(dev), enc.step_ids.to(dev), enc.step_mask.to(dev)
     is_expert = is_expert.to(dev)
     pol_logp = None
-    if not cfg.gail:
+    if not cfg.gail and policy_logp is not None:
+        pol_logp = torch.zeros(step_mask.shape, device=dev)
+        for b, lp in enumerate(policy_logp):
+            n = min(len(lp), S)
+            pol_logp[b, :n] = torch.tensor(lp[:n], device=dev)
+    elif not cfg.gail:
         with torch.no_grad():
             pol_logits = policy(input_ids=ids, attention_mask=enc.attention_mask.to(dev)).logits
             pol_logp = sum_by_step(token_logprobs(pol_logits, ids), step_ids, S)
@@ -201,20 +216,84 @@ def reward_loss(rm: RewardModel, policy, experts: list[tuple], negatives: list[t
     return loss, metrics
 
 
+def _cached_logp(policy, rm: RewardModel, chains: list[tuple], cache: dict) -> list[list[float]]:
+    """log pi_old per step of ``chains``: pi_old is frozen offline, so each chain is run through it once."""
+    keys = [(p, tuple(s)) for p, s in chains]
+    todo = list(dict.fromkeys(k for k in keys if k not in cache))
+    if todo:
+        got = step_logprobs(policy, rm.tokenizer, [(p, list(s)) for p, s in todo], rm.config.max_length,
+                            rm.config.separator)
+        cache.update(zip(todo, got))
+    return [cache[k] for k in keys]
+
+
 def train_reward(rm: RewardModel, policy, demos, cfg: RewardConfig, kinds, log) -> None:
-    """Discriminator / inverse soft-Q training of ``rm``: experts vs perturbed experts."""
+    """Discriminator / inverse soft-Q training of ``rm``: experts vs perturbed experts.
+
+    With ``cfg.negative_pool`` > 0 each expert has that many fixed negatives, drawn once, and pi_old's
+    step log-probs of every chain are computed the first time it is seen and then reused.
+    """
     opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=0.0)
     rng = random.Random(1)
+    pool: dict[int, list[tuple]] = {}
+    cache: dict = {}
     for step in _loop("reward", cfg.minutes, cfg.max_steps):
         rm.train()
-        experts = rng.sample(demos, min(cfg.batch_size, len(demos)))
-        loss, metrics = reward_loss(rm, policy, _chains(experts), negatives_for(experts, kinds, rng), cfg)
+        picked = rng.sample(range(len(demos)), min(cfg.batch_size, len(demos)))
+        experts = [demos[i] for i in picked]
+        neg_from = picked[: _negative_count(len(picked), cfg.negatives_per_expert)]
+        if cfg.negative_pool > 0:
+            for i in neg_from:
+                if i not in pool:
+                    pool[i] = [negatives_for([demos[i]], kinds, rng) for _ in range(cfg.negative_pool)]
+            negatives = [n for i in neg_from for n in rng.choice(pool[i])]
+        else:
+            negatives = negatives_for([demos[i] for i in neg_from], kinds, rng)
+        chains = _chains(experts) + negatives
+        logp = None
+        if cfg.negative_pool > 0 and not cfg.gail:
+            logp = _cached_logp(policy, rm, chains, cache)
+        loss, metrics = reward_loss(rm, policy, _chains(experts), negatives, cfg, policy_logp=logp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
         opt.step()
         if step % 25 == 0:
             log({"phase": "reward", "step": step, **metrics})
+
+
+def calibrate_readout(rm: RewardModel, cal_rows: list[dict], weights: list[float]) -> float:
+    """Set the first-error threshold (and the heads' weight) that maximise F1 on held-out chains.
+
+    With the ``lm+heads`` readout and several ``weights``, each step is scored ``lm + w * heads`` for
+    every ``w``; the best ``w`` is folded into the ``g`` and ``h`` heads (both are linear, so scaling
+    their parameters scales their reward), so the checkpoint scores by one fixed rule. Returns ``w``.
+    """
+    chains, labels = [(r["problem"], r["steps"]) for r in cal_rows], [r["label"] for r in cal_rows]
+    terms, best = rm.config.terms, (None, 1.0, 0.0)
+    if terms != "lm+heads" or list(weights) == [1.0]:
+        rm.config.threshold = calibrate_threshold([s.step_rewards for s in rm.score(chains)], labels)
+        rm.config.threshold_rule = f"maximises F1 on {len(cal_rows)} held-out calibration chains"
+        return 1.0
+    parts = {}
+    for part in ("lm", "heads"):
+        rm.config.terms = part
+        parts[part] = [s.step_rewards for s in rm.score(chains)]
+    rm.config.terms = terms
+    for w in weights:
+        scores = [[a + w * b for a, b in zip(lm, hd)] for lm, hd in zip(parts["lm"], parts["heads"])]
+        t = calibrate_threshold(scores, labels)
+        f1 = processbench_metrics([first_error(s, t) for s in scores], labels)["f1"]
+        if best[0] is None or f1 > best[0]:
+            best = (f1, w, t)
+    _, w, rm.config.threshold = best
+    with torch.no_grad():
+        for head in (rm.g_head, rm.h_head):
+            head.weight.mul_(w)
+            head.bias.mul_(w)
+    rm.config.threshold_rule = (f"heads weight {w:g} of {list(weights)} and threshold: maximise F1 on "
+                                f"{len(cal_rows)} held-out calibration chains")
+    return w
 
 
 def run(cfg: TrainRewardConfig) -> dict:
@@ -224,12 +303,19 @@ def run(cfg: TrainRewardConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
+    r = cfg.reward
+    if not r.negatives_per_expert > 0:
+        raise ValueError(f"reward.negatives_per_expert must be > 0, got {r.negatives_per_expert}")
+    if r.negative_pool < 0:
+        raise ValueError(f"reward.negative_pool must be >= 0 (0: fresh negatives each step), got {r.negative_pool}")
+    if not r.readout_weights or min(r.readout_weights) < 0:
+        raise ValueError(f"reward.readout_weights must be a non-empty list of weights >= 0, got {r.readout_weights}")
     unknown = sorted(set(cfg.data.perturbations) - set(KINDS))
     if unknown:
         raise ValueError(f"data.perturbations: unknown kind {unknown[0]!r}; valid: {', '.join(KINDS)}")
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
     separator = cfg.data.step_separator or "\n"
 
     demos = load_data(cfg.data)
@@ -271,11 +357,8 @@ def run(cfg: TrainRewardConfig) -> dict:
     train_reward(rm, policy, train, cfg.reward, cfg.data.perturbations, log)
     timings["reward_s"] = round(time.monotonic() - t, 1)
 
-    # The first-error threshold: the one that maximises F1 on held-out calibration chains.
     cal_rows = make_processbench(calib, kinds=cfg.data.perturbations, seed=cfg.seed + 7)
-    scores = [s.step_rewards for s in rm.score([(r["problem"], r["steps"]) for r in cal_rows])]
-    rm.config.threshold = calibrate_threshold(scores, [r["label"] for r in cal_rows])
-    rm.config.threshold_rule = f"maximises F1 on {len(cal_rows)} held-out calibration chains"
+    calibrate_readout(rm, cal_rows, cfg.reward.readout_weights)
     rm.config.version = time.strftime("%Y%m%d-%H%M%S")
     rm.save_pretrained(out_dir / "reward_model")
     writer.close()
