@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU smoke test (one GPU, a few minutes): the GPU-only paths the CPU suite cannot reach.
-#   - the online IRL loop with learners on CUDA (torch and DeepSpeed ZeRO-2 over NCCL),
+#   - the online IRL loop with learners on CUDA (torch and DeepSpeed ZeRO-2 over NCCL), collective weight sync
+#     from CUDA learners (gloo on one GPU; the NCCL path runs when 3+ GPUs are present),
 #   - rollouts with the official vLLM wheel on CUDA (skipped with a reason when vllm is absent),
 #   - reward-model scoring throughput on the GPU.
 # Prints one JSON line per check with its timing; exits non-zero if a check fails.

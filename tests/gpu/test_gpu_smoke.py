@@ -50,6 +50,31 @@ def test_loop_on_cuda(ray_gpu, tmp_path, backend):
     assert last["samples"] > 0
 
 
+def test_collective_weight_sync_with_cuda_learners(ray_gpu, tmp_path):
+    """Weights broadcast from a CUDA learner (gloo here: NCCL needs a whole GPU per member, so >= 2 GPUs)."""
+    from dense_irl.config import load_config
+    from dense_irl.runtime.driver import LoopConfig, run
+
+    t0 = time.monotonic()
+    cfg = load_config(LoopConfig, None, [*LOOP, "--rollout.weight_sync=collective", "--rollout.num_gpus_per_worker=0.3",
+                                         f"--output_dir={tmp_path}"])
+    last = run(cfg)
+    print(json.dumps({"check": "loop-collective-weight-sync-cuda", "seconds": round(time.monotonic() - t0, 1),
+                      "samples": last["samples"]}))
+    assert last["samples"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 3, reason="NCCL weight sync needs 3 GPUs (a whole one per member)")
+def test_nccl_weight_sync(ray_gpu, tmp_path):
+    """The NCCL path: learners and the rollout worker each on a whole GPU."""
+    from dense_irl.config import load_config
+    from dense_irl.runtime.driver import LoopConfig, run
+
+    cfg = load_config(LoopConfig, None, [*LOOP, "--rollout.weight_sync=collective", "--learner.num_gpus_per_worker=1",
+                                         "--rollout.num_gpus_per_worker=1", f"--output_dir={tmp_path}"])
+    assert run(cfg)["samples"] > 0
+
+
 def test_vllm_rollouts_on_cuda(ray_gpu, tmp_path):
     pytest.importorskip("vllm")
     from dense_irl.config import load_config

@@ -278,7 +278,9 @@ class Driver:
     def _build_weight_group(self) -> None:
         """One broadcast group: policy rank 0 (rank 0), the rollout workers, the reward learners."""
         c = self.cfg
-        backend = "nccl" if c.learner.num_gpus_per_worker > 0 and c.rollout.num_gpus_per_worker > 0 else "gloo"
+        # NCCL needs every member on its own GPU: whole GPUs per actor. Fractional shares mean actors may sit
+        # on one device (NCCL refuses duplicate GPUs), so they broadcast over gloo through host memory.
+        backend = "nccl" if c.learner.num_gpus_per_worker >= 1 and c.rollout.num_gpus_per_worker >= 1 else "gloo"
         members = [self.policy[0], *self.workers, *self.reward]
         master = self._master("policy")
         ray.get([m.join_weight_group.remote(master, i, len(members), backend) for i, m in enumerate(members)])
