@@ -169,3 +169,33 @@ def test_collective_weight_sync_reaches_workers_and_pi_old(tmp_path):
         assert ray.get(drv.workers[1].ping.remote()) == 2
     finally:
         drv.close()
+
+
+def test_reward_backbone_of_another_size(tmp_path):
+    """A smaller reward backbone beside the policy (same tokenizer); a foreign tokenizer is a clear error."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    first = tmp_path / "first"
+    drv = start(load_config(LoopConfig, None, [*TINY_LOOP, f"--output_dir={first}"]))
+    drv.close()
+    tok = AutoTokenizer.from_pretrained(first / "init" / "policy")
+    small = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=1, num_key_value_heads=1,
+                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    small.save_pretrained(tmp_path / "small")
+    tok.save_pretrained(tmp_path / "small")
+    out = tmp_path / "run"
+    run(load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=1", f"--reward_backbone={tmp_path / 'small'}",
+                                      f"--output_dir={out}"]))
+    cfg = json.loads((out / "checkpoints" / "iter_000001" / "reward_model" / "config.json").read_text())
+    assert cfg["hidden_size"] == 16
+
+    other = AutoTokenizer.from_pretrained(first / "init" / "policy")
+    other.add_tokens(["<unseen>"])
+    other.save_pretrained(tmp_path / "small")
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        start(load_config(LoopConfig, None, [*TINY_LOOP, f"--reward_backbone={tmp_path / 'small'}",
+                                            f"--output_dir={tmp_path / 'bad'}"]))
+    with pytest.raises(FileNotFoundError, match="reward_backbone: no HF model folder"):
+        start(load_config(LoopConfig, None, [*TINY_LOOP, f"--reward_backbone={tmp_path / 'none'}",
+                                            f"--output_dir={tmp_path / 'bad'}"]))

@@ -69,6 +69,9 @@ class LoopConfig:
     minutes: float = 0.0  # wall-clock budget of the iterations (0: none); the last one is checkpointed
     prompts_per_iteration: int = 8
     reward_steps: int = 2  # m reward steps per iteration
+    # The reward model's backbone: "" = the SFT policy (default), or a local HF folder (e.g. a 0.5B model next
+    # to a 1.5B policy) that shares the policy's tokenizer, since pi_old is read on the reward model's tokens.
+    reward_backbone: str = ""
     negative_mix: float = 0.5  # share of negatives that are perturbed experts (the rest: policy samples)
     eval_every: int = 5
     eval_prompts: int = 64
@@ -410,6 +413,8 @@ def start(cfg: LoopConfig) -> Driver:
     """A driver with its actors up: resumed from a checkpoint, or after the SFT warm start."""
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    if cfg.reward_backbone and not (Path(cfg.reward_backbone).expanduser() / "config.json").is_file():
+        raise FileNotFoundError(f"reward_backbone: no HF model folder at {cfg.reward_backbone} (expected config.json)")
     if cfg.reward.alpha <= 0:
         raise ValueError(f"reward.alpha must be > 0 (the max-ent temperature divides the reward), got {cfg.reward.alpha}")
     if cfg.prompts_per_iteration < cfg.learner.num_workers:
@@ -434,6 +439,13 @@ def start(cfg: LoopConfig) -> Driver:
         model, tok = load_policy(cfg.model, texts, cfg.seed)
         init = drv.out / "init"
         save_policy(model, tok, init / "policy")
+        if cfg.reward_backbone:  # checked before the warm start spends any time
+            from transformers import AutoTokenizer
+
+            if AutoTokenizer.from_pretrained(cfg.reward_backbone).get_vocab() != tok.get_vocab():
+                raise ValueError(f"reward_backbone {cfg.reward_backbone}: its tokenizer differs from the policy's "
+                                 f"({cfg.model.name}); the discriminator reads pi_old on the reward model's tokens, "
+                                 "so both must share one tokenizer (e.g. two sizes of one model family)")
         rm_cfg = reward_model_config(cfg.reward, drv.sep, cfg.model.max_length)
         drv.policy_path = str(init / "policy")
         # One rank of the learners' kind (backend, GPU share) runs the warm start.
@@ -455,6 +467,8 @@ def start(cfg: LoopConfig) -> Driver:
         ray.kill(learner)
         sft = init / "sft_policy"
         policy, tok = load_policy(ModelConfig(name=str(sft)))
+        if cfg.reward_backbone:
+            policy, _ = load_policy(ModelConfig(name=cfg.reward_backbone))
         RewardModel(policy, tok, rm_cfg).save_pretrained(init / "reward_model")
         drv.start_actors(str(sft), str(init / "reward_model"))
     return drv
