@@ -21,10 +21,12 @@ def test_step_advantages_normalise_per_group_and_discount():
     assert adv[2] == pytest.approx([0.0, 0.0], abs=1e-5)
 
 
-def test_outcome_reward_lands_on_last_step():
+def test_outcome_advantage_is_group_normalised_and_added_to_every_step():
     adv = step_advantages([[0.0, 0.0], [0.0, 0.0]], [0, 0], gamma=1.0, outcome=[1.0, 0.0], outcome_weight=2.0)
-    assert adv[0][0] > 0 > adv[1][0]
-    assert adv[0][1] > adv[0][0]  # the outcome enters at the last step, then flows back
+    assert adv[0] == pytest.approx([2.0, 2.0], abs=1e-4) and adv[1] == pytest.approx([-2.0, -2.0], abs=1e-4)
+    # on its own scale: huge dense rewards do not drown it
+    adv = step_advantages([[100.0], [-100.0]], [0, 0], outcome=[0.0, 1.0], outcome_weight=1.0)
+    assert adv[0][0] == pytest.approx(0.0, abs=1e-4) and adv[1][0] == pytest.approx(0.0, abs=1e-4)
     with pytest.raises(ValueError, match="group ids"):
         step_advantages([[1.0]], [0, 1])
 

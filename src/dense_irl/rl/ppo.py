@@ -3,7 +3,9 @@
 Advantages follow DeepSeekMath's process supervision (arXiv 2402.03300, §4.1.3), with a discount:
 every step reward is normalised by the mean and std of all step rewards of its group (the G samples of
 one prompt), then a token's advantage is the discounted sum of the normalised rewards of its own and
-later steps. An optional outcome (verifier) reward, weighted, is added to the last step first.
+later steps. An optional outcome (verifier) reward is normalised the same way over the group (GRPO) and,
+weighted, added to the advantage of every step, as PRIME (arXiv 2502.01456) combines implicit process
+rewards with outcome rewards: on its own scale, so dense rewards of any magnitude cannot drown it.
 The loss is PPO-clip on tokens with a k3 KL penalty to the reference policy.
 """
 
@@ -22,26 +24,30 @@ def step_advantages(step_rewards: list[list[float]], groups: list[int], gamma: f
     if len(step_rewards) != len(groups):
         raise ValueError(f"{len(step_rewards)} chains but {len(groups)} group ids")
     rewards = [list(r) for r in step_rewards]
+
+    def group_stats(values: list[list[float]]) -> dict[int, tuple[float, float]]:
+        pooled: dict[int, list[float]] = defaultdict(list)
+        for v, g in zip(values, groups):
+            pooled[g] += v
+        out = {}
+        for g, vals in pooled.items():
+            mean = sum(vals) / len(vals)
+            out[g] = (mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals)))
+        return out
+
+    stats = group_stats(rewards)
+    bonus = [0.0] * len(rewards)
     if outcome is not None and outcome_weight:
-        for r, o in zip(rewards, outcome):
-            if r:
-                r[-1] += outcome_weight * o
-    pooled: dict[int, list[float]] = defaultdict(list)
-    for r, g in zip(rewards, groups):
-        pooled[g] += r
-    stats = {}
-    for g, vals in pooled.items():
-        mean = sum(vals) / len(vals)
-        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
-        stats[g] = (mean, std)
+        o_stats = group_stats([[o] for o in outcome])
+        bonus = [outcome_weight * (o - o_stats[g][0]) / (o_stats[g][1] + eps) for o, g in zip(outcome, groups)]
     out = []
-    for r, g in zip(rewards, groups):
+    for r, g, b in zip(rewards, groups, bonus):
         mean, std = stats[g]
         norm = [(v - mean) / (std + eps) for v in r]
         adv, running = [0.0] * len(norm), 0.0
         for k in range(len(norm) - 1, -1, -1):
             running = norm[k] + gamma * running
-            adv[k] = running
+            adv[k] = running + b
         out.append(adv)
     return out
 

@@ -68,7 +68,7 @@ def _lookup(scores: list, chains: list):
 def policy_accuracy(policy_path: str, demos: list, max_new_tokens: int, separator: str) -> float:
     """Greedy accuracy of a policy on ``demos`` (synthetic verifier)."""
     engine = HFEngine(policy_path)
-    cfg = RolloutConfig(temperature=0.0, max_new_tokens=max_new_tokens)
+    cfg = RolloutConfig(temperature=0.0, max_new_tokens=max_new_tokens, batch_size=256)
     groups = engine.generate([d.prompt for d in demos], 1, cfg, separator)
     return sum(is_correct_answer(d.meta, g[0]["completion"]) for d, g in zip(demos, groups)) / len(demos)
 
@@ -128,7 +128,7 @@ def run_demo(out: str, config: str | None = None, overrides: list[str] | None = 
            "after_irl": policy_accuracy(irl_policy, held_out, max_new, sep)}
     bon_demos = held_out[:bon_prompts]
     groups = HFEngine(irl_policy, seed=cfg.seed).generate(
-        [d.prompt for d in bon_demos], bon_n, RolloutConfig(temperature=1.0, max_new_tokens=max_new), sep)
+        [d.prompt for d in bon_demos], bon_n, RolloutConfig(temperature=1.0, max_new_tokens=max_new, batch_size=256), sep)
     problems = [{"problem": d.prompt, "candidates": [
         {"steps": c["steps"] or [c["completion"] or "(empty)"], "is_correct": bool(is_correct_answer(d.meta,
                                                                                                      c["completion"]))}

@@ -336,20 +336,23 @@ class Driver:
         groups = self.generate([d.prompt for d in batch], c.rollout.samples_per_prompt, c.rollout)
         t_roll = time.monotonic() - t0
         samples = [(d, s) for d, g in zip(batch, groups) for s in g if s["steps"]]
-        experts = [(d.prompt, d.steps) for d in batch]
 
-        # m reward steps: experts vs policy samples and perturbed experts, mixed by negative_mix.
+        # m reward steps. Experts: reward.batch_size demonstrations drawn from all of them (AIRL samples expert
+        # data apart from the policy's batch); as many negatives: this iteration's policy samples and perturbed
+        # experts, mixed by negative_mix.
         t0 = time.monotonic()
-        n_neg = max(1, len(experts))
-        n_pert = round(c.negative_mix * n_neg)
         reward_metrics = []
         for _ in range(c.reward_steps):
-            pool = [(d.prompt, s["steps"]) for d, s in self.rng.sample(samples, min(n_neg - n_pert, len(samples)))]
-            for d in self.rng.sample(batch, min(n_pert, len(batch))):
+            expert_demos = self.rng.sample(self.train, min(c.reward.batch_size, len(self.train)))
+            n_pert = round(c.negative_mix * len(expert_demos))
+            pool = [(d.prompt, s["steps"]) for d, s in
+                    self.rng.sample(samples, min(len(expert_demos) - n_pert, len(samples)))]
+            for d in expert_demos[:n_pert]:
                 kinds = self.rng.sample(list(c.data.perturbations), len(c.data.perturbations))
                 hit = next((r for r in (perturb(d, k, self.rng) for k in kinds) if r is not None), None)
                 if hit is not None:
                     pool.append((d.prompt, hit[0]))
+            experts = [(d.prompt, d.steps) for d in expert_demos]
             reward_metrics.append(self._on_all(self.reward, "reward_step",
                                                list(zip(self._shard(experts), self._shard(pool))))[0])
         t_reward = time.monotonic() - t0
