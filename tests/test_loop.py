@@ -82,7 +82,9 @@ def test_loop_runs_checkpoints_and_resumes_with_the_same_next_batch(tmp_path):
 
 def test_killed_rollout_worker_is_replaced(tmp_path):
     out = tmp_path / "run"
-    cfg = load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=2", f"--output_dir={out}"])
+    # (with policy_negatives=incorrect: only the samples the verifier rejects are the discriminator's negatives)
+    cfg = load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=2", "--policy_negatives=incorrect",
+                                         f"--output_dir={out}"])
     drv = start(cfg)
     drv.iteration()
     ray.kill(drv.workers[0])
@@ -92,6 +94,12 @@ def test_killed_rollout_worker_is_replaced(tmp_path):
     assert len(events) == 1
     assert ray.get(drv.workers[0].ping.remote()) == 2  # the new worker has the latest weights
     drv.close()
+
+
+def test_unknown_policy_negatives_is_a_clear_error(tmp_path):
+    cfg = load_config(LoopConfig, None, [*TINY_LOOP, f"--output_dir={tmp_path}", "--policy_negatives=some"])
+    with pytest.raises(ValueError, match="policy_negatives must be 'all' or 'incorrect'"):
+        run(cfg)
 
 
 def test_non_positive_alpha_is_a_clear_error(tmp_path):

@@ -73,6 +73,9 @@ class LoopConfig:
     # to a 1.5B policy) that shares the policy's tokenizer, since pi_old is read on the reward model's tokens.
     reward_backbone: str = ""
     negative_mix: float = 0.5  # share of negatives that are perturbed experts (the rest: policy samples)
+    # Which policy samples are negatives: "all" (AIRL: expert vs policy) or "incorrect" (those the outcome
+    # verifier rejects: the policy's own mistakes, no correct chain labelled as a negative).
+    policy_negatives: str = "all"
     eval_every: int = 5
     eval_prompts: int = 64
     checkpoint_every: int = 5
@@ -139,6 +142,8 @@ class Driver:
         self.tb = SummaryWriter(str(self.out / "tb"))
         self.state = {"iteration": 0, "cursor": {"epoch": 0, "pos": 0}, "rng": None}
         self.weight_spec = None  # set once the collective weight-sync group is built
+        if cfg.policy_negatives not in ("all", "incorrect"):
+            raise ValueError(f"policy_negatives must be 'all' or 'incorrect', got {cfg.policy_negatives!r}")
         if cfg.rollout.weight_sync not in ("object_store", "collective"):
             raise ValueError(f"rollout.weight_sync must be 'object_store' or 'collective', "
                              f"got {cfg.rollout.weight_sync!r}")
@@ -336,6 +341,8 @@ class Driver:
         groups = self.generate([d.prompt for d in batch], c.rollout.samples_per_prompt, c.rollout)
         t_roll = time.monotonic() - t0
         samples = [(d, s) for d, g in zip(batch, groups) for s in g if s["steps"]]
+        outcomes = [outcome(d, s["completion"]) for d, s in samples]
+        negatives = samples if c.policy_negatives == "all" else [x for x, o in zip(samples, outcomes) if o == 0]
 
         # m reward steps. Experts: reward.batch_size demonstrations drawn from all of them (AIRL samples expert
         # data apart from the policy's batch); as many negatives: this iteration's policy samples and perturbed
@@ -346,7 +353,7 @@ class Driver:
             expert_demos = self.rng.sample(self.train, min(c.reward.batch_size, len(self.train)))
             n_pert = round(c.negative_mix * len(expert_demos))
             pool = [(d.prompt, s["steps"]) for d, s in
-                    self.rng.sample(samples, min(len(expert_demos) - n_pert, len(samples)))]
+                    self.rng.sample(negatives, min(len(expert_demos) - n_pert, len(negatives)))]
             for d in expert_demos[:n_pert]:
                 kinds = self.rng.sample(list(c.data.perturbations), len(c.data.perturbations))
                 hit = next((r for r in (perturb(d, k, self.rng) for k in kinds) if r is not None), None)
@@ -360,7 +367,6 @@ class Driver:
         # Dense step rewards for the samples, then advantages.
         t0 = time.monotonic()
         rewards = self._lead(self.reward, "score", [(d.prompt, s["steps"]) for d, s in samples])
-        outcomes = [outcome(d, s["completion"]) for d, s in samples]
         group_of = {id(d): i for i, d in enumerate(batch)}
         groups_idx = [group_of[id(d)] for d, _ in samples]
         if c.rl.advantages == "tree":
