@@ -1,0 +1,103 @@
+"""Offline IRL options: fewer negatives per step, cached pi_old log-probs, the calibrated heads weight."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+from dense_irl.data.perturb import KINDS, make_processbench
+from dense_irl.data.synthetic import SyntheticConfig, generate
+from dense_irl.irl.offline import (
+    RewardConfig,
+    TrainRewardConfig,
+    calibrate_readout,
+    negatives_for,
+    reward_loss,
+    reward_model_config,
+    run,
+    train_reward,
+)
+from dense_irl.models.chains import step_logprobs
+from dense_irl.models.factory import ModelConfig, load_policy
+from dense_irl.models.reward_model import RewardModel
+
+TINY = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def demos():
+    return generate(SyntheticConfig(n_problems=60, seed=5))
+
+
+@pytest.fixture(scope="module")
+def policy(demos):
+    texts = [d.prompt for d in demos] + [s for d in demos for s in d.steps]
+    model, tok = load_policy(TINY, texts, seed=0)
+    return model.eval().requires_grad_(False), tok
+
+
+def _rm(policy, cfg: RewardConfig) -> RewardModel:
+    model, tok = policy
+    rm = RewardModel(copy.deepcopy(model).requires_grad_(True), tok, reward_model_config(cfg, "\n", 256))
+    torch.manual_seed(0)
+    for head in (rm.g_head, rm.h_head):
+        torch.nn.init.normal_(head.weight, std=0.5)
+    return rm
+
+
+def test_cached_pi_old_logprobs_give_the_same_loss(policy, demos):
+    cfg = RewardConfig()
+    rm = _rm(policy, cfg)
+    experts = [(d.prompt, d.steps) for d in demos[:6]]
+    negatives = negatives_for(demos[:6], list(KINDS), random.Random(0))
+    rm.eval()  # no dropout: both losses see the same forward
+    run_loss, _ = reward_loss(rm, policy[0], experts, negatives, cfg)
+    logp = step_logprobs(policy[0], rm.tokenizer, experts + negatives, 256)
+    cached_loss, _ = reward_loss(rm, None, experts, negatives, cfg, policy_logp=logp)
+    assert torch.allclose(run_loss, cached_loss, atol=1e-5)
+
+
+def test_fewer_negatives_and_a_pool_train_and_change_the_model(policy, demos):
+    cfg = RewardConfig(max_steps=3, batch_size=8, negatives_per_expert=0.25, negative_pool=2)
+    rm = _rm(policy, cfg)
+    before = [p.clone() for p in rm.parameters()]
+    logs = []
+    train_reward(rm, policy[0], demos, cfg, list(KINDS), logs.append)
+    assert logs and all(torch.isfinite(torch.tensor(m["loss"])) for m in logs)
+    assert any(not torch.equal(a, b) for a, b in zip(before, rm.parameters()))
+
+
+def test_readout_weight_is_folded_into_the_heads(policy, demos):
+    rm = _rm(policy, RewardConfig())
+    rows = make_processbench(demos[:40], seed=1)
+    chains = [(r["problem"], r["steps"]) for r in rows]
+    lm_rm, heads_rm = copy.deepcopy(rm), copy.deepcopy(rm)
+    lm_rm.config.terms, heads_rm.config.terms = "lm", "heads"
+    lm, heads = [s.step_rewards for s in lm_rm.score(chains)], [s.step_rewards for s in heads_rm.score(chains)]
+    w = calibrate_readout(rm, rows, [0.0, 0.5, 3.0])
+    assert w in (0.0, 0.5, 3.0) and f"heads weight {w:g}" in rm.config.threshold_rule
+    got = [s.step_rewards for s in rm.score(chains)]
+    for g, a, b in zip(got, lm, heads):
+        assert g == pytest.approx([x + w * y for x, y in zip(a, b)], abs=1e-4)
+    # The default [1.0] leaves the heads as trained.
+    rm2 = _rm(policy, RewardConfig())
+    head = rm2.g_head.weight.clone()
+    assert calibrate_readout(rm2, rows, [1.0]) == 1.0
+    assert torch.equal(head, rm2.g_head.weight)
+
+
+@pytest.mark.parametrize(("key", "value", "msg"), [
+    ("negatives_per_expert", 0.0, "reward.negatives_per_expert"),
+    ("negative_pool", -1, "reward.negative_pool"),
+    ("readout_weights", [], "reward.readout_weights"),
+    ("readout_weights", [1.0, -2.0], "reward.readout_weights"),
+])
+def test_bad_option_values_are_named(tmp_path, key, value, msg):
+    cfg = TrainRewardConfig(output_dir=str(tmp_path / "out"))
+    setattr(cfg.reward, key, value)
+    with pytest.raises(ValueError, match=msg):
+        run(cfg)
+
