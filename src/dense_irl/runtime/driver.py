@@ -230,7 +230,7 @@ class Driver:
     def _new_worker(self, i: int):
         c = self.cfg.rollout
         return RolloutWorker.options(**self._opts("rollout", i, c.num_cpus_per_worker, c.num_gpus_per_worker)).remote(
-            c.engine, self.policy_path, self.cfg.seed * 1000 + i + 7919 * self.state["iteration"])
+            c.engine, self.policy_path, self.cfg.seed * 1000 + i + 7919 * self.state["iteration"], c)
 
     def _on_all(self, actors, method: str, shards: list) -> list:
         """Call ``method`` on every rank with its shard (data parallel) and wait."""

@@ -35,6 +35,11 @@ class RolloutConfig:
     # How new policy weights reach the workers: "object_store" (Ray's, one put, every worker fetches) or
     # "collective" (a broadcast group over learner rank 0, the workers and the reward learners: NCCL on GPUs).
     weight_sync: str = "object_store"
+    # vLLM only: GPUs per engine (tensor parallel; give each worker that many with num_gpus_per_worker), the
+    # dtype it runs in, and the share of its GPU memory it may take (at most Ray's share when fractional).
+    tensor_parallel_size: int = 1
+    dtype: str = "float32"
+    gpu_memory_utilization: float = 0.9
 
 
 def split_completion(text: str, separator: str) -> list[str]:
@@ -135,28 +140,36 @@ class VLLMEngine:
     distribution (after temperature and top-p), as ``HFEngine`` returns them.
     """
 
-    def __init__(self, policy_path: str, seed: int = 0, kv_cache_memory_bytes: int = 512 << 20):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    def __init__(self, policy_path: str, seed: int = 0, kv_cache_memory_bytes: int = 512 << 20,
+                 cfg: RolloutConfig | None = None):
+        cfg = cfg or RolloutConfig()
+        tp = cfg.tensor_parallel_size
+        # One GPU: engine core and model in this process. Tensor parallel: vLLM's own worker processes, one per
+        # GPU of this actor (GPU-only path, exercised by the GPU smoke script on a multi-GPU machine).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if tp == 1 else "1")
         from transformers import AutoTokenizer
         from vllm import LLM
 
         if torch.cuda.is_available():
-            # The GPU is shared with the learners: take the fraction Ray granted this actor.
+            # The GPU may be shared with the learners: take at most the fraction Ray granted this actor.
             share = (
-                ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0)
+                ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0) / tp
                 if ray.is_initialized()
                 else 1
             )
-            memory = {"gpu_memory_utilization": min(share, 0.9)}
+            memory = {"gpu_memory_utilization": min(share, cfg.gpu_memory_utilization)}
         else:
+            if tp != 1:
+                raise ValueError(f"rollout.tensor_parallel_size={tp} needs GPUs; on a CPU it must be 1")
             check_cpu_head_size(policy_path)
             memory = {"kv_cache_memory_bytes": kv_cache_memory_bytes}
         self.llm = LLM(
             model=policy_path,
             seed=seed,
-            dtype="float32",
+            dtype=cfg.dtype,
             enforce_eager=True,
-            distributed_executor_backend="uni",
+            tensor_parallel_size=tp,
+            distributed_executor_backend="uni" if tp == 1 else "mp",
             logprobs_mode="processed_logprobs",
             worker_extension_cls="dense_irl.runtime.rollout.VLLMWorkerExtension",
             **memory,
@@ -221,11 +234,11 @@ class VLLMWorkerExtension:
 class RolloutWorker:
     """A Ray actor around one engine; the driver holds a list of them."""
 
-    def __init__(self, engine: str, policy_path: str, seed: int = 0):
+    def __init__(self, engine: str, policy_path: str, seed: int = 0, cfg: RolloutConfig | None = None):
         if engine not in ("hf", "vllm"):
             raise ValueError(f"rollout.engine must be 'hf' or 'vllm', got {engine!r}")
         torch.set_num_threads(1)
-        self.engine = HFEngine(policy_path, seed) if engine == "hf" else VLLMEngine(policy_path, seed)
+        self.engine = HFEngine(policy_path, seed) if engine == "hf" else VLLMEngine(policy_path, seed, cfg=cfg)
         self.version = 0
 
     def generate(self, prompts: list[str], n: int, cfg: RolloutConfig, separator: str) -> list[list[dict]]:
