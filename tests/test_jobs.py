@@ -60,10 +60,17 @@ def test_train_job_succeeds_through_the_jobs_api(head_node, tmp_path):
                 raise
             time.sleep(2)
     out = tmp_path / "out"
-    job = client.submit_job(
-        entrypoint=f"{sys.executable} {REPO / 'jobs' / 'train_irl.py'} {TINY} --output_dir={out}",
-        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
-    )
+    while True:  # the dashboard answers before the node's job agent registers ("No available agent ...")
+        try:
+            job = client.submit_job(
+                entrypoint=f"{sys.executable} {REPO / 'jobs' / 'train_irl.py'} {TINY} --output_dir={out}",
+                runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+            )
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
     deadline = time.monotonic() + 400
     while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.monotonic() < deadline, f"job still {status}:\n{client.get_job_logs(job)[-3000:]}"
