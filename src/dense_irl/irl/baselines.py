@@ -42,6 +42,21 @@ def _batches(demos, kinds, batch_size: int, minutes: float, max_steps: int, seed
         step += 1
 
 
+def _score_fn(step_values, tokenizer, max_length: int, separator: str):
+    """A ScoreFn (chains -> per-step scores) from ``step_values(encoded batch) -> (B, S)``."""
+
+    @torch.no_grad()
+    def score(chains):
+        out = []
+        for i in range(0, len(chains), 64):
+            enc = encode_chains(tokenizer, chains[i : i + 64], max_length, separator)
+            v = step_values(enc)
+            out += [v[b, : enc.n_steps[b]].tolist() for b in range(len(enc.n_steps))]
+        return out
+
+    return score
+
+
 def _step_logratio(pi, ref, enc) -> torch.Tensor:
     """(B, S) summed log(pi/pi_ref) of every step's tokens."""
     ids, mask = enc.input_ids, enc.attention_mask
@@ -66,17 +81,7 @@ def train_implicit_prm(sft_policy, tokenizer, demos, kinds, *, beta: float = 0.0
         torch.nn.utils.clip_grad_norm_(pi.parameters(), 1.0)
         opt.step()
     pi.eval()
-
-    @torch.no_grad()
-    def score(chains):
-        out = []
-        for i in range(0, len(chains), 64):
-            enc = encode_chains(tokenizer, chains[i : i + 64], max_length, separator)
-            r = beta * _step_logratio(pi, ref, enc)
-            out += [r[b, : enc.n_steps[b]].tolist() for b in range(len(enc.n_steps))]
-        return out
-
-    return score
+    return _score_fn(lambda enc: beta * _step_logratio(pi, ref, enc), tokenizer, max_length, separator)
 
 
 class OutcomeRewardModel(nn.Module):
@@ -110,14 +115,4 @@ def train_orm(sft_policy, tokenizer, demos, kinds, *, lr: float = 5e-4, batch_si
         torch.nn.utils.clip_grad_norm_(orm.parameters(), 1.0)
         opt.step()
     orm.eval()
-
-    @torch.no_grad()
-    def score(chains):
-        out = []
-        for i in range(0, len(chains), 64):
-            enc = encode_chains(tokenizer, chains[i : i + 64], max_length, separator)
-            v = orm(enc)
-            out += [v[b, : enc.n_steps[b]].tolist() for b in range(len(enc.n_steps))]
-        return out
-
-    return score
+    return _score_fn(orm, tokenizer, max_length, separator)

@@ -36,6 +36,7 @@ from dense_irl.models.factory import ModelConfig, load_policy, save_policy
 from dense_irl.models.reward_model import RewardModel
 from dense_irl.rl.ppo import step_advantages
 from dense_irl.runtime.learners import LearnerConfig, PolicyLearner, RewardLearner, free_port
+from dense_irl.runtime.placement import actor_options, place_roles, rendezvous
 from dense_irl.runtime.rollout import RolloutConfig, RolloutWorker
 
 FINAL_ANSWER_RE = re.compile(r"(?:answer is|####)\s*\$?(-?[\d,]*\.?\d+)")
@@ -142,6 +143,7 @@ class Driver:
         self.tb = SummaryWriter(str(self.out / "tb"))
         self.state = {"iteration": 0, "cursor": {"epoch": 0, "pos": 0}, "rng": None}
         self.weight_spec = None  # set once the collective weight-sync group is built
+        self.pg, self.bundle_of = None, {}  # the roles' placement group (runtime.placement)
         if cfg.policy_negatives not in ("all", "incorrect"):
             raise ValueError(f"policy_negatives must be 'all' or 'incorrect', got {cfg.policy_negatives!r}")
         if cfg.rollout.weight_sync not in ("object_store", "collective"):
@@ -150,63 +152,11 @@ class Driver:
         self.rng = random.Random(cfg.seed + 1)
 
     # ---------------------------------------------------------------- actors
-    def place_roles(self) -> None:
-        """Reserve one placement group for all roles: bundles [policy ranks, reward ranks, rollout workers].
-
-        With ``colocate_learners`` a rank's policy and reward learner share one bundle (of twice the size).
-        A group that cannot be placed within ``placement_timeout_s`` is removed and reported clearly.
-        """
-        from ray.util.placement_group import placement_group, remove_placement_group
-
-        c, self.pg, self.bundle_of = self.cfg, None, {}
-        strategy = c.placement_strategy
-        if strategy == "none" or ray.util.get_current_placement_group() is not None:
-            return  # plain scheduling, or a Tune trial's group that captures our actors already
-        strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-        if strategy not in strategies:
-            raise ValueError(f"placement_strategy must be one of {strategies} or 'none', got {strategy!r}")
-        n, k = c.learner.num_workers, c.rollout.num_workers
-        mult = 2 if c.colocate_learners else 1
-        learner = {"CPU": mult * c.learner.num_cpus_per_worker, "GPU": mult * c.learner.num_gpus_per_worker}
-        rollout = {"CPU": c.rollout.num_cpus_per_worker, "GPU": c.rollout.num_gpus_per_worker}
-        bundles = [learner] * (n if c.colocate_learners else 2 * n) + [rollout] * k
-        bundles = [{r: v for r, v in b.items() if v > 0} or {"CPU": 0.01} for b in bundles]
-        pg = placement_group(bundles, strategy=strategy, name=f"dense-irl-{os.getpid()}")
-        try:
-            ray.get(pg.ready(), timeout=c.placement_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            remove_placement_group(pg)
-            raise RuntimeError(
-                f"the roles' placement group ({len(bundles)} bundles {bundles}, strategy {strategy}) could not be "
-                f"placed within {c.placement_timeout_s:.0f} s; the cluster has {ray.cluster_resources()} "
-                f"(available {ray.available_resources()}). Lower learner/rollout num_*_per_worker or add nodes."
-            ) from None
-        self.pg = pg
-        self.bundle_of = {("policy", r): r for r in range(n)}
-        self.bundle_of |= {("reward", r): r if c.colocate_learners else n + r for r in range(n)}
-        self.bundle_of |= {("rollout", i): (n if c.colocate_learners else 2 * n) + i for i in range(k)}
-
     def _opts(self, role: str, i: int, num_cpus: float, num_gpus: float) -> dict:
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        opts = {"num_cpus": num_cpus, "num_gpus": num_gpus}
-        if self.pg is not None:
-            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                self.pg, placement_group_bundle_index=self.bundle_of[(role, i)])
-        return opts
+        return actor_options(self.pg, self.bundle_of.get((role, i)), num_cpus, num_gpus)
 
     def _master(self, role: str) -> str:
-        """Where a role's ranks meet: the node of its rank-0 bundle (127.0.0.1 without a group), a free port.
-
-        The port is checked free on this node only; on another node a clash shows as a rendezvous error.
-        """
-        host = "127.0.0.1"
-        if self.pg is not None:
-            from ray.util.placement_group import placement_group_table
-
-            node = placement_group_table(self.pg)["bundles_to_node_id"][self.bundle_of[(role, 0)]]
-            host = next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node)
-        return f"{host}:{free_port()}"
+        return rendezvous(self.pg, self.bundle_of.get((role, 0)))
 
     def _lead(self, actors: list, method: str, *args):
         """Rank 0's answer. Under ZeRO-3 every rank must join the parameter gathers, so all ranks are called."""
@@ -215,7 +165,7 @@ class Driver:
 
     def start_actors(self, policy_path: str, reward_path: str) -> None:
         c = self.cfg
-        self.place_roles()
+        self.pg, self.bundle_of = place_roles(c)
         n = c.learner.num_workers
         cpu, gpu = c.learner.num_cpus_per_worker, c.learner.num_gpus_per_worker
         master = self._master("policy")
