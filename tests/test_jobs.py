@@ -33,7 +33,11 @@ def head_node():
     proc = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
          "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         # The session's own Ray (other test modules) holds the agents' default ports, e.g. 52365: without
+         # ports of its own this head's job agent cannot start ("No available agent to submit job").
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
