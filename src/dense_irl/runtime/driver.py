@@ -425,10 +425,9 @@ def start(cfg: LoopConfig) -> Driver:
         ray.get(learner.save.remote(str(init / "sft_policy")))
         ray.kill(learner)
         sft = init / "sft_policy"
-        policy, tok = load_policy(ModelConfig(name=str(sft)))
-        if cfg.reward_backbone:
-            policy, _ = load_policy(ModelConfig(name=cfg.reward_backbone))
-        RewardModel(policy, tok, rm_cfg).save_pretrained(init / "reward_model")
+        # The reward model's backbone: the SFT policy, or the given one (its tokenizer was checked equal to `tok`).
+        backbone, _ = load_policy(ModelConfig(name=cfg.reward_backbone or str(sft)))
+        RewardModel(backbone, tok, rm_cfg).save_pretrained(init / "reward_model")
         drv.start_actors(str(sft), str(init / "reward_model"))
     return drv
 
