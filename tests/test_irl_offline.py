@@ -1,4 +1,5 @@
-"""Offline IRL options: fewer negatives per step, cached pi_old log-probs, the calibrated heads weight."""
+"""Offline IRL options: fewer negatives per step, cached pi_old log-probs, the calibrated heads weight,
+the masked expert prefix of a negative, and a discriminator that trains only the heads."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dense_irl.irl.offline import (
     reward_loss,
     reward_model_config,
     run,
+    shared_prefix,
     train_reward,
 )
 from dense_irl.models.chains import step_logprobs
@@ -55,7 +57,7 @@ def test_cached_pi_old_logprobs_give_the_same_loss(policy, demos):
     negatives = negatives_for(demos[:6], list(KINDS), random.Random(0))
     rm.eval()  # no dropout: both losses see the same forward
     run_loss, _ = reward_loss(rm, policy[0], experts, negatives, cfg)
-    logp = step_logprobs(policy[0], rm.tokenizer, experts + negatives, 256)
+    logp = step_logprobs(policy[0], rm.tokenizer, experts + [(p, s) for p, s, _ in negatives], 256)
     cached_loss, _ = reward_loss(rm, None, experts, negatives, cfg, policy_logp=logp)
     assert torch.allclose(run_loss, cached_loss, atol=1e-5)
 
@@ -87,6 +89,45 @@ def test_readout_weight_is_folded_into_the_heads(policy, demos):
     head = rm2.g_head.weight.clone()
     assert calibrate_readout(rm2, rows, [1.0]) == 1.0
     assert torch.equal(head, rm2.g_head.weight)
+
+
+def test_negatives_know_where_they_leave_the_expert(demos):
+    assert shared_prefix(["a", "b", "c"], ["a", "x", "c"]) == 1
+    assert shared_prefix(["a", "b"], ["a", "b", "c"]) == 2
+    negs = negatives_for(demos[:20], list(KINDS), random.Random(3))
+    assert len(negs) == 20
+    for demo, (prompt, steps, shared) in zip(demos[:20], negs):
+        assert prompt == demo.prompt and steps[:shared] == demo.steps[:shared]
+        assert shared < len(steps) and (shared == len(demo.steps) or steps[shared] != demo.steps[shared])
+
+
+def test_masked_expert_prefix_is_left_out_of_the_negative_loss(policy, demos):
+    experts = [(d.prompt, d.steps) for d in demos[:4]]
+    # A "negative" that is the expert's own chain, whole: masked, it adds nothing to the step loss.
+    copy_neg = [(demos[0].prompt, demos[0].steps, len(demos[0].steps))]
+    masked, plain = RewardConfig(mask_expert_prefix=True), RewardConfig(mask_expert_prefix=False)
+    rm = _rm(policy, plain)
+    rm.eval()
+    _, alone = reward_loss(rm, policy[0], experts, [], plain)
+    _, with_mask = reward_loss(rm, policy[0], experts, copy_neg, masked)
+    _, without = reward_loss(rm, policy[0], experts, copy_neg, plain)
+    assert with_mask["bce_step"] == pytest.approx(alone["bce_step"], rel=1e-5)
+    assert without["bce_step"] != pytest.approx(alone["bce_step"], rel=1e-3)
+
+
+def test_discriminator_without_backbone_grad_trains_only_the_heads(policy, demos):
+    cfg = RewardConfig(disc_backbone_grad=False, lm_weight=0.0, td_weight=0.0)
+    rm = _rm(policy, cfg)
+    negatives = negatives_for(demos[:6], list(KINDS), random.Random(0))
+    loss, _ = reward_loss(rm, policy[0], [(d.prompt, d.steps) for d in demos[:6]], negatives, cfg)
+    loss.backward()
+    assert rm.g_head.weight.grad.abs().sum() > 0 and rm.h_head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or not p.grad.any() for p in rm.backbone.parameters())
+    # With the expert NLL the backbone learns, from that term alone.
+    cfg.lm_weight = 1.0
+    rm.zero_grad()
+    reward_loss(rm, policy[0], [(d.prompt, d.steps) for d in demos[:6]], negatives, cfg)[0].backward()
+    assert any(p.grad is not None and p.grad.any() for p in rm.backbone.parameters())
 
 
 @pytest.mark.parametrize(("key", "value", "msg"), [

@@ -75,6 +75,11 @@ class RewardConfig:
     negatives_per_expert: float = 1.0  # < 1: a cheaper step; the lm term still sees every expert
     negative_pool: int = 0  # > 0: fixed negatives per expert, pi_old log-probs cached (offline only)
     readout_weights: list[float] = field(default_factory=lambda: [1.0])  # heads' weight, calibrated
+    # A negative's leading steps that equal its expert's are expert state-actions, not negatives: leave them
+    # out of its discriminator loss (False: label every step of a negative 0, plain chain-level AIRL).
+    mask_expert_prefix: bool = False
+    # False: the discriminator trains only the g/h heads; the backbone learns from the expert NLL alone.
+    disc_backbone_grad: bool = True
 
 
 @dataclass
@@ -147,14 +152,24 @@ def train_sft(model, tokenizer, demos, cfg: SFTConfig, max_length: int, separato
             log({"phase": "sft", "step": step, "sft_nll": loss.item()})
 
 
+def shared_prefix(steps: list[str], expert_steps: list[str]) -> int:
+    """How many leading steps of ``steps`` equal the expert's (where a negative leaves the expert's path)."""
+    n = 0
+    for a, b in zip(steps, expert_steps):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 def negatives_for(batch: list[Demonstration], kinds: list[str], rng: random.Random) -> list[tuple]:
-    """One perturbed chain per expert (a kind that applies, drawn at random)."""
+    """One perturbed chain per expert (a kind that applies, drawn at random): ``(prompt, steps, shared)``."""
     out = []
     for demo in batch:
         for kind in rng.sample(kinds, len(kinds)):
             res = perturb(demo, kind, rng)
             if res is not None:
-                out.append((demo.prompt, res[0]))
+                out.append((demo.prompt, res[0], shared_prefix(res[0], demo.steps)))
                 break
     return out
 
@@ -170,14 +185,16 @@ def reward_loss(rm: RewardModel, policy, experts: list[tuple], negatives: list[t
 
     ``policy`` is the frozen pi_old of the AIRL logit (it shares the reward backbone's tokenizer);
     ``forward`` is what runs the model (a DDP / DeepSpeed wrapper of ``rm``), ``rm`` itself by default.
+    A negative is ``(prompt, steps)`` or ``(prompt, steps, shared)``: its first ``shared`` steps are the
+    expert's own, left out of its loss when ``cfg.mask_expert_prefix``.
     ``policy_logp``: log pi_old of every step of every chain (experts then negatives), when already
     known; then ``policy`` is not run.
     """
     sep, max_len = rm.config.separator, rm.config.max_length
-    chains = experts + negatives
+    chains = experts + [(n[0], n[1]) for n in negatives]
     is_expert = torch.tensor([1.0] * len(experts) + [0.0] * len(negatives))
     enc = encode_chains(rm.tokenizer, chains, max_len, sep)
-    out = (forward or rm)(enc)
+    out = (forward or rm)(enc, detach_backbone=not cfg.disc_backbone_grad)
     S = enc.step_mask.shape[1]
     dev = out["logits"].device
     ids, step_ids, step_mask = enc.input_ids.to(dev), enc.step_ids.to(dev), enc.step_mask.to(dev)
@@ -193,13 +210,19 @@ def reward_loss(rm: RewardModel, policy, experts: list[tuple], negatives: list[t
             pol_logits = policy(input_ids=ids, attention_mask=enc.attention_mask.to(dev)).logits
             pol_logp = sum_by_step(token_logprobs(pol_logits, ids), step_ids, S)
     logits = discriminator_logits(out["step_rewards"], pol_logp, cfg.alpha, cfg.gail)
-    bce = level_bce(logits, step_mask, is_expert, cfg.label_smoothing, cfg.level_weights, cfg.paragraph_steps)
+    loss_mask = step_mask
+    if cfg.mask_expert_prefix:
+        loss_mask = step_mask.clone()
+        for b, neg in enumerate(negatives):
+            loss_mask[len(experts) + b, : (neg[2] if len(neg) > 2 else 0)] = False
+    bce = level_bce(logits, loss_mask, is_expert, cfg.label_smoothing, cfg.level_weights, cfg.paragraph_steps)
     loss = bce["total"]
     metrics = {f"bce_{k}": v.item() for k, v in bce.items()}
     with torch.no_grad():
         r, n = out["step_rewards"], len(experts)
         metrics["reward_expert"] = r[:n][step_mask[:n]].mean().item()
-        metrics["reward_negative"] = r[n:][step_mask[n:]].mean().item() if negatives else 0.0
+        neg = r[n:][loss_mask[n:]]  # the steps where negatives leave the expert's path
+        metrics["reward_negative"] = neg.mean().item() if neg.numel() else 0.0
     expert_tokens = (step_ids >= 0) & (is_expert[:, None] > 0)
     iq_terms = cfg.objective in ("iq", "airl+iq")
     if iq_terms and cfg.lm_weight > 0:
@@ -249,7 +272,7 @@ def train_reward(rm: RewardModel, policy, demos, cfg: RewardConfig, kinds, log) 
             negatives = [n for i in neg_from for n in rng.choice(pool[i])]
         else:
             negatives = negatives_for([demos[i] for i in neg_from], kinds, rng)
-        chains = _chains(experts) + negatives
+        chains = _chains(experts) + [(n[0], n[1]) for n in negatives]
         logp = None
         if cfg.negative_pool > 0 and not cfg.gail:
             logp = _cached_logp(policy, rm, chains, cache)

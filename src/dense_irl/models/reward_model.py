@@ -74,25 +74,30 @@ class RewardModel(nn.Module):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
 
-    def forward(self, enc: EncodedBatch) -> dict[str, torch.Tensor]:
-        """Token rewards (B, T), step rewards (B, S), potentials and LM logits for an encoded batch."""
+    def forward(self, enc: EncodedBatch, detach_backbone: bool = False) -> dict[str, torch.Tensor]:
+        """Token rewards (B, T), step rewards (B, S), potentials and LM logits for an encoded batch.
+
+        ``detach_backbone``: the rewards do not backpropagate into the backbone (only into the heads);
+        the returned ``logits`` still do.
+        """
         device = self.g_head.weight.device
         ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
         step_ids = enc.step_ids.to(device)
         out = self.backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         hidden, logits = out.hidden_states[-1], out.logits
+        r_hidden, r_logits = (hidden.detach(), logits.detach()) if detach_backbone else (hidden, logits)
         S = enc.step_mask.shape[1]
         start, end = enc.step_start.to(device), enc.step_end.to(device)
         gamma, terms = self.config.gamma, self.config.terms
         token_r = torch.zeros_like(ids, dtype=hidden.dtype)
         if "lm" in terms:
-            token_r = token_r + self.config.alpha * token_logprobs(logits, ids)
+            token_r = token_r + self.config.alpha * token_logprobs(r_logits, ids)
         if "heads" in terms:
-            token_r = token_r + self.g_head(hidden)[..., 0]
+            token_r = token_r + self.g_head(r_hidden)[..., 0]
         step_r = sum_by_step(token_r, step_ids, S)
         h_before = h_after = torch.zeros_like(step_r)
         if "heads" in terms and self.config.potential:
-            h = self.h_head(hidden)[..., 0]
+            h = self.h_head(r_hidden)[..., 0]
             h_before = h.gather(1, (start - 1).clamp(min=0))
             # The state after the chain's last step is terminal: its potential is 0.
             n_steps = torch.tensor(enc.n_steps, device=device)

@@ -30,7 +30,14 @@ from dense_irl.data.synthetic import is_correct_answer
 from dense_irl.eval.bon import normalise_answer
 from dense_irl.eval.localisation import calibrate_threshold, first_error, processbench_metrics
 from dense_irl.io import write_json
-from dense_irl.irl.offline import DataConfig, RewardConfig, SFTConfig, load_data, reward_model_config
+from dense_irl.irl.offline import (
+    DataConfig,
+    RewardConfig,
+    SFTConfig,
+    load_data,
+    reward_model_config,
+    shared_prefix,
+)
 from dense_irl.irl.tree import soft_backup
 from dense_irl.models.factory import ModelConfig, load_policy, save_policy
 from dense_irl.models.reward_model import RewardModel
@@ -302,13 +309,14 @@ class Driver:
         for _ in range(c.reward_steps):
             expert_demos = self.rng.sample(self.train, min(c.reward.batch_size, len(self.train)))
             n_pert = round(c.negative_mix * len(expert_demos))
-            pool = [(d.prompt, s["steps"]) for d, s in
+            # Each negative carries how many leading steps it shares with its prompt's demonstration.
+            pool = [(d.prompt, s["steps"], shared_prefix(s["steps"], d.steps)) for d, s in
                     self.rng.sample(negatives, min(len(expert_demos) - n_pert, len(negatives)))]
             for d in expert_demos[:n_pert]:
                 kinds = self.rng.sample(list(c.data.perturbations), len(c.data.perturbations))
                 hit = next((r for r in (perturb(d, k, self.rng) for k in kinds) if r is not None), None)
                 if hit is not None:
-                    pool.append((d.prompt, hit[0]))
+                    pool.append((d.prompt, hit[0], shared_prefix(hit[0], d.steps)))
             experts = [(d.prompt, d.steps) for d in expert_demos]
             reward_metrics.append(self._on_all(self.reward, "reward_step",
                                                list(zip(self._shard(experts), self._shard(pool))))[0])

@@ -60,8 +60,11 @@ class HFEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.manual_seed(seed)
-        # Ray exposes the GPUs it granted this actor; with none, CUDA is unavailable here.
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # In an actor, use CUDA only if Ray granted this actor a GPU: since Ray 2.5x a 0-GPU actor still sees
+        # the node's GPUs, and would take memory Ray does not count.
+        in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+        wanted = bool(ray.get_gpu_ids()) if in_actor else True
+        self.device = "cuda" if wanted and torch.cuda.is_available() else "cpu"
         self.model = AutoModelForCausalLM.from_pretrained(policy_path).eval().to(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
 
