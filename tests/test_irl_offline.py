@@ -91,6 +91,18 @@ def test_readout_weight_is_folded_into_the_heads(policy, demos):
     assert torch.equal(head, rm2.g_head.weight)
 
 
+def test_warmup_scales_the_first_steps(policy, demos):
+    # Adam's first step moves every weight by about lr; with warm-up, by lr / warmup_steps.
+    moved = {}
+    for warmup in (0, 1000):
+        cfg = RewardConfig(max_steps=1, batch_size=8, warmup_steps=warmup, lr=1e-3)
+        rm = _rm(policy, cfg)
+        before = [p.detach().clone() for p in rm.backbone.parameters()]
+        train_reward(rm, policy[0], demos, cfg, list(KINDS), lambda m: None)
+        moved[warmup] = max((a - b).abs().max().item() for a, b in zip(before, rm.backbone.parameters()))
+    assert moved[0] > 5e-4 and moved[1000] < moved[0] / 100
+
+
 def test_negatives_know_where_they_leave_the_expert(demos):
     assert shared_prefix(["a", "b", "c"], ["a", "x", "c"]) == 1
     assert shared_prefix(["a", "b"], ["a", "b", "c"]) == 2
@@ -133,6 +145,7 @@ def test_discriminator_without_backbone_grad_trains_only_the_heads(policy, demos
 @pytest.mark.parametrize(("key", "value", "msg"), [
     ("negatives_per_expert", 0.0, "reward.negatives_per_expert"),
     ("negative_pool", -1, "reward.negative_pool"),
+    ("warmup_steps", -1, "reward.warmup_steps"),
     ("readout_weights", [], "reward.readout_weights"),
     ("readout_weights", [1.0, -2.0], "reward.readout_weights"),
 ])

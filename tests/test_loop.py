@@ -102,9 +102,11 @@ def test_unknown_policy_negatives_is_a_clear_error(tmp_path):
         run(cfg)
 
 
-def test_non_positive_alpha_is_a_clear_error(tmp_path):
-    cfg = load_config(LoopConfig, None, [*TINY_LOOP, f"--output_dir={tmp_path}", "--reward.alpha=0"])
-    with pytest.raises(ValueError, match="reward.alpha must be > 0"):
+@pytest.mark.parametrize(("flag", "msg"), [("--reward.alpha=0", "reward.alpha must be > 0"),
+                                           ("--reward.warmup_steps=-1", "reward.warmup_steps must be >= 0")])
+def test_bad_reward_option_is_a_clear_error(tmp_path, flag, msg):
+    cfg = load_config(LoopConfig, None, [*TINY_LOOP, f"--output_dir={tmp_path}", flag])
+    with pytest.raises(ValueError, match=msg):
         run(cfg)
 
 
@@ -118,13 +120,15 @@ def test_resume_from_missing_checkpoint_is_a_clear_error(tmp_path):
     "backend_args",
     [
         ["--learner.backend=deepspeed", "--learner.zero_stage=3", "--learner.num_workers=2",
-         "--learner.num_cpus_per_worker=0.25"],
-        ["--learner.backend=torch", "--learner.num_workers=2", "--learner.num_cpus_per_worker=0.25"],
+         "--learner.num_cpus_per_worker=0.25", "--reward.warmup_steps=3"],
+        ["--learner.backend=torch", "--learner.num_workers=2", "--learner.num_cpus_per_worker=0.25",
+         "--reward.warmup_steps=3"],
     ],
     ids=["deepspeed-zero3-2-ranks", "torch-ddp-2-ranks"],
 )
 def test_loop_backends(tmp_path, backend_args):
-    """One iteration on each learner backend this machine runs (DeepSpeed on CPU uses gloo)."""
+    """One iteration on each learner backend this machine runs (DeepSpeed on CPU uses gloo), with the reward
+    learner's warm-up schedule (DeepSpeed's WarmupLR, torch's LambdaLR)."""
     pytest.importorskip("deepspeed") if "deepspeed" in backend_args[0] else None
     out = tmp_path / "run"
     cfg = load_config(LoopConfig, None, [*TINY_LOOP, *backend_args, "--iterations=1", f"--output_dir={out}"])

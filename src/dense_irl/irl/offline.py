@@ -71,6 +71,7 @@ class RewardConfig:
     minutes: float = 3.0
     max_steps: int = 100_000
     lr: float = 1e-3
+    warmup_steps: int = 0  # linear learning-rate warm-up (a fresh optimiser on a warm-started backbone)
     batch_size: int = 32  # experts per batch
     negatives_per_expert: float = 1.0  # < 1: a cheaper step; the lm term still sees every expert
     negative_pool: int = 0  # > 0: fixed negatives per expert, pi_old log-probs cached (offline only)
@@ -257,6 +258,7 @@ def train_reward(rm: RewardModel, policy, demos, cfg: RewardConfig, kinds, log) 
     step log-probs of every chain are computed the first time it is seen and then reused.
     """
     opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, cfg.warmup_steps)))
     rng = random.Random(1)
     pool: dict[int, list[tuple]] = {}
     cache: dict = {}
@@ -281,6 +283,7 @@ def train_reward(rm: RewardModel, policy, demos, cfg: RewardConfig, kinds, log) 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
         opt.step()
+        sched.step()
         if step % 25 == 0:
             log({"phase": "reward", "step": step, **metrics})
 
@@ -329,6 +332,8 @@ def run(cfg: TrainRewardConfig) -> dict:
     r = cfg.reward
     if not r.negatives_per_expert > 0:
         raise ValueError(f"reward.negatives_per_expert must be > 0, got {r.negatives_per_expert}")
+    if r.warmup_steps < 0:
+        raise ValueError(f"reward.warmup_steps must be >= 0 (0: no warm-up), got {r.warmup_steps}")
     if r.negative_pool < 0:
         raise ValueError(f"reward.negative_pool must be >= 0 (0: fresh negatives each step), got {r.negative_pool}")
     if not r.readout_weights or min(r.readout_weights) < 0:

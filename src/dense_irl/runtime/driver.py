@@ -382,6 +382,8 @@ def start(cfg: LoopConfig) -> Driver:
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     if cfg.reward_backbone and not (Path(cfg.reward_backbone).expanduser() / "config.json").is_file():
         raise FileNotFoundError(f"reward_backbone: no HF model folder at {cfg.reward_backbone} (expected config.json)")
+    if cfg.reward.warmup_steps < 0:
+        raise ValueError(f"reward.warmup_steps must be >= 0 (0: no warm-up), got {cfg.reward.warmup_steps}")
     if cfg.reward.alpha <= 0:
         raise ValueError(f"reward.alpha must be > 0 (the max-ent temperature divides the reward), got {cfg.reward.alpha}")
     if cfg.prompts_per_iteration < cfg.learner.num_workers:

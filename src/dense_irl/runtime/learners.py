@@ -42,8 +42,12 @@ class _Learner:
     """Shared set-up: process group, model wrapping and the optimiser step for either backend."""
 
     def _setup(self, model: torch.nn.Module, lr: float, rank: int, world: int, master: str,
-               cfg: LearnerConfig) -> None:
+               cfg: LearnerConfig, warmup_steps: int = 0) -> None:
+        """``warmup_steps``: the learning rate rises linearly from 0 over that many steps (a fresh Adam's first
+        steps move every weight by about ``lr``, which knocks a converged warm start off its optimum)."""
         import torch.distributed as dist
+
+        self.sched = None
 
         torch.set_num_threads(cfg.threads)
         self.rank, self.world, self.backend = rank, world, cfg.backend
@@ -65,6 +69,10 @@ class _Learner:
                 "zero_optimization": {"stage": cfg.zero_stage},
                 "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True}},
             }
+            if warmup_steps > 0:
+                ds_config["scheduler"] = {"type": "WarmupLR", "params": {
+                    "warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_steps": warmup_steps,
+                    "warmup_type": "linear"}}
             self.engine, self.opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                                config=ds_config)
             self.module = self.engine.module
@@ -79,6 +87,8 @@ class _Learner:
             self.engine = model
         self.module = model
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        if warmup_steps > 0:
+            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: min(1.0, (i + 1) / warmup_steps))
 
     def _step(self, loss: torch.Tensor) -> None:
         if self.backend == "deepspeed":
@@ -89,6 +99,8 @@ class _Learner:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
         self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
 
     def _gathered(self):
         """A context in which every parameter is whole (ZeRO-3 partitions them across ranks)."""
@@ -211,7 +223,7 @@ class RewardLearner(_Learner):
         self.rm = RewardModel.from_pretrained(reward_path)
         self.pi_old = AutoModelForCausalLM.from_pretrained(policy_path).eval().requires_grad_(False)
         self.reward_cfg = reward_cfg
-        self._setup(self.rm, lr, rank, world, master, cfg)
+        self._setup(self.rm, lr, rank, world, master, cfg, reward_cfg.warmup_steps)
         self.pi_old.to(self.device)
 
     def reward_step(self, experts: list, negatives: list) -> dict:
