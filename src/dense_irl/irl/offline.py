@@ -322,14 +322,10 @@ def calibrate_readout(rm: RewardModel, cal_rows: list[dict], weights: list[float
     return w
 
 
-def run(cfg: TrainRewardConfig) -> dict:
-    """The whole offline run; returns a summary (paths, threshold, timings)."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    r = cfg.reward
+def check_reward_config(r: RewardConfig) -> None:
+    """Raise a ValueError naming the first reward option with a bad value (offline and online runs)."""
+    if r.alpha <= 0:
+        raise ValueError(f"reward.alpha must be > 0 (the max-ent temperature divides the reward), got {r.alpha}")
     if not r.negatives_per_expert > 0:
         raise ValueError(f"reward.negatives_per_expert must be > 0, got {r.negatives_per_expert}")
     if r.warmup_steps < 0:
@@ -338,6 +334,16 @@ def run(cfg: TrainRewardConfig) -> dict:
         raise ValueError(f"reward.negative_pool must be >= 0 (0: fresh negatives each step), got {r.negative_pool}")
     if not r.readout_weights or min(r.readout_weights) < 0:
         raise ValueError(f"reward.readout_weights must be a non-empty list of weights >= 0, got {r.readout_weights}")
+
+
+def run(cfg: TrainRewardConfig) -> dict:
+    """The whole offline run; returns a summary (paths, threshold, timings)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    check_reward_config(cfg.reward)
     unknown = sorted(set(cfg.data.perturbations) - set(KINDS))
     if unknown:
         raise ValueError(f"data.perturbations: unknown kind {unknown[0]!r}; valid: {', '.join(KINDS)}")

@@ -34,6 +34,7 @@ from dense_irl.irl.offline import (
     DataConfig,
     RewardConfig,
     SFTConfig,
+    check_reward_config,
     load_data,
     reward_model_config,
     shared_prefix,
@@ -382,10 +383,7 @@ def start(cfg: LoopConfig) -> Driver:
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     if cfg.reward_backbone and not (Path(cfg.reward_backbone).expanduser() / "config.json").is_file():
         raise FileNotFoundError(f"reward_backbone: no HF model folder at {cfg.reward_backbone} (expected config.json)")
-    if cfg.reward.warmup_steps < 0:
-        raise ValueError(f"reward.warmup_steps must be >= 0 (0: no warm-up), got {cfg.reward.warmup_steps}")
-    if cfg.reward.alpha <= 0:
-        raise ValueError(f"reward.alpha must be > 0 (the max-ent temperature divides the reward), got {cfg.reward.alpha}")
+    check_reward_config(cfg.reward)
     if cfg.prompts_per_iteration < cfg.learner.num_workers:
         raise ValueError(f"prompts_per_iteration ({cfg.prompts_per_iteration}) must be >= learner.num_workers "
                          f"({cfg.learner.num_workers}): every data-parallel rank needs a shard")
