@@ -186,13 +186,13 @@ def reward_loss(rm: RewardModel, policy, experts: list[tuple], negatives: list[t
 
     ``policy`` is the frozen pi_old of the AIRL logit (it shares the reward backbone's tokenizer);
     ``forward`` is what runs the model (a DDP / DeepSpeed wrapper of ``rm``), ``rm`` itself by default.
-    A negative is ``(prompt, steps)`` or ``(prompt, steps, shared)``: its first ``shared`` steps are the
-    expert's own, left out of its loss when ``cfg.mask_expert_prefix``.
+    A negative is ``(prompt, steps, shared)``: its first ``shared`` steps are the expert's own (see
+    :func:`shared_prefix`), left out of its loss when ``cfg.mask_expert_prefix``.
     ``policy_logp``: log pi_old of every step of every chain (experts then negatives), when already
     known; then ``policy`` is not run.
     """
     sep, max_len = rm.config.separator, rm.config.max_length
-    chains = experts + [(n[0], n[1]) for n in negatives]
+    chains = experts + [(p, s) for p, s, _ in negatives]
     is_expert = torch.tensor([1.0] * len(experts) + [0.0] * len(negatives))
     enc = encode_chains(rm.tokenizer, chains, max_len, sep)
     out = (forward or rm)(enc, detach_backbone=not cfg.disc_backbone_grad)
@@ -214,8 +214,8 @@ def reward_loss(rm: RewardModel, policy, experts: list[tuple], negatives: list[t
     loss_mask = step_mask
     if cfg.mask_expert_prefix:
         loss_mask = step_mask.clone()
-        for b, neg in enumerate(negatives):
-            loss_mask[len(experts) + b, : (neg[2] if len(neg) > 2 else 0)] = False
+        for b, (_, _, shared) in enumerate(negatives):
+            loss_mask[len(experts) + b, :shared] = False
     bce = level_bce(logits, loss_mask, is_expert, cfg.label_smoothing, cfg.level_weights, cfg.paragraph_steps)
     loss = bce["total"]
     metrics = {f"bce_{k}": v.item() for k, v in bce.items()}
@@ -274,7 +274,7 @@ def train_reward(rm: RewardModel, policy, demos, cfg: RewardConfig, kinds, log) 
             negatives = [n for i in neg_from for n in rng.choice(pool[i])]
         else:
             negatives = negatives_for([demos[i] for i in neg_from], kinds, rng)
-        chains = _chains(experts) + [(n[0], n[1]) for n in negatives]
+        chains = _chains(experts) + [(p, s) for p, s, _ in negatives]
         logp = None
         if cfg.negative_pool > 0 and not cfg.gail:
             logp = _cached_logp(policy, rm, chains, cache)
