@@ -61,6 +61,8 @@ def test_synth_perturb_stats_and_eval_localisation(trained, tmp_path, capsys):
     code, out, _ = _run(capsys, "data", "perturb", tmp_path / "test.parquet", tmp_path / "pb.jsonl", "--seed", 1)
     assert code == 0 and json.loads(out)["erroneous"] == 20
     _run(capsys, "data", "synth", tmp_path / "cal.parquet", "--n", 30, "--seed", 98)
+    code, _, err = _run(capsys, "data", "synth", tmp_path / "bad.parquet", "--n", 3, "--step-styles", 9)
+    assert code == 2 and "SyntheticConfig.step_styles = 9" in err and not (tmp_path / "bad.parquet").exists()
     _run(capsys, "data", "perturb", tmp_path / "cal.parquet", tmp_path / "cal.jsonl")
     code, out, _ = _run(capsys, "data", "stats", tmp_path / "pb.jsonl")
     assert code == 0 and json.loads(out)["rows"] == 40

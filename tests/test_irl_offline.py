@@ -127,6 +127,21 @@ def test_masked_expert_prefix_is_left_out_of_the_negative_loss(policy, demos):
     assert without["bce_step"] != pytest.approx(alone["bce_step"], rel=1e-3)
 
 
+def test_token_temperature_head_learns_from_the_discriminator(policy, demos):
+    cfg = RewardConfig(token_temperature=True, lm_weight=0.0, td_weight=0.0)
+    rm = _rm(policy, cfg)
+    assert rm.config.token_temperature
+    negatives = negatives_for(demos[:6], list(KINDS), random.Random(0))
+    loss, _ = reward_loss(rm, policy[0], [(d.prompt, d.steps) for d in demos[:6]], negatives, cfg)
+    loss.backward()
+    assert rm.t_head.weight.grad.abs().sum() > 0
+    # off, the head is not part of the reward
+    rm.zero_grad()
+    rm.config.token_temperature = False
+    reward_loss(rm, policy[0], [(d.prompt, d.steps) for d in demos[:6]], negatives, cfg)[0].backward()
+    assert rm.t_head.weight.grad is None or not rm.t_head.weight.grad.any()
+
+
 def test_discriminator_without_backbone_grad_trains_only_the_heads(policy, demos):
     cfg = RewardConfig(disc_backbone_grad=False, lm_weight=0.0, td_weight=0.0)
     rm = _rm(policy, cfg)
@@ -148,9 +163,11 @@ def test_discriminator_without_backbone_grad_trains_only_the_heads(policy, demos
     ("warmup_steps", -1, "reward.warmup_steps"),
     ("readout_weights", [], "reward.readout_weights"),
     ("readout_weights", [1.0, -2.0], "reward.readout_weights"),
+    ("token_temperature", True, "reward.token_temperature scales the lm term"),
 ])
 def test_bad_option_values_are_named(tmp_path, key, value, msg):
     cfg = TrainRewardConfig(output_dir=str(tmp_path / "out"))
+    cfg.reward.objective = "airl" if key == "token_temperature" else cfg.reward.objective
     setattr(cfg.reward, key, value)
     with pytest.raises(ValueError, match=msg):
         run(cfg)

@@ -108,8 +108,32 @@ def test_lm_term_is_alpha_times_step_logprob(policy, demos):
         assert a == pytest.approx([0.5 * x for x in b], abs=1e-4)
 
 
+def test_token_temperature_scales_each_token_logprob(policy, demos):
+    model, tok = policy
+    chains = [(d.prompt, d.steps) for d in demos[:3]]
+    lp = step_logprobs(model, tok, chains, 256)
+    rm = _rm(policy, terms="lm", token_temperature=True)
+    # zero-initialised: temperature 1, the plain log-prob
+    for a, b in zip([s.step_rewards for s in rm.score(chains)], lp):
+        assert a == pytest.approx(b, abs=1e-4)
+    with torch.no_grad():
+        rm.t_head.bias.fill_(torch.log(torch.tensor(3.0)))
+    for a, b in zip([s.step_rewards for s in rm.score(chains)], lp):
+        assert a == pytest.approx([3 * x for x in b], rel=1e-4)
+    # the temperature depends on the token: a random t head weighs tokens differently
+    torch.nn.init.normal_(rm.t_head.weight, std=0.5)
+    got = [s.step_rewards for s in rm.score(chains)]
+    ratios = {round(x / y, 3) for a, b in zip(got, lp) for x, y in zip(a, b)}
+    assert len(ratios) > 3
+    # switched off, the head is not read
+    rm.config.token_temperature = False
+    for a, b in zip([s.step_rewards for s in rm.score(chains)], lp):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
 def test_save_load_round_trip(policy, demos, tmp_path):
-    rm = _rm(policy, version="v7", threshold=-1.25)
+    rm = _rm(policy, version="v7", threshold=-1.25, token_temperature=True)
+    torch.nn.init.normal_(rm.t_head.weight, std=0.5)
     rm.save_pretrained(tmp_path / "rm")
     loaded = RewardModel.from_pretrained(tmp_path / "rm")
     assert loaded.config.version == "v7" and loaded.config.threshold == -1.25

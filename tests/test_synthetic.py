@@ -65,6 +65,21 @@ def test_phrasing_controls_template_variety():
     assert len({p for p in varied if p[0] == "+"}) == 3
 
 
+def test_step_styles_vary_the_writing_not_the_equation():
+    regular = generate(SyntheticConfig(n_problems=300, seed=5))
+    styled = generate(SyntheticConfig(n_problems=300, step_styles=4, seed=5))
+    # step_styles=1 draws nothing, so it keeps the problems (and steps) of the task without styles
+    assert [d.steps for d in regular] == [d.steps for d in generate(SyntheticConfig(n_problems=300, seed=5))]
+    body = [s for d in styled for s in d.steps[:-1]]
+    counts = [sum(bool(re.match(p, s)) for s in body) for p in (r".+: \d", r"\d+ \S \d+ = \d+, because ",
+                                                               r".+, so (he|she) has \d", r"Now there are \d")]
+    assert sum(counts) == len(body)
+    assert counts[0] > counts[1] > counts[2] > counts[3] > 0  # weights 2^-r: the first style is the common one
+    for d in styled:
+        assert verify(d.meta, d.steps) == -1, d.steps
+        assert len(EQ_RE.findall(" ".join(d.steps))) == len(d.meta["ops"])
+
+
 def test_max_result_bounds_every_value():
     cfg = SyntheticConfig(n_problems=200, max_value=10, max_result=30, operations=["+", "*"], seed=2)
     assert max(max(evaluate(d.meta)) for d in generate(cfg)) <= 30
@@ -80,6 +95,8 @@ def test_max_result_bounds_every_value():
         ("max_factor", {"max_factor": 1}),
         ("phrasing", {"phrasing": 0}),
         ("phrasing", {"phrasing": 9}),
+        ("step_styles", {"step_styles": 0}),
+        ("step_styles", {"step_styles": 5}),
         ("operations", {"operations": ["+", "%"]}),
         ("operations", {"operations": []}),
         ("max_result", {"max_result": 10}),

@@ -2,7 +2,7 @@
 
     dense-irl data convert IN OUT [--format F] [--step-separator S] [--skip-bad]
     dense-irl data stats FILE [--format F]
-    dense-irl data synth OUT [--n N] [--seed S] [--min-steps A] [--max-steps B] [--max-value V] [--phrasing P]
+    dense-irl data synth OUT [--n N] [--seed S] [--min-steps A] [--max-steps B] [--max-value V] [--phrasing P] [--step-styles K]
     dense-irl data perturb IN OUT.jsonl [--kinds K,K] [--seed S] [--correct-fraction X] [--format F]
     dense-irl train-reward --config FILE [--key.sub=value ...]
     dense-irl train --config FILE [--resume auto|PATH] [--key.sub=value ...]
@@ -39,7 +39,8 @@ def _data(args) -> None:
         print(json.dumps(readers.stats(args.file, args.format), indent=2))
     elif args.data_cmd == "synth":
         cfg = synthetic.SyntheticConfig(n_problems=args.n, seed=args.seed, min_steps=args.min_steps,
-                                        max_steps=args.max_steps, max_value=args.max_value, phrasing=args.phrasing)
+                                        max_steps=args.max_steps, max_value=args.max_value, phrasing=args.phrasing,
+                                        **({} if args.step_styles is None else {"step_styles": args.step_styles}))
         demos = synthetic.generate(cfg)
         if args.output.endswith(".jsonl"):
             from dense_irl.io import write_jsonl
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=int, default=4)
     g.add_argument("--max-value", type=int, default=20)
     g.add_argument("--phrasing", type=int, default=3)
+    g.add_argument("--step-styles", type=int, default=None, help="ways a step is written (default: the task's)")
     pt = data.add_parser("perturb", help="ProcessBench JSONL with known first errors")
     pt.add_argument("input")
     pt.add_argument("output")

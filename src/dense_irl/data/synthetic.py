@@ -66,6 +66,15 @@ TEMPLATES = {
     ],
 }
 MAX_PHRASING = min(len(t) for t in TEMPLATES.values())
+# How a writer wraps a step's phrase and equation. The problem does not fix this choice (human solutions
+# vary in style the same way), so a correct step can be an unlikely one: style r is drawn with weight
+# 2^-r among the first ``step_styles``. The equation is always "a op b = c", which is all verify() reads.
+STEP_STYLES = (
+    "{pre}: {eq}.",
+    "{eq}, because {pre_l}.",
+    "{pre}, so {he} has {eq}.",
+    "Now there are {eq} {obj}.",
+)
 
 
 @dataclass
@@ -80,6 +89,7 @@ class SyntheticConfig:
     max_result: int | None = None  # every intermediate value stays in 1..max_result (None: 10*max_value)
     operations: list[str] = field(default_factory=lambda: ["+", "-", "*"])
     phrasing: int = 3  # phrasing templates per operation to draw from; 1 = fully regular
+    step_styles: int = 1  # ways a writer may wrap a step (STEP_STYLES, weight 2^-r); 1 = always the first
     seed: int = 0
 
 
@@ -89,7 +99,8 @@ def validate_config(cfg: SyntheticConfig) -> int:
     def bad(name: str, problem: str) -> ValueError:
         return ValueError(f"SyntheticConfig.{name} = {getattr(cfg, name)!r}: {problem}")
 
-    for name in ("n_problems", "min_steps", "max_steps", "max_value", "max_factor", "phrasing", "seed"):
+    for name in ("n_problems", "min_steps", "max_steps", "max_value", "max_factor", "phrasing", "step_styles",
+                 "seed"):
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool):
             raise bad(name, "must be an integer")
@@ -105,6 +116,8 @@ def validate_config(cfg: SyntheticConfig) -> int:
         raise bad("max_factor", "must be >= 2")
     if not 1 <= cfg.phrasing <= MAX_PHRASING:
         raise bad("phrasing", f"must be between 1 and {MAX_PHRASING}")
+    if not 1 <= cfg.step_styles <= len(STEP_STYLES):
+        raise bad("step_styles", f"must be between 1 and {len(STEP_STYLES)}")
     if not cfg.operations or any(op not in OPS for op in cfg.operations):
         raise bad("operations", f"must be a non-empty list drawn from {list(OPS)}")
     max_result = 10 * cfg.max_value if cfg.max_result is None else cfg.max_result
@@ -186,8 +199,9 @@ def _fill(text: str, name: tuple[str, str, str], obj: str, n: int) -> str:
     return text.format(He=he.capitalize(), him=him, His=his.capitalize(), his=his, obj=obj, n=n, name=who)
 
 
-def render(meta: dict, rng: random.Random, phrasing: int = 1) -> tuple[str, list[str]]:
-    """The word problem and the expert steps for a structured problem, phrasing drawn from ``rng``."""
+def render(meta: dict, rng: random.Random, phrasing: int = 1, step_styles: int = 1) -> tuple[str, list[str]]:
+    """The word problem and the expert steps for a structured problem, phrasing and step styles drawn
+    from ``rng``."""
     start, ops = _check_meta(meta)
     name, obj = rng.choice(NAMES), rng.choice(OBJECTS)
     sentences = [f"{name[0]} has {start} {obj}."]
@@ -198,7 +212,12 @@ def render(meta: dict, rng: random.Random, phrasing: int = 1) -> tuple[str, list
         sentence = _fill(question, name, obj, n)
         sentences.append(sentence if i == 0 else f"Then {sentence[0].lower()}{sentence[1:]}")
         result = apply_op(cur, op, n)
-        steps.append(f"{_fill(step, name, obj, n)}: {cur} {op} {n} = {result}.")
+        pre = _fill(step, name, obj, n)
+        style = STEP_STYLES[0]
+        if step_styles > 1:  # no draw otherwise, so step_styles=1 keeps the problems of earlier versions
+            style = rng.choices(STEP_STYLES[:step_styles], weights=[2.0**-r for r in range(step_styles)])[0]
+        steps.append(style.format(pre=pre, pre_l=pre[0].lower() + pre[1:], he=name[1], obj=obj,
+                                  eq=f"{cur} {op} {n} = {result}"))
         cur = result
     sentences.append(f"How many {obj} does {name[0]} have now?")
     steps.append(f"The answer is {cur}.")
@@ -212,7 +231,7 @@ def generate(cfg: SyntheticConfig) -> list[Demonstration]:
     demos = []
     for i in range(cfg.n_problems):
         meta = _sample_problem(rng, cfg, max_result)
-        prompt, steps = render(meta, rng, cfg.phrasing)
+        prompt, steps = render(meta, rng, cfg.phrasing, cfg.step_styles)
         demos.append(
             Demonstration(
                 id=f"synth-{cfg.seed}-{i}",

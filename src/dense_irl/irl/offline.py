@@ -81,6 +81,8 @@ class RewardConfig:
     mask_expert_prefix: bool = False
     # False: the discriminator trains only the g/h heads; the backbone learns from the expert NLL alone.
     disc_backbone_grad: bool = True
+    # A learned per-token temperature on the lm term (see RewardModel): where surprise means an error.
+    token_temperature: bool = False
 
 
 @dataclass
@@ -115,7 +117,7 @@ def reward_model_config(cfg: RewardConfig, separator: str, max_length: int) -> R
     return RewardModelConfig(
         terms={"airl": "heads", "iq": "lm", "airl+iq": "lm+heads"}[cfg.objective], potential=not cfg.gail,
         gamma=cfg.gamma, alpha=cfg.alpha, separator=separator, max_length=max_length,
-        paragraph_steps=cfg.paragraph_steps,
+        paragraph_steps=cfg.paragraph_steps, token_temperature=cfg.token_temperature,
     )
 
 
@@ -334,6 +336,9 @@ def check_reward_config(r: RewardConfig) -> None:
         raise ValueError(f"reward.negative_pool must be >= 0 (0: fresh negatives each step), got {r.negative_pool}")
     if not r.readout_weights or min(r.readout_weights) < 0:
         raise ValueError(f"reward.readout_weights must be a non-empty list of weights >= 0, got {r.readout_weights}")
+    if r.token_temperature and r.objective == "airl":
+        raise ValueError("reward.token_temperature scales the lm term, which objective 'airl' does not have; "
+                         "use objective 'airl+iq' or 'iq'")
 
 
 def run(cfg: TrainRewardConfig) -> dict:

@@ -2,13 +2,15 @@
 
 One forward pass over a batch of chains gives every token's reward and the reward of every step:
 
-    r_t = alpha * log pi_theta(a_t | s_t) * [lm in terms] + g(s_t, a_t) * [heads in terms]
+    r_t = alpha * tau(s_t, a_t) * log pi_theta(a_t | s_t) * [lm in terms] + g(s_t, a_t) * [heads in terms]
     R_k = sum_{t in step k} r_t + gamma * h(end_k) - h(start_k)            (h only with "heads")
 
 The ``lm`` term is the inverse soft-Q reading of the backbone: its logits are ``Q(s, .)``, ``V =
 logsumexp Q``, and ``Q(s_t, a_t) - V(s_t) = log pi_theta(a_t | s_t)``, which equals the soft-Bellman
 reward ``Q(s_t, a_t) - gamma V(s_{t+1})`` up to potential shaping by ``V`` (so the optimal policy is the
-same). ``h(start_k)`` reads the state just before the step, ``h(end_k)`` the state after its last token;
+same). ``tau = exp(t(s_t, a_t))`` is a learned per-token temperature (``token_temperature``; else 1): the
+discriminator learns where a surprising token is evidence of an error (a wrong digit) and where it is a
+writer's free choice that experts and negatives share (the wording of a step). ``h(start_k)`` reads the state just before the step, ``h(end_k)`` the state after its last token;
 the terminal potential is 0. Paragraph and task rewards sum the step rewards of their span: the
 shaping telescopes, so the three levels agree. Saved in the HF layout: the backbone's
 ``save_pretrained`` folder plus ``reward_head.safetensors`` and ``reward_config.json``.
@@ -43,6 +45,7 @@ class RewardModelConfig:
     separator: str = "\n"
     max_length: int = 256
     paragraph_steps: int = 2  # a paragraph is this many consecutive steps
+    token_temperature: bool = False  # scale each token's log-prob by a learned exp(t(s_t, a_t))
     threshold: float = 0.0  # first-error rule: first step whose reward is below this
     threshold_rule: str = "default 0.0"
     version: str = "0"
@@ -68,9 +71,9 @@ class RewardModel(nn.Module):
             raise ValueError(f"terms must be 'heads', 'lm' or 'lm+heads', got {config.terms!r}")
         self.backbone, self.tokenizer, self.config = backbone, tokenizer, config
         hidden = backbone.config.hidden_size
-        self.g_head, self.h_head = nn.Linear(hidden, 1), nn.Linear(hidden, 1)
-        # Zero init: a fresh reward model gives every step reward 0, the neutral starting point.
-        for head in (self.g_head, self.h_head):
+        self.g_head, self.h_head, self.t_head = nn.Linear(hidden, 1), nn.Linear(hidden, 1), nn.Linear(hidden, 1)
+        # Zero init: a fresh reward model gives every step reward 0 (temperature 1), the neutral start.
+        for head in (self.g_head, self.h_head, self.t_head):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
 
@@ -91,7 +94,10 @@ class RewardModel(nn.Module):
         gamma, terms = self.config.gamma, self.config.terms
         token_r = torch.zeros_like(ids, dtype=hidden.dtype)
         if "lm" in terms:
-            token_r = token_r + self.config.alpha * token_logprobs(r_logits, ids)
+            logp = token_logprobs(r_logits, ids)
+            if self.config.token_temperature:  # clamped: a temperature between e^-6 and e^3
+                logp = logp * torch.exp(self.t_head(r_hidden)[..., 0].clamp(-6.0, 3.0))
+            token_r = token_r + self.config.alpha * logp
         if "heads" in terms:
             token_r = token_r + self.g_head(r_hidden)[..., 0]
         step_r = sum_by_step(token_r, step_ids, S)
@@ -134,6 +140,7 @@ class RewardModel(nn.Module):
             self.tokenizer.save_pretrained(tmp)
             heads = {f"g_head.{k}": v for k, v in self.g_head.state_dict().items()}
             heads |= {f"h_head.{k}": v for k, v in self.h_head.state_dict().items()}
+            heads |= {f"t_head.{k}": v for k, v in self.t_head.state_dict().items()}
             save_file({k: v.contiguous().cpu() for k, v in heads.items()}, str(tmp / HEAD_FILE))
             (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
 
@@ -161,4 +168,6 @@ class RewardModel(nn.Module):
         heads = load_file(str(path / HEAD_FILE))
         model.g_head.load_state_dict({k[7:]: v for k, v in heads.items() if k.startswith("g_head.")})
         model.h_head.load_state_dict({k[7:]: v for k, v in heads.items() if k.startswith("h_head.")})
+        if config.token_temperature:
+            model.t_head.load_state_dict({k[7:]: v for k, v in heads.items() if k.startswith("t_head.")})
         return model.to(device).eval()
