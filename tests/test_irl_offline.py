@@ -127,6 +127,24 @@ def test_masked_expert_prefix_is_left_out_of_the_negative_loss(policy, demos):
     assert without["bce_step"] != pytest.approx(alone["bce_step"], rel=1e-3)
 
 
+def test_divergence_only_scores_a_negative_at_its_first_new_step(policy, demos):
+    experts = [(d.prompt, d.steps) for d in demos[:4]]
+    d = demos[0]
+    rm = _rm(policy, RewardConfig())
+    rm.eval()
+    # Two negatives that leave the expert at step 1 the same way and differ only after it.
+    first = [d.steps[0], "He finds 1 more: 1 + 1 = 7.", "The answer is 7."]
+    other = first[:2] + ["The answer is 70."]
+    cfg = RewardConfig(mask_expert_prefix=True, divergence_only=True)
+    _, a = reward_loss(rm, policy[0], experts, [(d.prompt, first, 1)], cfg)
+    _, b = reward_loss(rm, policy[0], experts, [(d.prompt, other, 1)], cfg)
+    assert a["bce_step"] == pytest.approx(b["bce_step"], rel=1e-5)
+    cfg.divergence_only = False
+    _, a = reward_loss(rm, policy[0], experts, [(d.prompt, first, 1)], cfg)
+    _, b = reward_loss(rm, policy[0], experts, [(d.prompt, other, 1)], cfg)
+    assert a["bce_step"] != pytest.approx(b["bce_step"], rel=1e-4)
+
+
 def test_token_temperature_head_learns_from_the_discriminator(policy, demos):
     cfg = RewardConfig(token_temperature=True, lm_weight=0.0, td_weight=0.0)
     rm = _rm(policy, cfg)
@@ -164,6 +182,7 @@ def test_discriminator_without_backbone_grad_trains_only_the_heads(policy, demos
     ("readout_weights", [], "reward.readout_weights"),
     ("readout_weights", [1.0, -2.0], "reward.readout_weights"),
     ("token_temperature", True, "reward.token_temperature scales the lm term"),
+    ("divergence_only", True, "reward.divergence_only needs reward.mask_expert_prefix"),
 ])
 def test_bad_option_values_are_named(tmp_path, key, value, msg):
     cfg = TrainRewardConfig(output_dir=str(tmp_path / "out"))

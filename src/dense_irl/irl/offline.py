@@ -79,6 +79,9 @@ class RewardConfig:
     # A negative's leading steps that equal its expert's are expert state-actions, not negatives: leave them
     # out of its discriminator loss (False: label every step of a negative 0, plain chain-level AIRL).
     mask_expert_prefix: bool = False
+    # With mask_expert_prefix: also leave out the steps after the one where a negative leaves its expert (a
+    # perturbed expert's later steps are right given its error; labelled 0 they teach the LM wrong arithmetic).
+    divergence_only: bool = False
     # False: the discriminator trains only the g/h heads; the backbone learns from the expert NLL alone.
     disc_backbone_grad: bool = True
     # A learned per-token temperature on the lm term (see RewardModel): where surprise means an error.
@@ -218,6 +221,8 @@ def reward_loss(rm: RewardModel, policy, experts: list[tuple], negatives: list[t
         loss_mask = step_mask.clone()
         for b, (_, _, shared) in enumerate(negatives):
             loss_mask[len(experts) + b, :shared] = False
+            if cfg.divergence_only:
+                loss_mask[len(experts) + b, shared + 1 :] = False
     bce = level_bce(logits, loss_mask, is_expert, cfg.label_smoothing, cfg.level_weights, cfg.paragraph_steps)
     loss = bce["total"]
     metrics = {f"bce_{k}": v.item() for k, v in bce.items()}
@@ -336,6 +341,9 @@ def check_reward_config(r: RewardConfig) -> None:
         raise ValueError(f"reward.negative_pool must be >= 0 (0: fresh negatives each step), got {r.negative_pool}")
     if not r.readout_weights or min(r.readout_weights) < 0:
         raise ValueError(f"reward.readout_weights must be a non-empty list of weights >= 0, got {r.readout_weights}")
+    if r.divergence_only and not r.mask_expert_prefix:
+        raise ValueError("reward.divergence_only needs reward.mask_expert_prefix: true (the loss then starts and "
+                         "ends at the step where a negative leaves its expert)")
     if r.token_temperature and r.objective == "airl":
         raise ValueError("reward.token_temperature scales the lm term, which objective 'airl' does not have; "
                          "use objective 'airl+iq' or 'iq'")
