@@ -10,10 +10,11 @@ logsumexp Q``, and ``Q(s_t, a_t) - V(s_t) = log pi_theta(a_t | s_t)``, which equ
 reward ``Q(s_t, a_t) - gamma V(s_{t+1})`` up to potential shaping by ``V`` (so the optimal policy is the
 same). ``tau = exp(t(s_t, a_t))`` is a learned per-token temperature (``token_temperature``; else 1): the
 discriminator learns where a surprising token is evidence of an error (a wrong digit) and where it is a
-writer's free choice that experts and negatives share (the wording of a step). ``h(start_k)`` reads the state just before the step, ``h(end_k)`` the state after its last token;
-the terminal potential is 0. Paragraph and task rewards sum the step rewards of their span: the
-shaping telescopes, so the three levels agree. Saved in the HF layout: the backbone's
-``save_pretrained`` folder plus ``reward_head.safetensors`` and ``reward_config.json``.
+writer's free choice that experts and negatives share (the wording of a step). ``h(start_k)`` reads the
+state just before the step, ``h(end_k)`` the state after its last token; the terminal potential is 0.
+Paragraph and task rewards sum the step rewards of their span: the shaping telescopes, so the three levels
+agree. Saved in the HF layout: the backbone's ``save_pretrained`` folder plus ``reward_head.safetensors``
+and ``reward_config.json``.
 """
 
 from __future__ import annotations
