@@ -13,6 +13,7 @@ from dense_irl.data.perturb import KINDS, make_processbench
 from dense_irl.data.synthetic import SyntheticConfig, generate
 from dense_irl.irl.offline import (
     RewardConfig,
+    SFTConfig,
     TrainRewardConfig,
     calibrate_readout,
     negatives_for,
@@ -21,6 +22,7 @@ from dense_irl.irl.offline import (
     run,
     shared_prefix,
     train_reward,
+    train_sft,
 )
 from dense_irl.models.chains import step_logprobs
 from dense_irl.models.factory import ModelConfig, load_policy
@@ -125,6 +127,22 @@ def test_masked_expert_prefix_is_left_out_of_the_negative_loss(policy, demos):
     _, without = reward_loss(rm, policy[0], experts, copy_neg, plain)
     assert with_mask["bce_step"] == pytest.approx(alone["bce_step"], rel=1e-5)
     assert without["bce_step"] != pytest.approx(alone["bce_step"], rel=1e-3)
+
+
+def test_sft_resumed_from_its_state_equals_one_run(policy, demos):
+    cfg = SFTConfig(max_steps=4, minutes=1e4, batch_size=4, lr=1e-2)
+    whole, parts = (copy.deepcopy(policy[0]).requires_grad_(True) for _ in range(2))
+    train_sft(whole, policy[1], demos, cfg, 256, "\n", lambda m: None)
+    half = SFTConfig(max_steps=2, minutes=1e4, batch_size=4, lr=1e-2)
+    state = train_sft(parts, policy[1], demos, half, 256, "\n", lambda m: None)
+    train_sft(parts, policy[1], demos, half, 256, "\n", lambda m: None, resume=state)
+    for a, b in zip(whole.parameters(), parts.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    # A fresh optimiser (no resume) does not give the same weights: the baseline would restart.
+    fresh = copy.deepcopy(policy[0]).requires_grad_(True)
+    train_sft(fresh, policy[1], demos, half, 256, "\n", lambda m: None)
+    train_sft(fresh, policy[1], demos, half, 256, "\n", lambda m: None)
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(whole.parameters(), fresh.parameters()))
 
 
 def test_divergence_only_scores_a_negative_at_its_first_new_step(policy, demos):

@@ -25,10 +25,13 @@ from dense_irl.data.readers import load_demonstrations
 from dense_irl.data.schema import Demonstration
 from dense_irl.data.synthetic import SyntheticConfig, generate
 from dense_irl.eval.localisation import calibrate_threshold, first_error, processbench_metrics
+from dense_irl.io import atomic_path
 from dense_irl.irl.objectives import discriminator_logits, expert_nll, level_bce, td_penalty
 from dense_irl.models.chains import encode_chains, step_logprobs, sum_by_step, token_logprobs
 from dense_irl.models.factory import ModelConfig, load_policy, save_policy
 from dense_irl.models.reward_model import RewardModel, RewardModelConfig
+
+SFT_STATE = "sft_state.pt"  # the warm start's AdamW and sampler state, beside sft_policy/
 
 
 @dataclass
@@ -140,10 +143,18 @@ def _loop(name: str, minutes: float, max_steps: int):
     bar.close()
 
 
-def train_sft(model, tokenizer, demos, cfg: SFTConfig, max_length: int, separator: str, log) -> None:
-    """Next-token training on the expert steps (prompt tokens are context, not targets)."""
+def train_sft(model, tokenizer, demos, cfg: SFTConfig, max_length: int, separator: str, log,
+              resume: dict | None = None) -> dict:
+    """Next-token training on the expert steps (prompt tokens are context, not targets).
+
+    Returns the optimiser and sampler state; pass it back as ``resume`` to go on with the same run (the
+    "SFT trained as long" baseline must not restart AdamW's moments or replay the first batches).
+    """
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     rng = random.Random(0)
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        rng.setstate(resume["rng"])
     model.train()
     for step in _loop("sft", cfg.minutes, cfg.max_steps):
         batch = rng.sample(demos, min(cfg.batch_size, len(demos)))
@@ -156,6 +167,7 @@ def train_sft(model, tokenizer, demos, cfg: SFTConfig, max_length: int, separato
         opt.step()
         if step % 25 == 0:
             log({"phase": "sft", "step": step, "sft_nll": loss.item()})
+    return {"optimizer": opt.state_dict(), "rng": rng.getstate()}
 
 
 def shared_prefix(steps: list[str], expert_steps: list[str]) -> int:
@@ -388,7 +400,9 @@ def run(cfg: TrainRewardConfig) -> dict:
     timings = {}
     t = time.monotonic()
     if cfg.sft.minutes > 0 and cfg.sft.max_steps > 0:
-        train_sft(policy, tokenizer, train, cfg.sft, cfg.model.max_length, separator, log)
+        sft_state = train_sft(policy, tokenizer, train, cfg.sft, cfg.model.max_length, separator, log)
+        with atomic_path(out_dir / SFT_STATE) as tmp:  # lets a later run go on with this SFT (the demo's baseline)
+            torch.save(sft_state, tmp)
     timings["sft_s"] = round(time.monotonic() - t, 1)
     policy.eval()
     save_policy(policy, tokenizer, out_dir / "sft_policy")
