@@ -21,7 +21,7 @@ from dense_irl.data.perturb import make_processbench, write_processbench
 from dense_irl.data.synthetic import generate
 from dense_irl.eval import compare, report
 from dense_irl.io import write_json
-from dense_irl.irl.offline import SFT_STATE, TrainRewardConfig, load_data, run, train_sft
+from dense_irl.irl.offline import SFT_STATE, TrainRewardConfig, run, split_demos, train_sft
 from dense_irl.models.factory import load_policy, save_policy
 from dense_irl.models.reward_model import RewardModel
 
@@ -39,11 +39,11 @@ def run_demo(out: str, config: str | None = None, overrides: list[str] | None = 
 
     # Baseline: the SFT policy trained for as long as the reward model's whole run (SFT + IRL).
     extra = cfg.reward.minutes
-    # It goes on with the warm start's optimiser and batch stream, as one SFT run of the whole length would.
+    # It goes on with the warm start's data, optimiser and batch stream, as one SFT run of the whole length would.
     policy, tokenizer = load_policy(replace(cfg.model, name=summary["sft_policy"]))
     state = out_dir / SFT_STATE
     resume = torch.load(state, weights_only=False) if state.is_file() else None
-    train_sft(policy, tokenizer, load_data(cfg.data), replace(cfg.sft, minutes=extra),
+    train_sft(policy, tokenizer, split_demos(cfg)[1], replace(cfg.sft, minutes=extra),
               cfg.model.max_length, cfg.data.step_separator or "\n", lambda m: None, resume)
     save_policy(policy, tokenizer, out_dir / "sft_as_long")
 

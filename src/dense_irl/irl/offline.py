@@ -118,6 +118,14 @@ def load_data(cfg: DataConfig) -> list[Demonstration]:
     return demos
 
 
+def split_demos(cfg: TrainRewardConfig) -> tuple[list[Demonstration], list[Demonstration]]:
+    """The run's demonstrations as (calibration, train), the same split for the same config."""
+    demos = load_data(cfg.data)
+    random.Random(cfg.seed).shuffle(demos)
+    n_cal = min(cfg.data.calibration_chains, len(demos) // 5)
+    return demos[:n_cal], demos[n_cal:]
+
+
 def reward_model_config(cfg: RewardConfig, separator: str, max_length: int) -> RewardModelConfig:
     """The reward model's own config for an objective: which reward terms it reads out."""
     return RewardModelConfig(
@@ -377,10 +385,7 @@ def run(cfg: TrainRewardConfig) -> dict:
     save_config(cfg, out_dir / "config.yaml")
     separator = cfg.data.step_separator or "\n"
 
-    demos = load_data(cfg.data)
-    random.Random(cfg.seed).shuffle(demos)
-    n_cal = min(cfg.data.calibration_chains, len(demos) // 5)
-    calib, train = demos[:n_cal], demos[n_cal:]
+    calib, train = split_demos(cfg)
 
     writer = SummaryWriter(str(out_dir / "tb"))
     metrics_f = open(out_dir / "metrics.jsonl", "a")
