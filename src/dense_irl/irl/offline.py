@@ -155,8 +155,8 @@ def train_sft(model, tokenizer, demos, cfg: SFTConfig, max_length: int, separato
               resume: dict | None = None) -> dict:
     """Next-token training on the expert steps (prompt tokens are context, not targets).
 
-    Returns the optimiser and sampler state; pass it back as ``resume`` to go on with the same run (the
-    "SFT trained as long" baseline must not restart AdamW's moments or replay the first batches).
+    Returns the optimiser and sampler state and the steps taken; pass it back as ``resume`` to go on with the
+    same run (the "SFT trained as long" baseline must not restart AdamW's moments or replay the first batches).
     """
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     rng = random.Random(0)
@@ -164,7 +164,9 @@ def train_sft(model, tokenizer, demos, cfg: SFTConfig, max_length: int, separato
         opt.load_state_dict(resume["optimizer"])
         rng.setstate(resume["rng"])
     model.train()
+    steps = 0
     for step in _loop("sft", cfg.minutes, cfg.max_steps):
+        steps = step + 1
         batch = rng.sample(demos, min(cfg.batch_size, len(demos)))
         enc = encode_chains(tokenizer, _chains(batch), max_length, separator)
         logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
@@ -175,7 +177,7 @@ def train_sft(model, tokenizer, demos, cfg: SFTConfig, max_length: int, separato
         opt.step()
         if step % 25 == 0:
             log({"phase": "sft", "step": step, "sft_nll": loss.item()})
-    return {"optimizer": opt.state_dict(), "rng": rng.getstate()}
+    return {"optimizer": opt.state_dict(), "rng": rng.getstate(), "steps": steps}
 
 
 def shared_prefix(steps: list[str], expert_steps: list[str]) -> int:
@@ -278,8 +280,8 @@ def _cached_logp(policy, rm: RewardModel, chains: list[tuple], cache: dict) -> l
     return [cache[k] for k in keys]
 
 
-def train_reward(rm: RewardModel, policy, demos, cfg: RewardConfig, kinds, log) -> None:
-    """Discriminator / inverse soft-Q training of ``rm``: experts vs perturbed experts.
+def train_reward(rm: RewardModel, policy, demos, cfg: RewardConfig, kinds, log) -> int:
+    """Discriminator / inverse soft-Q training of ``rm``: experts vs perturbed experts; returns the steps taken.
 
     With ``cfg.negative_pool`` > 0 each expert has that many fixed negatives, drawn once, and pi_old's
     step log-probs of every chain are computed the first time it is seen and then reused.
@@ -289,7 +291,9 @@ def train_reward(rm: RewardModel, policy, demos, cfg: RewardConfig, kinds, log) 
     rng = random.Random(1)
     pool: dict[int, list[tuple]] = {}
     cache: dict = {}
+    steps = 0
     for step in _loop("reward", cfg.minutes, cfg.max_steps):
+        steps = step + 1
         rm.train()
         picked = rng.sample(range(len(demos)), min(cfg.batch_size, len(demos)))
         experts = [demos[i] for i in picked]
@@ -313,6 +317,7 @@ def train_reward(rm: RewardModel, policy, demos, cfg: RewardConfig, kinds, log) 
         sched.step()
         if step % 25 == 0:
             log({"phase": "reward", "step": step, **metrics})
+    return steps
 
 
 def calibrate_readout(rm: RewardModel, cal_rows: list[dict], weights: list[float]) -> float:
@@ -406,6 +411,7 @@ def run(cfg: TrainRewardConfig) -> dict:
     t = time.monotonic()
     if cfg.sft.minutes > 0 and cfg.sft.max_steps > 0:
         sft_state = train_sft(policy, tokenizer, train, cfg.sft, cfg.model.max_length, separator, log)
+        timings["sft_steps"] = sft_state["steps"]
         with atomic_path(out_dir / SFT_STATE) as tmp:  # lets a later run go on with this SFT (the demo's baseline)
             torch.save(sft_state, tmp)
     timings["sft_s"] = round(time.monotonic() - t, 1)
@@ -420,7 +426,7 @@ def run(cfg: TrainRewardConfig) -> dict:
     for p in policy.parameters():
         p.requires_grad_(False)
     t = time.monotonic()
-    train_reward(rm, policy, train, cfg.reward, cfg.data.perturbations, log)
+    timings["reward_steps"] = train_reward(rm, policy, train, cfg.reward, cfg.data.perturbations, log)
     timings["reward_s"] = round(time.monotonic() - t, 1)
 
     cal_rows = make_processbench(calib, kinds=cfg.data.perturbations, seed=cfg.seed + 7)
