@@ -151,3 +151,6 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     assert (tmp_path / "demo" / "sft_as_long" / "model.safetensors").is_file()
     assert (tmp_path / "demo" / "plots" / "chain_0.png").is_file()
     assert "reward_model" in out
+    # The preset's step budgets were overridden by the tiny ones; the summary says how many steps ran.
+    steps = result["budget"]["steps"]
+    assert steps["sft_steps"] == 3 and 1 <= steps["reward_steps"] <= 3

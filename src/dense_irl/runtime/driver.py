@@ -18,7 +18,7 @@ import os
 import random
 import re
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -30,72 +30,18 @@ from dense_irl.data.synthetic import is_correct_answer
 from dense_irl.eval.bon import normalise_answer
 from dense_irl.eval.localisation import calibrate_threshold, first_error, processbench_metrics
 from dense_irl.io import write_json
-from dense_irl.irl.offline import (
-    DataConfig,
-    RewardConfig,
-    SFTConfig,
-    check_reward_config,
-    load_data,
-    reward_model_config,
-    shared_prefix,
-)
+from dense_irl.irl.offline import load_data, shared_prefix
+from dense_irl.irl.offline_config import reward_model_config
 from dense_irl.irl.tree import soft_backup
 from dense_irl.models.factory import ModelConfig, load_policy, save_policy
 from dense_irl.models.reward_model import RewardModel
 from dense_irl.rl.ppo import step_advantages
-from dense_irl.runtime.learners import LearnerConfig, PolicyLearner, RewardLearner, free_port
+from dense_irl.runtime.learners import PolicyLearner, RewardLearner, free_port
+from dense_irl.runtime.loop_config import LoopConfig, check_loop_config
 from dense_irl.runtime.placement import actor_options, place_roles, rendezvous
 from dense_irl.runtime.rollout import RolloutConfig, RolloutWorker
 
 FINAL_ANSWER_RE = re.compile(r"(?:answer is|####)\s*\$?(-?[\d,]*\.?\d+)")
-
-
-@dataclass
-class RLConfig:
-    """The policy update."""
-
-    lr: float = 5e-4
-    clip: float = 0.2
-    kl_coef: float = 0.05
-    gamma: float = 1.0
-    outcome_weight: float = 0.0  # weight of the verifier's 0/1 reward on the last step
-    ppo_steps: int = 2  # n policy steps per iteration
-    advantages: str = "group"  # "group" (normalised reward-to-go) or "tree" (soft backups, DESIGN §4)
-
-
-@dataclass
-class LoopConfig:
-    """`dense-irl train`: the whole online IRL run."""
-
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    rl: RLConfig = field(default_factory=RLConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    learner: LearnerConfig = field(default_factory=LearnerConfig)
-    iterations: int = 10
-    minutes: float = 0.0  # wall-clock budget of the iterations (0: none); the last one is checkpointed
-    prompts_per_iteration: int = 8
-    reward_steps: int = 2  # m reward steps per iteration
-    # The reward model's backbone: "" = the SFT policy (default), or a local HF folder (e.g. a 0.5B model next
-    # to a 1.5B policy) that shares the policy's tokenizer, since pi_old is read on the reward model's tokens.
-    reward_backbone: str = ""
-    negative_mix: float = 0.5  # share of negatives that are perturbed experts (the rest: policy samples)
-    # Which policy samples are negatives: "all" (AIRL: expert vs policy) or "incorrect" (those the outcome
-    # verifier rejects: the policy's own mistakes, no correct chain labelled as a negative).
-    policy_negatives: str = "all"
-    eval_every: int = 5
-    eval_prompts: int = 64
-    checkpoint_every: int = 5
-    # Placement group pinning the roles: "PACK" (default), "SPREAD", "STRICT_PACK", "STRICT_SPREAD", or
-    # "none" (plain actor scheduling). Inside a placement group already (a Ray Tune trial) the actors go there.
-    placement_strategy: str = "PACK"
-    colocate_learners: bool = False  # policy and reward learner of a rank share one bundle
-    placement_timeout_s: float = 120.0
-    output_dir: str = "runs/irl"
-    resume: str = "no"  # "no", "auto" (latest checkpoint in output_dir) or a checkpoint folder
-    seed: int = 0
 
 
 def next_prompts(demos: list, cursor: dict, n: int, seed: int) -> tuple[list, dict]:
@@ -152,11 +98,6 @@ class Driver:
         self.state = {"iteration": 0, "cursor": {"epoch": 0, "pos": 0}, "rng": None}
         self.weight_spec = None  # set once the collective weight-sync group is built
         self.pg, self.bundle_of = None, {}  # the roles' placement group (runtime.placement)
-        if cfg.policy_negatives not in ("all", "incorrect"):
-            raise ValueError(f"policy_negatives must be 'all' or 'incorrect', got {cfg.policy_negatives!r}")
-        if cfg.rollout.weight_sync not in ("object_store", "collective"):
-            raise ValueError(f"rollout.weight_sync must be 'object_store' or 'collective', "
-                             f"got {cfg.rollout.weight_sync!r}")
         self.rng = random.Random(cfg.seed + 1)
 
     # ---------------------------------------------------------------- actors
@@ -381,18 +322,11 @@ def start(cfg: LoopConfig) -> Driver:
     """A driver with its actors up: resumed from a checkpoint, or after the SFT warm start."""
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
-    if cfg.reward_backbone and not (Path(cfg.reward_backbone).expanduser() / "config.json").is_file():
-        raise FileNotFoundError(f"reward_backbone: no HF model folder at {cfg.reward_backbone} (expected config.json)")
-    check_reward_config(cfg.reward)
-    if cfg.prompts_per_iteration < cfg.learner.num_workers:
-        raise ValueError(f"prompts_per_iteration ({cfg.prompts_per_iteration}) must be >= learner.num_workers "
-                         f"({cfg.learner.num_workers}): every data-parallel rank needs a shard")
+    check_loop_config(cfg)
     drv = Driver(cfg)
     save_config(cfg, drv.out / "config.yaml")
     resume_from = latest_checkpoint(drv.out) if cfg.resume == "auto" else (
         Path(cfg.resume) if cfg.resume != "no" else None)
-    if cfg.resume not in ("no", "auto") and not (Path(cfg.resume) / "state.json").is_file():
-        raise FileNotFoundError(f"resume: no checkpoint at {cfg.resume} (expected state.json inside)")
     if resume_from is not None:
         st = json.loads((resume_from / "state.json").read_text())
         drv.state = {**st, "rng": None}
