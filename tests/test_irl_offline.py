@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -209,3 +210,24 @@ def test_bad_option_values_are_named(tmp_path, key, value, msg):
     with pytest.raises(ValueError, match=msg):
         run(cfg)
 
+
+
+def test_reward_training_can_continue_the_sft_optimiser(policy, demos):
+    cfg = RewardConfig(max_steps=2, minutes=1e4, batch_size=4, continue_sft_optimizer=True)
+    warm = copy.deepcopy(policy[0]).requires_grad_(True)
+    state = train_sft(warm, policy[1], demos, SFTConfig(max_steps=2, minutes=1e4, batch_size=4), 256, "\n",
+                      lambda m: None)
+    with pytest.raises(ValueError, match="continue_sft_optimizer needs an SFT warm start"):
+        train_reward(_rm(policy, cfg), policy[0], demos, cfg, list(KINDS), lambda m: None)
+    # Second moments made huge: if the backbone really goes on with the warm start's AdamW state, its steps
+    # shrink to nothing, while the heads (a fresh optimiser group) still move.
+    for moments in state["optimizer"]["state"].values():
+        moments["exp_avg_sq"] = moments["exp_avg_sq"] + 1e12
+    rm = _rm(policy, cfg)
+    backbone, heads = [p.clone() for p in rm.backbone.parameters()], rm.g_head.weight.clone()
+    assert train_reward(rm, policy[0], demos, cfg, list(KINDS), lambda m: None, (state, 1e-2)) == 2
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(backbone, rm.backbone.parameters()))
+    assert not torch.allclose(heads, rm.g_head.weight)
+    fresh = _rm(policy, replace(cfg, continue_sft_optimizer=False))
+    train_reward(fresh, policy[0], demos, replace(cfg, continue_sft_optimizer=False), list(KINDS), lambda m: None)
+    assert any(not torch.allclose(a, b, atol=1e-5) for a, b in zip(backbone, fresh.backbone.parameters()))

@@ -3,8 +3,8 @@
 1. train the reward model (SFT warm start, then IRL against perturbed experts) — ``dense_irl.irl.offline``;
 2. train the SFT baseline as long as the whole reward-model run took (the fair log-prob baseline);
 3. evaluate error localisation on held-out chains from another seed: reward model vs SFT log-prob
-   (at the warm start and trained as long) vs chance; thresholds of the baselines are calibrated on
-   held-out calibration chains, the reward model uses the threshold it calibrated during training;
+   (at the warm start and trained as long) vs chance; every threshold is calibrated on the run's own held-out
+   calibration chains (the reward model's was, during training, and is stored in its checkpoint);
 4. write ``eval.json``, ``eval.md`` and plots, and print one table.
 """
 
@@ -21,7 +21,7 @@ from dense_irl.data.perturb import make_processbench, write_processbench
 from dense_irl.data.synthetic import generate
 from dense_irl.eval import compare, report
 from dense_irl.io import write_json
-from dense_irl.irl.offline import SFT_STATE, TrainRewardConfig, run, split_demos, train_sft
+from dense_irl.irl.offline import SFT_STATE, TrainRewardConfig, calibration_rows, run, split_demos, train_sft
 from dense_irl.models.factory import load_policy, save_policy
 from dense_irl.models.reward_model import RewardModel
 
@@ -44,13 +44,14 @@ def run_demo(out: str, config: str | None = None, overrides: list[str] | None = 
     policy, tokenizer = load_policy(replace(cfg.model, name=summary["sft_policy"]))
     state = out_dir / SFT_STATE
     resume = torch.load(state, weights_only=False) if state.is_file() else None
-    train_sft(policy, tokenizer, split_demos(cfg)[1], replace(cfg.sft, minutes=extra, max_steps=100_000),
+    calib, train = split_demos(cfg)
+    train_sft(policy, tokenizer, train, replace(cfg.sft, minutes=extra, max_steps=100_000),
               cfg.model.max_length, cfg.data.step_separator or "\n", lambda m: None, resume)
     save_policy(policy, tokenizer, out_dir / "sft_as_long")
 
     syn = cfg.data.synthetic
     test_rows = make_processbench(generate(replace(syn, n_problems=600, seed=syn.seed + 1000)), seed=1)
-    calib_rows = make_processbench(generate(replace(syn, n_problems=300, seed=syn.seed + 2000)), seed=2)
+    calib_rows = calibration_rows(cfg, calib)  # the chains the reward model's threshold came from
     write_processbench(test_rows, out_dir / "data" / "test_processbench.jsonl")
     write_processbench(calib_rows, out_dir / "data" / "calibration_processbench.jsonl")
 

@@ -61,6 +61,11 @@ def split_demos(cfg: TrainRewardConfig) -> tuple[list[Demonstration], list[Demon
     return demos[:n_cal], demos[n_cal:]
 
 
+def calibration_rows(cfg: TrainRewardConfig, calib: list[Demonstration]) -> list[dict]:
+    """The run's held-out calibration chains (its calibration demos, perturbed): the first-error threshold's."""
+    return make_processbench(calib, kinds=cfg.data.perturbations, seed=cfg.seed + 7)
+
+
 def _chains(demos):
     return [(d.prompt, d.steps) for d in demos]
 
@@ -206,13 +211,27 @@ def _cached_logp(policy, rm: RewardModel, chains: list[tuple], cache: dict) -> l
     return [cache[k] for k in keys]
 
 
-def train_reward(rm: RewardModel, policy, demos, cfg: RewardConfig, kinds, log) -> int:
+def train_reward(rm: RewardModel, policy, demos, cfg: RewardConfig, kinds, log,
+                 sft: tuple[dict, float] | None = None) -> int:
     """Discriminator / inverse soft-Q training of ``rm``: experts vs perturbed experts; returns the steps taken.
 
     With ``cfg.negative_pool`` > 0 each expert has that many fixed negatives, drawn once, and pi_old's
-    step log-probs of every chain are computed the first time it is seen and then reused.
+    step log-probs of every chain are computed the first time it is seen and then reused. ``sft`` is the warm
+    start's ``(train_sft state, lr)``: with ``cfg.continue_sft_optimizer`` the backbone goes on with them.
     """
-    opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=0.0)
+    if cfg.continue_sft_optimizer:
+        if sft is None:
+            raise ValueError("reward.continue_sft_optimizer needs an SFT warm start in this run (sft.max_steps > 0, "
+                             "sft.minutes > 0, reward.init: sft)")
+        backbone = list(rm.backbone.parameters())
+        heads = [p for n, p in rm.named_parameters() if not n.startswith("backbone.")]
+        opt = torch.optim.AdamW([{"params": backbone, "lr": sft[1]}, {"params": heads, "lr": cfg.lr}],
+                                weight_decay=0.0)
+        moments = sft[0]["optimizer"]["state"]  # by position in the policy's parameters, which rm.backbone copies
+        for i, p in enumerate(backbone):
+            opt.state[p] = {k: v.clone() for k, v in moments[i].items()}
+    else:
+        opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, cfg.warmup_steps)))
     rng = random.Random(1)
     pool: dict[int, list[tuple]] = {}
@@ -315,6 +334,7 @@ def run(cfg: TrainRewardConfig) -> dict:
     policy, tokenizer = load_policy(cfg.model, texts, cfg.seed)
     timings = {}
     t = time.monotonic()
+    sft_state = None
     if cfg.sft.minutes > 0 and cfg.sft.max_steps > 0:
         sft_state = train_sft(policy, tokenizer, train, cfg.sft, cfg.model.max_length, separator, log)
         timings["sft_steps"] = sft_state["steps"]
@@ -332,10 +352,11 @@ def run(cfg: TrainRewardConfig) -> dict:
     for p in policy.parameters():
         p.requires_grad_(False)
     t = time.monotonic()
-    timings["reward_steps"] = train_reward(rm, policy, train, cfg.reward, cfg.data.perturbations, log)
+    warm = (sft_state, cfg.sft.lr) if sft_state is not None and cfg.reward.init == "sft" else None
+    timings["reward_steps"] = train_reward(rm, policy, train, cfg.reward, cfg.data.perturbations, log, warm)
     timings["reward_s"] = round(time.monotonic() - t, 1)
 
-    cal_rows = make_processbench(calib, kinds=cfg.data.perturbations, seed=cfg.seed + 7)
+    cal_rows = calibration_rows(cfg, calib)
     calibrate_readout(rm, cal_rows, cfg.reward.readout_weights)
     rm.config.version = time.strftime("%Y%m%d-%H%M%S")
     rm.save_pretrained(out_dir / "reward_model")

@@ -69,6 +69,9 @@ class RewardConfig:
     disc_backbone_grad: bool = True
     # A learned per-token temperature on the lm term (see RewardModel): where surprise means an error.
     token_temperature: bool = False
+    # With init "sft": the backbone goes on with the warm start's AdamW moments and learning rate (sft.lr), so
+    # the expert-NLL term learns as fast as SFT trained on would; the heads start fresh at reward.lr.
+    continue_sft_optimizer: bool = False
 
 
 @dataclass

@@ -74,5 +74,8 @@ def check_loop_config(cfg: LoopConfig) -> None:
         raise ValueError(f"policy_negatives must be 'all' or 'incorrect', got {cfg.policy_negatives!r}")
     if cfg.rollout.weight_sync not in ("object_store", "collective"):
         raise ValueError(f"rollout.weight_sync must be 'object_store' or 'collective', got {cfg.rollout.weight_sync!r}")
+    if cfg.reward.continue_sft_optimizer:
+        raise ValueError("reward.continue_sft_optimizer is for the offline run (dense-irl train-reward); the online "
+                         "loop's warm start trains on a learner and its optimiser state stays there")
     if cfg.resume not in ("no", "auto") and not (Path(cfg.resume) / "state.json").is_file():
         raise FileNotFoundError(f"resume: no checkpoint at {cfg.resume} (expected state.json inside)")
