@@ -65,7 +65,7 @@ class RewardConfig:
     # With mask_expert_prefix: also leave out the steps after the one where a negative leaves its expert (a
     # perturbed expert's later steps are right given its error; labelled 0 they teach the LM wrong arithmetic).
     divergence_only: bool = False
-    # False: the discriminator trains only the g/h heads; the backbone learns from the expert NLL alone.
+    # False: the discriminator trains only the g/h/temperature heads; the backbone learns from the iq terms alone.
     disc_backbone_grad: bool = True
     # A learned per-token temperature on the lm term (see RewardModel): where surprise means an error.
     token_temperature: bool = False
