@@ -231,3 +231,11 @@ def test_reward_training_can_continue_the_sft_optimiser(policy, demos):
     fresh = _rm(policy, replace(cfg, continue_sft_optimizer=False))
     train_reward(fresh, policy[0], demos, replace(cfg, continue_sft_optimizer=False), list(KINDS), lambda m: None)
     assert any(not torch.allclose(a, b, atol=1e-5) for a, b in zip(backbone, fresh.backbone.parameters()))
+
+
+def test_continue_sft_optimizer_without_a_warm_start_fails_before_training(tmp_path):
+    cfg = TrainRewardConfig(output_dir=str(tmp_path / "run"), sft=SFTConfig(max_steps=0),
+                            reward=RewardConfig(continue_sft_optimizer=True))
+    with pytest.raises(ValueError, match="continue_sft_optimizer needs an SFT warm start"):
+        run(cfg)
+    assert not (tmp_path / "run").exists()  # nothing started: no data loaded, no folder written

@@ -229,7 +229,8 @@ def train_reward(rm: RewardModel, policy, demos, cfg: RewardConfig, kinds, log,
                                 weight_decay=0.0)
         moments = sft[0]["optimizer"]["state"]  # by position in the policy's parameters, which rm.backbone copies
         for i, p in enumerate(backbone):
-            opt.state[p] = {k: v.clone() for k, v in moments[i].items()}
+            if i in moments:  # a parameter that never had a gradient in SFT has no moments yet
+                opt.state[p] = {k: v.clone() for k, v in moments[i].items()}
     else:
         opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, cfg.warmup_steps)))
@@ -307,6 +308,11 @@ def run(cfg: TrainRewardConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     check_reward_config(cfg.reward)
+    if cfg.reward.continue_sft_optimizer and not (cfg.sft.minutes > 0 and cfg.sft.max_steps > 0
+                                                  and cfg.reward.init == "sft"):
+        # Checked here, before the warm start spends its minutes, not when the reward phase starts.
+        raise ValueError("reward.continue_sft_optimizer needs an SFT warm start in this run (sft.max_steps > 0, "
+                         "sft.minutes > 0, reward.init: sft)")
     unknown = sorted(set(cfg.data.perturbations) - set(KINDS))
     if unknown:
         raise ValueError(f"data.perturbations: unknown kind {unknown[0]!r}; valid: {', '.join(KINDS)}")
