@@ -7,6 +7,7 @@ import random
 
 import pytest
 import ray
+import torch
 
 from dense_irl.config import load_config
 from dense_irl.irl.offline import load_data
@@ -53,17 +54,28 @@ def test_next_prompts_is_deterministic_and_walks_epochs():
     assert next_prompts(demos, {"epoch": 0, "pos": 4}, 4, seed=3)[0] == b
 
 
-def test_loop_runs_checkpoints_and_resumes_with_the_same_next_batch(tmp_path):
+def _weights(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return {f"{f.parent.name}/{f.name}/{k}": v for f in sorted(folder.rglob("*.safetensors"))
+            for k, v in load_file(f).items()}
+
+
+def test_loop_runs_checkpoints_and_resumes_exactly(tmp_path):
     out = tmp_path / "run"
-    cfg = load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=1", f"--output_dir={out}"])
+    # The warm-up schedule's state travels in the checkpoint too.
+    cfg = load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=1", "--reward.warmup_steps=3",
+                                         f"--output_dir={out}"])
     last = run(cfg)
     assert last["samples"] > 0 and "policy/kl" in last and "reward/bce_total" in last
     ckpt = out / "checkpoints" / "iter_000001"
     assert (ckpt / "policy" / "model.safetensors").is_file()
     assert (ckpt / "reward_model" / "reward_config.json").is_file()
+    assert (ckpt / "optimizer" / "policy" / "optimizer.pt").is_file()
+    assert (ckpt / "optimizer" / "reward" / "optimizer.pt").is_file()
     assert (out / "checkpoints" / "latest").read_text() == "iter_000001"
     state = json.loads((ckpt / "state.json").read_text())
-    assert state["iteration"] == 1
+    assert state["iteration"] == 1 and state["reference"] == str((out / "init" / "sft_policy").resolve())
 
     # "Stop", then resume to iteration 2: the batch of iteration 2 is the one the cursor promised.
     cfg2 = load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=2", f"--output_dir={out}", "--resume=auto"])
@@ -77,7 +89,28 @@ def test_loop_runs_checkpoints_and_resumes_with_the_same_next_batch(tmp_path):
     second, _ = next_prompts(train, cursor, 4, cfg.seed)
     assert rows[0]["batch_ids"] == [d.id for d in first]
     assert rows[1]["batch_ids"] == [d.id for d in second]
-    assert any(r.get("event") == "resumed" for r in _metrics(out))
+    assert any(r.get("event") == "resumed" and r["optimizer_state"] for r in _metrics(out))
+
+    # The same two iterations without a stop: the same samples, the same weights, bit for bit (the reference,
+    # the optimisers' moments, the samplers' seeds and the driver's RNG all came back).
+    straight = tmp_path / "straight"
+    run(load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=2", "--reward.warmup_steps=3",
+                                       f"--output_dir={straight}"]))
+    rows_straight = [r for r in _metrics(straight) if "batch_ids" in r]
+    assert rows_straight[1]["step_reward_mean"] == rows[1]["step_reward_mean"]
+    a, b = _weights(out / "checkpoints" / "iter_000002"), _weights(straight / "checkpoints" / "iter_000002")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_without_the_reference_policy_is_a_clear_error(tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    run(load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=1", f"--output_dir={out}"]))
+    shutil.rmtree(out / "init" / "sft_policy")
+    cfg = load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=2", f"--output_dir={out}", "--resume=auto"])
+    with pytest.raises(FileNotFoundError, match="KL reference policy .*sft_policy.* is gone"):
+        run(cfg)
 
 
 def test_killed_rollout_worker_is_replaced(tmp_path):
@@ -129,7 +162,7 @@ def test_resume_from_missing_checkpoint_is_a_clear_error(tmp_path):
 )
 def test_loop_backends(tmp_path, backend_args):
     """One iteration on each learner backend this machine runs (DeepSpeed on CPU uses gloo), with the reward
-    learner's warm-up schedule (DeepSpeed's WarmupLR, torch's LambdaLR)."""
+    learner's warm-up schedule (DeepSpeed's WarmupLR, torch's LambdaLR), then a resume for a second one."""
     pytest.importorskip("deepspeed") if "deepspeed" in backend_args[0] else None
     out = tmp_path / "run"
     cfg = load_config(LoopConfig, None, [*TINY_LOOP, *backend_args, "--iterations=1", f"--output_dir={out}"])
@@ -137,6 +170,11 @@ def test_loop_backends(tmp_path, backend_args):
     assert last["samples"] > 0 and last["policy/ratio"] == pytest.approx(1.0, abs=0.05)
     assert (out / "checkpoints" / "iter_000001" / "policy" / "model.safetensors").is_file()
     assert (out / "checkpoints" / "iter_000001" / "reward_model" / "reward_head.safetensors").is_file()
+    # Resumed on the same backend and ranks: the optimiser state (DeepSpeed: each rank's ZeRO partition) loads.
+    run(load_config(LoopConfig, None, [*TINY_LOOP, *backend_args, "--iterations=2", f"--output_dir={out}",
+                                       "--resume=auto"]))
+    assert any(r.get("event") == "resumed" and r["optimizer_state"] for r in _metrics(out))
+    assert (out / "checkpoints" / "latest").read_text() == "iter_000002"
 
 
 def test_roles_are_pinned_to_one_placement_group(tmp_path):

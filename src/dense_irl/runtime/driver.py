@@ -95,7 +95,8 @@ class Driver:
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(self.out / "tb"))
-        self.state = {"iteration": 0, "cursor": {"epoch": 0, "pos": 0}, "rng": None}
+        # reference: the KL reference policy's folder (the SFT policy), kept across resumes.
+        self.state = {"iteration": 0, "cursor": {"epoch": 0, "pos": 0}, "rng": None, "reference": None}
         self.weight_spec = None  # set once the collective weight-sync group is built
         self.pg, self.bundle_of = None, {}  # the roles' placement group (runtime.placement)
         self.rng = random.Random(cfg.seed + 1)
@@ -112,14 +113,15 @@ class Driver:
         zero3 = self.cfg.learner.backend == "deepspeed" and self.cfg.learner.zero_stage == 3
         return ray.get([getattr(a, method).remote(*args) for a in (actors if zero3 else actors[:1])])[0]
 
-    def start_actors(self, policy_path: str, reward_path: str) -> None:
+    def start_actors(self, policy_path: str, reward_path: str, reference_path: str) -> None:
         c = self.cfg
         self.pg, self.bundle_of = place_roles(c)
         n = c.learner.num_workers
         cpu, gpu = c.learner.num_cpus_per_worker, c.learner.num_gpus_per_worker
         master = self._master("policy")
         self.policy = [PolicyLearner.options(**self._opts("policy", r, cpu, gpu)).remote(
-            policy_path, c.rl.lr, r, n, master, c.learner, self.sep, c.model.max_length) for r in range(n)]
+            policy_path, c.rl.lr, r, n, master, c.learner, self.sep, c.model.max_length, reference_path)
+            for r in range(n)]
         master = self._master("reward")
         self.reward = [RewardLearner.options(**self._opts("reward", r, cpu, gpu)).remote(
             reward_path, policy_path, c.reward, c.reward.lr, r, n, master, c.learner) for r in range(n)]
@@ -140,11 +142,16 @@ class Driver:
         return [items[r::n] for r in range(n)]
 
     def generate(self, prompts: list[str], n: int, cfg: RolloutConfig) -> list[list[dict]]:
-        """Sample on all rollout workers; a dead worker is replaced (with current weights) and retried."""
+        """Sample on all rollout workers; a dead worker is replaced (with current weights) and retried.
+
+        Worker i samples with seed (seed, i, iteration): a resumed run, or a replaced worker, draws the very
+        samples the first try would have drawn.
+        """
         k = len(self.workers)
         shards = [prompts[i::k] for i in range(k)]
+        seeds = [self.cfg.seed * 1000 + i + 7919 * self.state["iteration"] for i in range(k)]
         results: list = [None] * k
-        futures = [w.generate.remote(shard, n, cfg, self.sep) for w, shard in zip(self.workers, shards)]
+        futures = [w.generate.remote(shard, n, cfg, self.sep, sd) for w, shard, sd in zip(self.workers, shards, seeds)]
         for i in range(k):
             for attempt in range(3):
                 try:
@@ -159,7 +166,7 @@ class Driver:
                             self.weights_ref = ray.put(self._lead(self.policy, "state_dict"))
                     if self.state["iteration"] > 0:
                         ray.get(self.workers[i].update_weights.remote(self.weights_ref, self.state["iteration"]))
-                    futures[i] = self.workers[i].generate.remote(shards[i], n, cfg, self.sep)
+                    futures[i] = self.workers[i].generate.remote(shards[i], n, cfg, self.sep, seeds[i])
             else:
                 raise RuntimeError(f"rollout worker {i} died three times in a row")
         out: list = [None] * len(prompts)
@@ -220,6 +227,8 @@ class Driver:
         final, tmp = root / f"iter_{it:06d}", root / f".iter_{it:06d}.tmp"
         self._lead(self.policy, "save", str(tmp / "policy"))
         self._lead(self.reward, "save", str(tmp / "reward_model"), f"iter-{it}")
+        ray.get([a.save_optimizer.remote(str(tmp / "optimizer" / role))
+                 for role, group in (("policy", self.policy), ("reward", self.reward)) for a in group])
         self.state["rng"] = self.rng.getstate()
         write_json(tmp / "state.json", {**self.state, "rng": _rng_to_json(self.state["rng"])})
         if final.exists():
@@ -329,11 +338,21 @@ def start(cfg: LoopConfig) -> Driver:
         Path(cfg.resume) if cfg.resume != "no" else None)
     if resume_from is not None:
         st = json.loads((resume_from / "state.json").read_text())
-        drv.state = {**st, "rng": None}
+        drv.state = {**drv.state, **st, "rng": None}
         drv.rng.setstate(_rng_from_json(st["rng"]))
-        drv.start_actors(str(resume_from / "policy"), str(resume_from / "reward_model"))
+        ref = st.get("reference")
+        if ref is not None and not (Path(ref) / "config.json").is_file():
+            raise FileNotFoundError(f"resume: the KL reference policy {ref} named in {resume_from / 'state.json'} "
+                                    "is gone; restore that folder (the run's init/sft_policy) to resume")
+        # (a checkpoint without a reference predates it being recorded: its policy becomes the reference)
+        drv.start_actors(str(resume_from / "policy"), str(resume_from / "reward_model"),
+                         ref or str(resume_from / "policy"))
+        optim = resume_from / "optimizer"
+        if optim.is_dir():
+            ray.get([a.load_optimizer.remote(str(optim / role))
+                     for role, group in (("policy", drv.policy), ("reward", drv.reward)) for a in group])
         drv.push_weights(drv.state["iteration"])
-        drv.log({"event": "resumed", "from": str(resume_from)})
+        drv.log({"event": "resumed", "from": str(resume_from), "optimizer_state": optim.is_dir()})
     else:
         # SFT warm start, in the driver's process only to build the tiny tokenizer; training runs on a learner.
         texts = [d.prompt for d in drv.train] + [s for d in drv.train for s in d.steps]
@@ -370,7 +389,8 @@ def start(cfg: LoopConfig) -> Driver:
         # The reward model's backbone: the SFT policy, or the given one (its tokenizer was checked equal to `tok`).
         backbone, _ = load_policy(ModelConfig(name=cfg.reward_backbone or str(sft)))
         RewardModel(backbone, tok, rm_cfg).save_pretrained(init / "reward_model")
-        drv.start_actors(str(sft), str(init / "reward_model"))
+        drv.state["reference"] = str(sft.resolve())
+        drv.start_actors(str(sft), str(init / "reward_model"), str(sft))
     return drv
 
 

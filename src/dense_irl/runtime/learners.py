@@ -13,6 +13,7 @@ import copy
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 import torch
@@ -115,6 +116,33 @@ class _Learner:
         with self._gathered():
             return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
+    def save_optimizer(self, path: str) -> None:
+        """The optimiser's moments and the warm-up schedule into ``path`` (call on every rank), so that a
+        resumed run takes the very step the stopped one would have taken."""
+        if self.backend == "deepspeed":  # every rank writes its ZeRO partition
+            self.engine.save_checkpoint(path, tag="optimizer")
+        elif self.rank == 0:  # data-parallel ranks hold the same state
+            Path(path).mkdir(parents=True, exist_ok=True)
+            torch.save({"optimizer": self.opt.state_dict(),
+                        "scheduler": self.sched.state_dict() if self.sched is not None else None},
+                       Path(path) / "optimizer.pt")
+
+    def load_optimizer(self, path: str) -> None:
+        """The state :meth:`save_optimizer` wrote (same backend and number of ranks)."""
+        if self.backend == "deepspeed":
+            loaded, _ = self.engine.load_checkpoint(path, tag="optimizer", load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
+            if loaded is None:
+                raise FileNotFoundError(f"no DeepSpeed optimiser state in {path} (written by another backend?)")
+            return
+        file = Path(path) / "optimizer.pt"
+        if not file.is_file():
+            raise FileNotFoundError(f"no optimiser state at {file} (written by learner.backend=deepspeed?)")
+        state = torch.load(file, weights_only=False)
+        self.opt.load_state_dict(state["optimizer"])
+        if self.sched is not None and state["scheduler"] is not None:
+            self.sched.load_state_dict(state["scheduler"])
+
     def join_weight_group(self, master: str, rank: int, world: int, backend: str) -> None:
         """Join the stand-alone broadcast group of the weight sync (``rollout.weight_sync: collective``)."""
         from dense_irl.runtime.weight_sync import make_group
@@ -131,14 +159,16 @@ class _Learner:
 
 @ray.remote
 class PolicyLearner(_Learner):
-    """Holds the policy (trained), its frozen reference, and the optimiser."""
+    """Holds the policy (trained), its frozen KL reference (``reference_path``, else a copy of the policy at
+    start), and the optimiser."""
 
     def __init__(self, policy_path: str, lr: float, rank: int, world: int, master: str, cfg: LearnerConfig,
-                 separator: str, max_length: int):
+                 separator: str, max_length: int, reference_path: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(policy_path)
-        self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+        ref = AutoModelForCausalLM.from_pretrained(reference_path) if reference_path else copy.deepcopy(model)
+        self.ref = ref.eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
         self.separator, self.max_length = separator, max_length
         self._setup(model, lr, rank, world, master, cfg)
@@ -156,10 +186,6 @@ class PolicyLearner(_Learner):
         loss = expert_nll(logits, ids, (enc.step_ids >= 0).to(self.device))
         self._step(loss)
         return {"sft_nll": loss.item()}
-
-    def reset_reference(self) -> None:
-        """Make the current weights the KL reference (after the SFT warm start)."""
-        self.ref.load_state_dict(self._full_state_dict())
 
     def ppo_steps(self, rollouts: list[dict], n_steps: int, clip: float, kl_coef: float) -> dict:
         """``n_steps`` PPO-clip steps on this rank's rollouts (token ids and per-step advantages).

@@ -69,8 +69,12 @@ class HFEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], n: int, cfg: RolloutConfig, separator: str) -> list[list[dict]]:
+    def generate(self, prompts: list[str], n: int, cfg: RolloutConfig, separator: str,
+                 seed: int | None = None) -> list[list[dict]]:
+        """``n`` completions per prompt; ``seed`` makes the samples a function of the weights and the seed."""
         tok = self.tokenizer
+        if seed is not None:
+            torch.manual_seed(seed)
         jobs = [(i, prompt_ids(tok, p, separator)) for i, p in enumerate(prompts) for _ in range(n)]
         out: list[list[dict]] = [[] for _ in prompts]
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -180,12 +184,14 @@ class VLLMEngine:
         # The same tokenizer files and prompt encoding as HFEngine, so both engines see the same ids.
         self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
 
-    def generate(self, prompts: list[str], n: int, cfg: RolloutConfig, separator: str) -> list[list[dict]]:
+    def generate(self, prompts: list[str], n: int, cfg: RolloutConfig, separator: str,
+                 seed: int | None = None) -> list[list[dict]]:
+        """``n`` completions per prompt; with ``seed``, prompt j samples with vLLM's per-request seed + j."""
         from vllm import SamplingParams, TokensPrompt
 
         tok = self.tokenizer
         greedy = cfg.temperature <= 0
-        params = SamplingParams(
+        params = [SamplingParams(
             n=1 if greedy else n,  # vLLM refuses n > 1 with greedy decoding: the n copies are identical
             temperature=cfg.temperature,
             top_p=1.0 if greedy else cfg.top_p,
@@ -193,7 +199,8 @@ class VLLMEngine:
             max_tokens=cfg.max_new_tokens,
             logprobs=0,  # only the sampled token's log-prob
             stop_token_ids=[tok.eos_token_id],
-        )
+            seed=None if seed is None else seed + j,
+        ) for j in range(len(prompts))]
         inputs = [TokensPrompt(prompt_token_ids=prompt_ids(tok, p, separator)) for p in prompts]
         out = []
         for res in self.llm.generate(inputs, params, use_tqdm=False):
@@ -244,8 +251,9 @@ class RolloutWorker:
         self.engine = HFEngine(policy_path, seed) if engine == "hf" else VLLMEngine(policy_path, seed, cfg=cfg)
         self.version = 0
 
-    def generate(self, prompts: list[str], n: int, cfg: RolloutConfig, separator: str) -> list[list[dict]]:
-        groups = self.engine.generate(prompts, n, cfg, separator)
+    def generate(self, prompts: list[str], n: int, cfg: RolloutConfig, separator: str,
+                 seed: int | None = None) -> list[list[dict]]:
+        groups = self.engine.generate(prompts, n, cfg, separator, seed)
         for group in groups:
             for c in group:
                 c["policy_version"] = self.version
