@@ -137,7 +137,8 @@ def test_unknown_policy_negatives_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize(("flag", "msg"), [("--reward.alpha=0", "reward.alpha must be > 0"),
                                            ("--reward.warmup_steps=-1", "reward.warmup_steps must be >= 0"),
-                                           ("--reward.continue_sft_optimizer=true", "is for the offline run")])
+                                           ("--reward.continue_sft_optimizer=true", "is for the offline run"),
+                                           ("--rl.ptx_coef=-1", "rl.ptx_coef must be >= 0")])
 def test_bad_reward_option_is_a_clear_error(tmp_path, flag, msg):
     cfg = load_config(LoopConfig, None, [*TINY_LOOP, f"--output_dir={tmp_path}", flag])
     with pytest.raises(ValueError, match=msg):
@@ -154,20 +155,22 @@ def test_resume_from_missing_checkpoint_is_a_clear_error(tmp_path):
     "backend_args",
     [
         ["--learner.backend=deepspeed", "--learner.zero_stage=3", "--learner.num_workers=2",
-         "--learner.num_cpus_per_worker=0.25", "--reward.warmup_steps=3"],
+         "--learner.num_cpus_per_worker=0.25", "--reward.warmup_steps=3", "--rl.ptx_coef=0.5"],
         ["--learner.backend=torch", "--learner.num_workers=2", "--learner.num_cpus_per_worker=0.25",
-         "--reward.warmup_steps=3"],
+         "--reward.warmup_steps=3", "--rl.ptx_coef=0.5"],
     ],
     ids=["deepspeed-zero3-2-ranks", "torch-ddp-2-ranks"],
 )
 def test_loop_backends(tmp_path, backend_args):
     """One iteration on each learner backend this machine runs (DeepSpeed on CPU uses gloo), with the reward
-    learner's warm-up schedule (DeepSpeed's WarmupLR, torch's LambdaLR), then a resume for a second one."""
+    learner's warm-up schedule (DeepSpeed's WarmupLR, torch's LambdaLR) and PPO-ptx, then a resume for a second
+    one."""
     pytest.importorskip("deepspeed") if "deepspeed" in backend_args[0] else None
     out = tmp_path / "run"
     cfg = load_config(LoopConfig, None, [*TINY_LOOP, *backend_args, "--iterations=1", f"--output_dir={out}"])
     last = run(cfg)
     assert last["samples"] > 0 and last["policy/ratio"] == pytest.approx(1.0, abs=0.05)
+    assert last["policy/ptx_nll"] > 0  # PPO-ptx: policy and expert rows in one forward pass, on both backends
     assert (out / "checkpoints" / "iter_000001" / "policy" / "model.safetensors").is_file()
     assert (out / "checkpoints" / "iter_000001" / "reward_model" / "reward_head.safetensors").is_file()
     # Resumed on the same backend and ranks: the optimiser state (DeepSpeed: each rank's ZeRO partition) loads.

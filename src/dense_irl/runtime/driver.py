@@ -292,8 +292,10 @@ class Driver:
             adv = step_advantages(rewards, groups_idx, c.rl.gamma, outcomes, c.rl.outcome_weight)
         rollouts = [{"prompt": d.prompt, "token_ids": s["token_ids"], "logprobs": s["logprobs"], "advantages": a}
                     for (d, s), a in zip(samples, adv)]
-        policy_metrics = self._on_all(self.policy, "ppo_steps", [(sh, c.rl.ppo_steps, c.rl.clip, c.rl.kl_coef)
-                                                                for sh in self._shard(rollouts)])
+        experts = [(d.prompt, d.steps) for d in batch]
+        policy_metrics = self._on_all(self.policy, "ppo_steps", [
+            (sh, c.rl.ppo_steps, c.rl.clip, c.rl.kl_coef, ex, c.rl.ptx_coef)
+            for sh, ex in zip(self._shard(rollouts), self._shard(experts))])
         self.state["iteration"] += 1
         self.push_weights(self.state["iteration"])
         t_policy = time.monotonic() - t0

@@ -187,13 +187,19 @@ class PolicyLearner(_Learner):
         self._step(loss)
         return {"sft_nll": loss.item()}
 
-    def ppo_steps(self, rollouts: list[dict], n_steps: int, clip: float, kl_coef: float) -> dict:
+    def ppo_steps(self, rollouts: list[dict], n_steps: int, clip: float, kl_coef: float,
+                  experts: list | None = None, ptx_coef: float = 0.0) -> dict:
         """``n_steps`` PPO-clip steps on this rank's rollouts (token ids and per-step advantages).
 
         The "old" log-probs are recomputed here, once, with the weights that sampled the rollouts
-        (the engines' own log-probs can differ by kernels, warpers and temperature).
+        (the engines' own log-probs can differ by kernels, warpers and temperature). With ``ptx_coef`` > 0
+        each step adds ``ptx_coef`` * the expert NLL of ``experts`` (prompt, steps) chains (PPO-ptx):
+        one forward pass over both batches, so data-parallel backends see one forward per backward.
         """
-        from dense_irl.models.chains import token_logprobs
+        import torch.nn.functional as F
+
+        from dense_irl.irl.objectives import expert_nll
+        from dense_irl.models.chains import encode_chains, token_logprobs
         from dense_irl.rl.ppo import policy_batch, ppo_loss
 
         batch = policy_batch(self.tokenizer, rollouts, self.separator, self.device)
@@ -201,11 +207,27 @@ class PolicyLearner(_Learner):
         with torch.no_grad():
             old_logp = token_logprobs(self.module(input_ids=ids, attention_mask=mask).logits, ids)
             ref_logp = token_logprobs(self.ref(input_ids=ids, attention_mask=mask).logits, ids)
+        B, T = ids.shape
+        all_ids, all_mask = ids, mask
+        if ptx_coef > 0 and experts:
+            enc = encode_chains(self.tokenizer, experts, self.max_length, self.separator)
+            e_ids, e_mask = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+            e_tokens = (enc.step_ids >= 0).to(self.device)
+            width = max(T, e_ids.shape[1])  # right padding: positions stay those of unpadded rows
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            all_ids = torch.cat([F.pad(ids, (0, width - T), value=pad), F.pad(e_ids, (0, width - e_ids.shape[1]),
+                                                                                value=pad)])
+            all_mask = torch.cat([F.pad(mask, (0, width - T)), F.pad(e_mask, (0, width - e_mask.shape[1]))])
         self.engine.train()
         stats: dict = {}
         for _ in range(n_steps):
-            logp = token_logprobs(self.engine(input_ids=ids, attention_mask=mask).logits, ids)
+            logits = self.engine(input_ids=all_ids, attention_mask=all_mask).logits
+            logp = token_logprobs(logits[:B, :T], ids)
             loss, stats = ppo_loss(logp, old_logp, ref_logp, batch["advantages"], batch["mask"], clip, kl_coef)
+            if len(all_ids) > B:
+                nll = expert_nll(logits[B:, : e_ids.shape[1]], e_ids, e_tokens)
+                loss = loss + ptx_coef * nll
+                stats["ptx_nll"] = nll.item()
             self._step(loss)
             stats["policy_loss"] = loss.item()
         behaviour = batch["old_logp"][batch["mask"]]

@@ -24,6 +24,9 @@ class RLConfig:
     gamma: float = 1.0
     outcome_weight: float = 0.0  # weight of the verifier's 0/1 reward on the last step
     ppo_steps: int = 2  # n policy steps per iteration
+    # PPO-ptx (InstructGPT; OpenRLHF's --ptx_coef): every policy step also lowers ptx_coef * the expert NLL of
+    # the iteration's prompts' demonstrations, so the policy keeps imitating while it follows the dense rewards.
+    ptx_coef: float = 0.0
     advantages: str = "group"  # "group" (normalised reward-to-go) or "tree" (soft backups, DESIGN §4)
 
 
@@ -70,6 +73,9 @@ def check_loop_config(cfg: LoopConfig) -> None:
     if cfg.prompts_per_iteration < cfg.learner.num_workers:
         raise ValueError(f"prompts_per_iteration ({cfg.prompts_per_iteration}) must be >= learner.num_workers "
                          f"({cfg.learner.num_workers}): every data-parallel rank needs a shard")
+    if cfg.rl.ptx_coef < 0:
+        raise ValueError(f"rl.ptx_coef must be >= 0 (the weight of the expert NLL in the policy loss), got "
+                         f"{cfg.rl.ptx_coef}")
     if cfg.policy_negatives not in ("all", "incorrect"):
         raise ValueError(f"policy_negatives must be 'all' or 'incorrect', got {cfg.policy_negatives!r}")
     if cfg.rollout.weight_sync not in ("object_store", "collective"):
