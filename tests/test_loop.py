@@ -65,7 +65,7 @@ def test_loop_runs_checkpoints_and_resumes_exactly(tmp_path):
     out = tmp_path / "run"
     # The warm-up schedule's state travels in the checkpoint too.
     cfg = load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=1", "--reward.warmup_steps=3",
-                                         f"--output_dir={out}"])
+                                         "--rl.warmup_steps=3", f"--output_dir={out}"])
     last = run(cfg)
     assert last["samples"] > 0 and "policy/kl" in last and "reward/bce_total" in last
     ckpt = out / "checkpoints" / "iter_000001"
@@ -78,7 +78,8 @@ def test_loop_runs_checkpoints_and_resumes_exactly(tmp_path):
     assert state["iteration"] == 1 and state["reference"] == str((out / "init" / "sft_policy").resolve())
 
     # "Stop", then resume to iteration 2: the batch of iteration 2 is the one the cursor promised.
-    cfg2 = load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=2", f"--output_dir={out}", "--resume=auto"])
+    cfg2 = load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=2", "--reward.warmup_steps=3", "--rl.warmup_steps=3",
+                                          f"--output_dir={out}", "--resume=auto"])
     run(cfg2)
     rows = [r for r in _metrics(out) if "batch_ids" in r]
     assert [r["iteration"] for r in rows] == [1, 2]
@@ -95,7 +96,7 @@ def test_loop_runs_checkpoints_and_resumes_exactly(tmp_path):
     # the optimisers' moments, the samplers' seeds and the driver's RNG all came back).
     straight = tmp_path / "straight"
     run(load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=2", "--reward.warmup_steps=3",
-                                       f"--output_dir={straight}"]))
+                                       "--rl.warmup_steps=3", f"--output_dir={straight}"]))
     rows_straight = [r for r in _metrics(straight) if "batch_ids" in r]
     assert rows_straight[1]["step_reward_mean"] == rows[1]["step_reward_mean"]
     a, b = _weights(out / "checkpoints" / "iter_000002"), _weights(straight / "checkpoints" / "iter_000002")
@@ -138,7 +139,8 @@ def test_unknown_policy_negatives_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize(("flag", "msg"), [("--reward.alpha=0", "reward.alpha must be > 0"),
                                            ("--reward.warmup_steps=-1", "reward.warmup_steps must be >= 0"),
                                            ("--reward.continue_sft_optimizer=true", "is for the offline run"),
-                                           ("--rl.ptx_coef=-1", "rl.ptx_coef must be >= 0")])
+                                           ("--rl.ptx_coef=-1", "rl.ptx_coef must be >= 0"),
+                                           ("--rl.warmup_steps=-2", "rl.warmup_steps must be >= 0")])
 def test_bad_reward_option_is_a_clear_error(tmp_path, flag, msg):
     cfg = load_config(LoopConfig, None, [*TINY_LOOP, f"--output_dir={tmp_path}", flag])
     with pytest.raises(ValueError, match=msg):

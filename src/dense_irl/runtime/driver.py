@@ -120,7 +120,8 @@ class Driver:
         cpu, gpu = c.learner.num_cpus_per_worker, c.learner.num_gpus_per_worker
         master = self._master("policy")
         self.policy = [PolicyLearner.options(**self._opts("policy", r, cpu, gpu)).remote(
-            policy_path, c.rl.lr, r, n, master, c.learner, self.sep, c.model.max_length, reference_path)
+            policy_path, c.rl.lr, r, n, master, c.learner, self.sep, c.model.max_length, reference_path,
+            c.rl.warmup_steps)
             for r in range(n)]
         master = self._master("reward")
         self.reward = [RewardLearner.options(**self._opts("reward", r, cpu, gpu)).remote(

@@ -163,7 +163,7 @@ class PolicyLearner(_Learner):
     start), and the optimiser."""
 
     def __init__(self, policy_path: str, lr: float, rank: int, world: int, master: str, cfg: LearnerConfig,
-                 separator: str, max_length: int, reference_path: str | None = None):
+                 separator: str, max_length: int, reference_path: str | None = None, warmup_steps: int = 0):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(policy_path)
@@ -171,7 +171,7 @@ class PolicyLearner(_Learner):
         self.ref = ref.eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
         self.separator, self.max_length = separator, max_length
-        self._setup(model, lr, rank, world, master, cfg)
+        self._setup(model, lr, rank, world, master, cfg, warmup_steps)
         self.ref.to(self.device)
 
     def sft_step(self, chains: list) -> dict:

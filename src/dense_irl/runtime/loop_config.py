@@ -27,6 +27,9 @@ class RLConfig:
     # PPO-ptx (InstructGPT; OpenRLHF's --ptx_coef): every policy step also lowers ptx_coef * the expert NLL of
     # the iteration's prompts' demonstrations, so the policy keeps imitating while it follows the dense rewards.
     ptx_coef: float = 0.0
+    # The policy's lr rises linearly over this many PPO steps: a fresh Adam's first steps move every weight by
+    # about lr, which knocks the SFT policy off its optimum (as reward.warmup_steps does for the reward model).
+    warmup_steps: int = 0
     advantages: str = "group"  # "group" (normalised reward-to-go) or "tree" (soft backups, DESIGN §4)
 
 
@@ -73,6 +76,8 @@ def check_loop_config(cfg: LoopConfig) -> None:
     if cfg.prompts_per_iteration < cfg.learner.num_workers:
         raise ValueError(f"prompts_per_iteration ({cfg.prompts_per_iteration}) must be >= learner.num_workers "
                          f"({cfg.learner.num_workers}): every data-parallel rank needs a shard")
+    if cfg.rl.warmup_steps < 0:
+        raise ValueError(f"rl.warmup_steps must be >= 0, got {cfg.rl.warmup_steps}")
     if cfg.rl.ptx_coef < 0:
         raise ValueError(f"rl.ptx_coef must be >= 0 (the weight of the expert NLL in the policy loss), got "
                          f"{cfg.rl.ptx_coef}")
