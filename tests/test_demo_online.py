@@ -37,7 +37,7 @@ def test_online_demo_writes_the_table_and_the_reports(tmp_path):
     assert "policy accuracy after SFT (greedy)" in measures and "policy accuracy after IRL (greedy)" in measures
     assert "Best-of-3: min" in measures and "Best-of-3: random" in measures
     saved = json.loads((out / "eval.json").read_text())
-    assert saved["timing"]["iterations"] == 2
+    assert saved["timing"]["iterations"] == 2 and saved["timing"]["sft_steps"] == 3  # the SFT step budget
     assert (out / "eval.md").read_text().startswith("## dense-irl demo")
     assert (out / "checkpoints" / "iter_000002" / "reward_model" / "reward_config.json").is_file()
     assert (out / "plots" / "chain_0.png").is_file()

@@ -143,7 +143,8 @@ def run_demo(out: str, config: str | None = None, overrides: list[str] | None = 
     rows += [{"measure": f"Best-of-{bon_n}: {k}", "value": bon["accuracy"][k],
               "note": f"ci95 {bon['ci95'][k][0]:.2f}-{bon['ci95'][k][1]:.2f}"}
              for k in ("min", "sum", "random", "majority", "oracle")]
-    timing = {"sft_s": round(t_sft, 1), "loop_s": round(t_loop, 1), "iterations": drv.state["iteration"],
+    timing = {"sft_s": round(t_sft, 1), "sft_steps": drv.state.get("sft_steps"), "loop_s": round(t_loop, 1),
+              "iterations": drv.state["iteration"],
               "baselines_train_s": {k: v["train_s"] for k, v in base.items()},
               "total_s": round(time.monotonic() - t_start, 1)}
     result = {
@@ -153,7 +154,7 @@ def run_demo(out: str, config: str | None = None, overrides: list[str] | None = 
         "test": {"n": len(test_rows), "seed": syn.seed + 1000, "calibration_n": len(calib_rows)},
     }
     md = (f"## dense-irl demo: online IRL on the synthetic task ({timing['total_s']:.0f} s, "
-          f"{timing['iterations']} iterations)\n\n" + report.markdown_table(rows) + "\n\n"
+          f"{timing['sft_steps']} SFT steps, {timing['iterations']} iterations)\n\n" + report.markdown_table(rows) + "\n\n"
           + report.localisation_markdown(loc["irl_reward_model"], "IRL reward model in detail"))
     report.write_report(result, out_dir / "eval.json", md)
     write_json(out_dir / "demo_summary.json", {"checkpoint": str(ckpt), "eval": str(out_dir / "eval.json"),

@@ -18,7 +18,6 @@ import os
 import random
 import re
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -31,15 +30,13 @@ from dense_irl.eval.bon import normalise_answer
 from dense_irl.eval.localisation import calibrate_threshold, first_error, processbench_metrics
 from dense_irl.io import write_json
 from dense_irl.irl.offline import load_data, shared_prefix
-from dense_irl.irl.offline_config import reward_model_config
 from dense_irl.irl.tree import soft_backup
-from dense_irl.models.factory import ModelConfig, load_policy, save_policy
-from dense_irl.models.reward_model import RewardModel
 from dense_irl.rl.ppo import step_advantages
-from dense_irl.runtime.learners import PolicyLearner, RewardLearner, free_port
+from dense_irl.runtime.learners import PolicyLearner, RewardLearner
 from dense_irl.runtime.loop_config import LoopConfig, check_loop_config
 from dense_irl.runtime.placement import actor_options, place_roles, rendezvous
 from dense_irl.runtime.rollout import RolloutConfig, RolloutWorker
+from dense_irl.runtime.warm_start import warm_start
 
 FINAL_ANSWER_RE = re.compile(r"(?:answer is|####)\s*\$?(-?[\d,]*\.?\d+)")
 
@@ -357,43 +354,9 @@ def start(cfg: LoopConfig) -> Driver:
         drv.push_weights(drv.state["iteration"])
         drv.log({"event": "resumed", "from": str(resume_from), "optimizer_state": optim.is_dir()})
     else:
-        # SFT warm start, in the driver's process only to build the tiny tokenizer; training runs on a learner.
-        texts = [d.prompt for d in drv.train] + [s for d in drv.train for s in d.steps]
-        model, tok = load_policy(cfg.model, texts, cfg.seed)
-        init = drv.out / "init"
-        save_policy(model, tok, init / "policy")
-        if cfg.reward_backbone:  # checked before the warm start spends any time
-            from transformers import AutoTokenizer
-
-            if AutoTokenizer.from_pretrained(cfg.reward_backbone).get_vocab() != tok.get_vocab():
-                raise ValueError(f"reward_backbone {cfg.reward_backbone}: its tokenizer differs from the policy's "
-                                 f"({cfg.model.name}); the discriminator reads pi_old on the reward model's tokens, "
-                                 "so both must share one tokenizer (e.g. two sizes of one model family)")
-        rm_cfg = reward_model_config(cfg.reward, drv.sep, cfg.model.max_length)
-        drv.policy_path = str(init / "policy")
-        # One rank of the learners' kind (backend, GPU share) runs the warm start.
-        learner = PolicyLearner.options(num_cpus=cfg.learner.num_cpus_per_worker,
-                                        num_gpus=cfg.learner.num_gpus_per_worker).remote(
-            str(init / "policy"), cfg.sft.lr, 0, 1, f"127.0.0.1:{free_port()}",
-            replace(cfg.learner, num_workers=1, threads=cfg.learner.sft_threads or cfg.learner.threads), drv.sep,
-            cfg.model.max_length)
-        deadline = time.monotonic() + 60 * cfg.sft.minutes
-        rng = random.Random(cfg.seed)
-        for step in tqdm(range(cfg.sft.max_steps), desc="sft", mininterval=2):
-            if time.monotonic() > deadline:
-                break
-            batch = rng.sample(drv.train, min(cfg.sft.batch_size, len(drv.train)))
-            m = ray.get(learner.sft_step.remote([(d.prompt, d.steps) for d in batch]))
-            if step % 25 == 0:
-                drv.log({"phase": "sft", "step": step, **m})
-        ray.get(learner.save.remote(str(init / "sft_policy")))
-        ray.kill(learner)
-        sft = init / "sft_policy"
-        # The reward model's backbone: the SFT policy, or the given one (its tokenizer was checked equal to `tok`).
-        backbone, _ = load_policy(ModelConfig(name=cfg.reward_backbone or str(sft)))
-        RewardModel(backbone, tok, rm_cfg).save_pretrained(init / "reward_model")
+        sft, reward_init = warm_start(drv)
         drv.state["reference"] = str(sft.resolve())
-        drv.start_actors(str(sft), str(init / "reward_model"), str(sft))
+        drv.start_actors(str(sft), str(reward_init), str(sft))
     return drv
 
 
