@@ -35,6 +35,8 @@ def test_online_demo_writes_the_table_and_the_reports(tmp_path):
                    "outcome_rm", "chance"):
         assert f"localisation F1: {scorer}" in measures
     assert "policy accuracy after SFT (greedy)" in measures and "policy accuracy after IRL (greedy)" in measures
+    assert "policy accuracy after IRL (mean of 3 samples, T=1)" in measures
+    assert all(0 <= v <= 1 for v in result["policy_accuracy_sampled"].values())
     assert "Best-of-3: min" in measures and "Best-of-3: random" in measures
     saved = json.loads((out / "eval.json").read_text())
     assert saved["timing"]["iterations"] == 2 and saved["timing"]["sft_steps"] == 3  # the SFT step budget
