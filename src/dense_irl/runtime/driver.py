@@ -129,7 +129,11 @@ class Driver:
     def _new_worker(self, i: int):
         c = self.cfg.rollout
         return RolloutWorker.options(**self._opts("rollout", i, c.num_cpus_per_worker, c.num_gpus_per_worker)).remote(
-            c.engine, self.policy_path, self.cfg.seed * 1000 + i + 7919 * self.state["iteration"], c)
+            c.engine, self.policy_path, self._sample_seed(i), c)
+
+    def _sample_seed(self, i: int) -> int:
+        """Worker i's sampling seed at this iteration: a resumed run or a replaced worker redraws the same samples."""
+        return self.cfg.seed * 1000 + i + 7919 * self.state["iteration"]
 
     def _on_all(self, actors, method: str, shards: list) -> list:
         """Call ``method`` on every rank with its shard (data parallel) and wait."""
@@ -147,7 +151,7 @@ class Driver:
         """
         k = len(self.workers)
         shards = [prompts[i::k] for i in range(k)]
-        seeds = [self.cfg.seed * 1000 + i + 7919 * self.state["iteration"] for i in range(k)]
+        seeds = [self._sample_seed(i) for i in range(k)]
         results: list = [None] * k
         futures = [w.generate.remote(shard, n, cfg, self.sep, sd) for w, shard, sd in zip(self.workers, shards, seeds)]
         for i in range(k):

@@ -208,7 +208,7 @@ class PolicyLearner(_Learner):
             old_logp = token_logprobs(self.module(input_ids=ids, attention_mask=mask).logits, ids)
             ref_logp = token_logprobs(self.ref(input_ids=ids, attention_mask=mask).logits, ids)
         B, T = ids.shape
-        all_ids, all_mask = ids, mask
+        all_ids, all_mask, e_ids = ids, mask, None
         if ptx_coef > 0 and experts:
             enc = encode_chains(self.tokenizer, experts, self.max_length, self.separator)
             e_ids, e_mask = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
@@ -224,7 +224,7 @@ class PolicyLearner(_Learner):
             logits = self.engine(input_ids=all_ids, attention_mask=all_mask).logits
             logp = token_logprobs(logits[:B, :T], ids)
             loss, stats = ppo_loss(logp, old_logp, ref_logp, batch["advantages"], batch["mask"], clip, kl_coef)
-            if len(all_ids) > B:
+            if e_ids is not None:
                 nll = expert_nll(logits[B:, : e_ids.shape[1]], e_ids, e_tokens)
                 loss = loss + ptx_coef * nll
                 stats["ptx_nll"] = nll.item()
