@@ -9,7 +9,7 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo demo-offline test test-vllm test-gpu lint format bench clean
+.PHONY: setup demo demo-offline test test-vllm test-gpu lint format clean
 
 setup: $(STAMP)
 

@@ -51,7 +51,7 @@ def main() -> None:
 
     ray.init(num_cpus=2, include_dashboard=False)
     cfg = RolloutConfig(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
-    workers = {e: RolloutWorker.options(num_cpus=1).remote(e, policy, 0) for e in ("hf", "vllm")}
+    workers = {e: RolloutWorker.options(num_cpus=1).remote(policy, cfg=RolloutConfig(engine=e)) for e in ("hf", "vllm")}
     ray.get([w.ping.remote() for w in workers.values()])
     for w in workers.values():  # warm-up: first-call allocations and lazy initialisation
         ray.get(w.generate.remote(prompts[:2], 2, cfg, "\n"))
@@ -62,7 +62,7 @@ def main() -> None:
             t0 = time.perf_counter()
             groups = ray.get(w.generate.remote(prompts, args.samples, cfg, "\n"))
             seconds = time.perf_counter() - t0
-            tokens = sum(len(c["token_ids"]) for g in groups for c in g)
+            tokens = sum(len(c.token_ids) for g in groups for c in g)
             rates[engine].append(tokens / seconds)
             print(
                 json.dumps(

@@ -1,4 +1,4 @@
-"""`ray job submit ... -- python jobs/train_reward.py --config jobs/configs/offline_tiny.yaml [--key=value ...]`.
+"""`ray job submit ... -- python jobs/train_reward.py --config offline_tiny [--key=value ...]`.
 
 Offline IRL of the step reward model (the same as `dense-irl train-reward`).
 """

@@ -6,7 +6,7 @@ import pytest
 
 from dense_irl.config import ConfigError, load_config, parse_overrides, save_config
 from dense_irl.io import atomic_dir, atomic_write_text
-from dense_irl.irl.offline import TrainRewardConfig
+from dense_irl.offline.config import TrainRewardConfig
 
 
 def test_defaults_file_and_overrides_merge(tmp_path):

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from dense_irl.irl.baselines import train_implicit_prm, train_orm
-from dense_irl.runtime.demo import run_demo
+from dense_irl.demos.online import run_online_demo
+from dense_irl.eval.baselines import train_implicit_prm, train_orm
 
 TINY = [
     "--data.synthetic.n_problems=120", "--data.calibration_chains=20", "--model.hidden_size=32",
@@ -28,7 +28,7 @@ def _no_serve(ray_session):
 
 def test_online_demo_writes_the_table_and_the_reports(tmp_path):
     out = tmp_path / "demo"
-    result = run_demo(str(out), overrides=TINY, test_chains=30, calibration_chains=20, accuracy_prompts=6,
+    result = run_online_demo(str(out), overrides=TINY, test_chains=30, calibration_chains=20, accuracy_prompts=6,
                       bon_prompts=4, bon_n=3, baseline_steps=2)
     measures = [r["measure"] for r in result["table"]]
     for scorer in ("irl_reward_model", "policy_logprob_sft", "policy_logprob_after_irl", "implicit_prm",

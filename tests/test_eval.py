@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from dense_irl.data.schema import DataError
-from dense_irl.eval.bon import evaluate_bon, load_bon, majority_pick, normalise_answer
+from dense_irl.data.answers import normalise_answer
+from dense_irl.errors import DataError
+from dense_irl.eval.bon import evaluate_bon, load_bon, majority_pick
 from dense_irl.eval.localisation import (
     calibrate_threshold,
     evaluate_localisation,

@@ -9,9 +9,12 @@ import pytest
 import ray
 import torch
 
+from dense_irl.algo.experience import next_prompts
 from dense_irl.config import load_config
-from dense_irl.irl.offline import load_data
-from dense_irl.runtime.driver import LoopConfig, next_prompts, run, start
+from dense_irl.data.demos import load_data
+from dense_irl.errors import ConfigError
+from dense_irl.runtime.driver import start_driver, train_online
+from dense_irl.runtime.loop_config import LoopConfig
 
 TINY_LOOP = [
     "--data.synthetic.n_problems=100",
@@ -44,16 +47,6 @@ def _metrics(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_next_prompts_is_deterministic_and_walks_epochs():
-    demos = list(range(10))
-    a, cur = next_prompts(demos, {"epoch": 0, "pos": 0}, 4, seed=3)
-    b, cur = next_prompts(demos, cur, 4, seed=3)
-    c, cur = next_prompts(demos, cur, 4, seed=3)
-    assert sorted(a + b + c[:2]) == demos  # one epoch covers every prompt once
-    assert cur == {"epoch": 1, "pos": 2}
-    assert next_prompts(demos, {"epoch": 0, "pos": 4}, 4, seed=3)[0] == b
-
-
 def _weights(folder) -> dict:
     from safetensors.torch import load_file
 
@@ -66,7 +59,7 @@ def test_loop_runs_checkpoints_and_resumes_exactly(tmp_path):
     # The warm-up schedule's state travels in the checkpoint too.
     cfg = load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=1", "--reward.warmup_steps=3",
                                          "--rl.warmup_steps=3", f"--output_dir={out}"])
-    last = run(cfg)
+    last = train_online(cfg)
     assert last["samples"] > 0 and "policy/kl" in last and "reward/bce_total" in last
     ckpt = out / "checkpoints" / "iter_000001"
     assert (ckpt / "policy" / "model.safetensors").is_file()
@@ -80,7 +73,7 @@ def test_loop_runs_checkpoints_and_resumes_exactly(tmp_path):
     # "Stop", then resume to iteration 2: the batch of iteration 2 is the one the cursor promised.
     cfg2 = load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=2", "--reward.warmup_steps=3", "--rl.warmup_steps=3",
                                           f"--output_dir={out}", "--resume=auto"])
-    run(cfg2)
+    train_online(cfg2)
     rows = [r for r in _metrics(out) if "batch_ids" in r]
     assert [r["iteration"] for r in rows] == [1, 2]
     drv_demos = load_data(cfg.data)
@@ -95,7 +88,7 @@ def test_loop_runs_checkpoints_and_resumes_exactly(tmp_path):
     # The same two iterations without a stop: the same samples, the same weights, bit for bit (the reference,
     # the optimisers' moments, the samplers' seeds and the driver's RNG all came back).
     straight = tmp_path / "straight"
-    run(load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=2", "--reward.warmup_steps=3",
+    train_online(load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=2", "--reward.warmup_steps=3",
                                        "--rl.warmup_steps=3", f"--output_dir={straight}"]))
     rows_straight = [r for r in _metrics(straight) if "batch_ids" in r]
     assert rows_straight[1]["step_reward_mean"] == rows[1]["step_reward_mean"]
@@ -107,11 +100,11 @@ def test_resume_without_the_reference_policy_is_a_clear_error(tmp_path):
     import shutil
 
     out = tmp_path / "run"
-    run(load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=1", f"--output_dir={out}"]))
+    train_online(load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=1", f"--output_dir={out}"]))
     shutil.rmtree(out / "init" / "sft_policy")
     cfg = load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=2", f"--output_dir={out}", "--resume=auto"])
     with pytest.raises(FileNotFoundError, match="KL reference policy .*sft_policy.* is gone"):
-        run(cfg)
+        train_online(cfg)
 
 
 def test_killed_rollout_worker_is_replaced(tmp_path):
@@ -119,7 +112,7 @@ def test_killed_rollout_worker_is_replaced(tmp_path):
     # (with policy_negatives=incorrect: only the samples the verifier rejects are the discriminator's negatives)
     cfg = load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=2", "--policy_negatives=incorrect",
                                          f"--output_dir={out}"])
-    drv = start(cfg)
+    drv = start_driver(cfg)
     drv.iteration()
     ray.kill(drv.workers[0])
     m = drv.iteration()  # the dead worker is replaced and the iteration completes
@@ -133,24 +126,30 @@ def test_killed_rollout_worker_is_replaced(tmp_path):
 def test_unknown_policy_negatives_is_a_clear_error(tmp_path):
     cfg = load_config(LoopConfig, None, [*TINY_LOOP, f"--output_dir={tmp_path}", "--policy_negatives=some"])
     with pytest.raises(ValueError, match="policy_negatives must be 'all' or 'incorrect'"):
-        run(cfg)
+        train_online(cfg)
 
 
 @pytest.mark.parametrize(("flag", "msg"), [("--reward.alpha=0", "reward.alpha must be > 0"),
                                            ("--reward.warmup_steps=-1", "reward.warmup_steps must be >= 0"),
-                                           ("--reward.continue_sft_optimizer=true", "is for the offline run"),
                                            ("--rl.ptx_coef=-1", "rl.ptx_coef must be >= 0"),
                                            ("--rl.warmup_steps=-2", "rl.warmup_steps must be >= 0")])
 def test_bad_reward_option_is_a_clear_error(tmp_path, flag, msg):
     cfg = load_config(LoopConfig, None, [*TINY_LOOP, f"--output_dir={tmp_path}", flag])
     with pytest.raises(ValueError, match=msg):
-        run(cfg)
+        train_online(cfg)
+
+
+def test_offline_only_reward_keys_are_unknown_online():
+    with pytest.raises(ConfigError, match="unknown config key reward.continue_sft_optimizer"):
+        load_config(LoopConfig, None, ["--reward.continue_sft_optimizer=true"])
+    with pytest.raises(ConfigError, match="unknown config key reward.negative_pool"):
+        load_config(LoopConfig, None, ["--reward.negative_pool=2"])
 
 
 def test_resume_from_missing_checkpoint_is_a_clear_error(tmp_path):
     cfg = load_config(LoopConfig, None, [*TINY_LOOP, f"--output_dir={tmp_path}", f"--resume={tmp_path / 'x'}"])
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        run(cfg)
+        train_online(cfg)
 
 
 @pytest.mark.parametrize(
@@ -170,13 +169,13 @@ def test_loop_backends(tmp_path, backend_args):
     pytest.importorskip("deepspeed") if "deepspeed" in backend_args[0] else None
     out = tmp_path / "run"
     cfg = load_config(LoopConfig, None, [*TINY_LOOP, *backend_args, "--iterations=1", f"--output_dir={out}"])
-    last = run(cfg)
+    last = train_online(cfg)
     assert last["samples"] > 0 and last["policy/ratio"] == pytest.approx(1.0, abs=0.05)
     assert last["policy/ptx_nll"] > 0  # PPO-ptx: policy and expert rows in one forward pass, on both backends
     assert (out / "checkpoints" / "iter_000001" / "policy" / "model.safetensors").is_file()
     assert (out / "checkpoints" / "iter_000001" / "reward_model" / "reward_head.safetensors").is_file()
     # Resumed on the same backend and ranks: the optimiser state (DeepSpeed: each rank's ZeRO partition) loads.
-    run(load_config(LoopConfig, None, [*TINY_LOOP, *backend_args, "--iterations=2", f"--output_dir={out}",
+    train_online(load_config(LoopConfig, None, [*TINY_LOOP, *backend_args, "--iterations=2", f"--output_dir={out}",
                                        "--resume=auto"]))
     assert any(r.get("event") == "resumed" and r["optimizer_state"] for r in _metrics(out))
     assert (out / "checkpoints" / "latest").read_text() == "iter_000002"
@@ -186,7 +185,7 @@ def test_roles_are_pinned_to_one_placement_group(tmp_path):
     """Every role lives in the driver's placement group; colocated learners share a bundle."""
     cfg = load_config(LoopConfig, None, [*TINY_LOOP, "--colocate_learners=true", "--learner.num_cpus_per_worker=0.25",
                                          f"--output_dir={tmp_path}"])
-    drv = start(cfg)
+    drv = start_driver(cfg)
     try:
         pg_id = drv.pg.id.hex()
         for a in drv.policy + drv.reward + drv.workers:
@@ -201,15 +200,15 @@ def test_roles_are_pinned_to_one_placement_group(tmp_path):
 def test_unplaceable_roles_are_a_clear_error(tmp_path):
     cfg = load_config(LoopConfig, None, [*TINY_LOOP, "--rollout.num_cpus_per_worker=8", "--placement_timeout_s=3",
                                          "--sft.max_steps=1", f"--output_dir={tmp_path}"])
-    with pytest.raises(RuntimeError, match="could not be placed"):
-        start(cfg)
+    with pytest.raises(ConfigError, match="could not be placed"):
+        start_driver(cfg)
 
 
 def test_collective_weight_sync_reaches_workers_and_pi_old(tmp_path):
     """`rollout.weight_sync: collective`: a broadcast group (gloo here, NCCL on GPUs) carries the weights."""
     cfg = load_config(LoopConfig, None, [*TINY_LOOP, "--rollout.weight_sync=collective", "--rollout.num_workers=2",
                                          "--rollout.num_cpus_per_worker=0.25", f"--output_dir={tmp_path}"])
-    drv = start(cfg)
+    drv = start_driver(cfg)
     try:
         drv.iteration()  # PPO changes the policy, then the push broadcasts it
         assert drv.weight_spec is not None
@@ -232,7 +231,7 @@ def test_reward_backbone_of_another_size(tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     first = tmp_path / "first"
-    drv = start(load_config(LoopConfig, None, [*TINY_LOOP, f"--output_dir={first}"]))
+    drv = start_driver(load_config(LoopConfig, None, [*TINY_LOOP, f"--output_dir={first}"]))
     drv.close()
     tok = AutoTokenizer.from_pretrained(first / "init" / "policy")
     small = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -241,7 +240,7 @@ def test_reward_backbone_of_another_size(tmp_path):
     small.save_pretrained(tmp_path / "small")
     tok.save_pretrained(tmp_path / "small")
     out = tmp_path / "run"
-    run(load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=1", f"--reward_backbone={tmp_path / 'small'}",
+    train_online(load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=1", f"--reward_backbone={tmp_path / 'small'}",
                                       f"--output_dir={out}"]))
     cfg = json.loads((out / "checkpoints" / "iter_000001" / "reward_model" / "config.json").read_text())
     assert cfg["hidden_size"] == 16
@@ -250,8 +249,8 @@ def test_reward_backbone_of_another_size(tmp_path):
     other.add_tokens(["<unseen>"])
     other.save_pretrained(tmp_path / "small")
     with pytest.raises(ValueError, match="tokenizer differs"):
-        start(load_config(LoopConfig, None, [*TINY_LOOP, f"--reward_backbone={tmp_path / 'small'}",
+        start_driver(load_config(LoopConfig, None, [*TINY_LOOP, f"--reward_backbone={tmp_path / 'small'}",
                                             f"--output_dir={tmp_path / 'bad'}"]))
     with pytest.raises(FileNotFoundError, match="reward_backbone: no HF model folder"):
-        start(load_config(LoopConfig, None, [*TINY_LOOP, f"--reward_backbone={tmp_path / 'none'}",
+        start_driver(load_config(LoopConfig, None, [*TINY_LOOP, f"--reward_backbone={tmp_path / 'none'}",
                                             f"--output_dir={tmp_path / 'bad'}"]))

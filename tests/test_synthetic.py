@@ -8,9 +8,9 @@ from dense_irl.data.synthetic import (
     EQ_RE,
     SyntheticConfig,
     apply_op,
-    evaluate,
     generate,
     is_correct_answer,
+    step_values,
     verify,
 )
 
@@ -36,7 +36,7 @@ def test_demonstration_format():
         assert d.source == "synthetic" and len(d.steps) == len(ops) + 1
         assert d.prompt.startswith(re.match(r"\w+", d.prompt).group() + f" has {d.meta['start']} ")
         assert d.prompt.endswith("have now?")
-        values = evaluate(d.meta)
+        values = step_values(d.meta)
         assert all(1 <= v <= 10 * cfg.max_value for v in values)
         assert 1 <= d.meta["start"] <= cfg.max_value
         prev = d.meta["start"]
@@ -82,7 +82,7 @@ def test_step_styles_vary_the_writing_not_the_equation():
 
 def test_max_result_bounds_every_value():
     cfg = SyntheticConfig(n_problems=200, max_value=10, max_result=30, operations=["+", "*"], seed=2)
-    assert max(max(evaluate(d.meta)) for d in generate(cfg)) <= 30
+    assert max(max(step_values(d.meta)) for d in generate(cfg)) <= 30
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,8 @@ from ray import tune
 
 from dense_irl.cli import main
 from dense_irl.config import ConfigError, load_config
-from dense_irl.runtime.driver import LoopConfig, run
+from dense_irl.runtime.driver import train_online
+from dense_irl.runtime.loop_config import LoopConfig
 from dense_irl.runtime.tune import (
     ResourcesConfig,
     TuneConfig,
@@ -26,7 +27,7 @@ from dense_irl.runtime.tune import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SEARCH_TINY = REPO / "jobs/configs/search_tiny.yaml"
+SEARCH_TINY = REPO / "src/dense_irl/presets/search_tiny.yaml"
 # The tiny preset made small and fast (as tests/test_loop.py), evaluated and checkpointed every iteration.
 FAST = {
     "data.synthetic.n_problems": 100,
@@ -51,6 +52,7 @@ FAST = {
     # every step 0 (F1 = 0). The grid puts a good trial before each bad one, so the second bad trial meets
     # a rung that already holds a better F1 and is stopped (the first bad one may be too).
     "reward.lr": 0.0,
+    "reward.token_temperature": False,  # the heads-only objective (airl) has no lm term to scale
 }
 SPACE = {"reward.objective": {"grid": ["airl+iq", "airl"]}}
 
@@ -65,7 +67,7 @@ def _no_serve(ray_session):
 
 def _search_file(tmp_path: Path) -> Path:
     spec = yaml.safe_load(SEARCH_TINY.read_text())
-    spec["base"] = str(REPO / "jobs/configs" / spec["base"])
+    spec["base"] = str(REPO / "src/dense_irl/presets" / spec["base"])
     spec["overrides"] = {**spec["overrides"], **FAST}
     spec.update(
         {
@@ -144,14 +146,14 @@ def test_tiny_search_interrupted_resumed_asha_stops_and_best_config_trains(tmp_p
     assert best.reward.objective == "airl+iq" and best.resume == "no"
     assert best.learner.num_cpus_per_worker == 0.25  # the search YAML's overrides are in
     assert Path(best.output_dir) == exp / "best_run" and not Path(best.output_dir).exists()
-    last = run(best)
+    last = train_online(best)
     assert last["samples"] > 0 and (Path(best.output_dir) / "checkpoints" / "iter_000001").is_dir()
 
 
 def test_trial_bundles_hold_the_trial_function_and_every_actor():
     loop = load_config(
         LoopConfig,
-        REPO / "jobs/configs/irl_tiny.yaml",
+        REPO / "src/dense_irl/presets/irl_tiny.yaml",
         ["--learner.num_workers=2", "--learner.num_gpus_per_worker=0.5", "--rollout.num_workers=3"],
     )
     bundles = trial_bundles(loop, ResourcesConfig(trial_cpus=1.0))
@@ -196,7 +198,7 @@ def test_inline_base_and_overrides():
     ],
 )
 def test_bad_search_space_is_a_clear_error(space, message):
-    cfg = TuneConfig(base=str(REPO / "jobs/configs/irl_tiny.yaml"), space=space)
+    cfg = TuneConfig(base=str(REPO / "src/dense_irl/presets/irl_tiny.yaml"), space=space)
     with pytest.raises(ConfigError, match=message):
         search_space(cfg, resolve_base(cfg))
 
@@ -208,17 +210,17 @@ def test_cli_errors_before_anything_starts(tmp_path, capsys):
     assert f"error: base config not found: {tmp_path / 'missing.yaml'}" in capsys.readouterr().err
     assert main(["tune", "--search", str(tmp_path / "nope.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
-    search.write_text(yaml.safe_dump({"base": str(REPO / "jobs/configs/irl_tiny.yaml"), "metrc": "x"}))
+    search.write_text(yaml.safe_dump({"base": str(REPO / "src/dense_irl/presets/irl_tiny.yaml"), "metrc": "x"}))
     assert main(["tune", "--search", str(search)]) == 2
     assert "unknown config key metrc" in capsys.readouterr().err
     search.write_text(
         yaml.safe_dump(
-            {"base": str(REPO / "jobs/configs/irl_tiny.yaml"), "space": {"reward.lrr": {"choice": [0.1]}}}
+            {"base": str(REPO / "src/dense_irl/presets/irl_tiny.yaml"), "space": {"reward.lrr": {"choice": [0.1]}}}
         )
     )
     assert main(["tune", "--search", str(search), "--storage-path", str(tmp_path)]) == 2
     assert "unknown config key reward.lrr" in capsys.readouterr().err
-    search.write_text(yaml.safe_dump({"base": str(REPO / "jobs/configs/irl_tiny.yaml")}))
+    search.write_text(yaml.safe_dump({"base": str(REPO / "src/dense_irl/presets/irl_tiny.yaml")}))
     # The tiny preset runs 20 iterations: an evaluation every 3 would leave the last ones unreported.
     assert main(["tune", "--search", str(search), "--eval_every=3"]) == 2
     assert "eval_every (3) must be >= 1 and divide iterations (20)" in capsys.readouterr().err

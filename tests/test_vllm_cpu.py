@@ -53,7 +53,7 @@ def _hf_logprobs(path: str, prompt: str, ids: list[int], temperature: float) -> 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dense_irl.runtime.rollout import prompt_ids
+    from dense_irl.data.layout import prompt_ids
 
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     head = prompt_ids(AutoTokenizer.from_pretrained(path), prompt, SEP)
@@ -65,13 +65,14 @@ def _hf_logprobs(path: str, prompt: str, ids: list[int], temperature: float) -> 
 
 def test_vllm_engine_samples_greedy_and_loads_new_weights(ray_session, policies):
     ray = ray_session
-    from dense_irl.runtime.rollout import RolloutConfig, RolloutWorker, split_completion
+    from dense_irl.data.layout import split_steps
+    from dense_irl.runtime.rollout import RolloutConfig, RolloutWorker
 
     path_a, path_b, all_prompts = policies
     prompts = all_prompts[:3]
     t0 = time.monotonic()
-    vllm = RolloutWorker.options(num_cpus=0.5).remote("vllm", path_a, 0)
-    hf = RolloutWorker.options(num_cpus=0.5).remote("hf", path_b, 0)
+    vllm = RolloutWorker.options(num_cpus=0.5).remote(path_a, cfg=RolloutConfig(engine="vllm"), seed=0)
+    hf = RolloutWorker.options(num_cpus=0.5).remote(path_b, cfg=RolloutConfig(engine="hf"), seed=0)
     ray.get([vllm.ping.remote(), hf.ping.remote()])
     t_start = time.monotonic() - t0
 
@@ -84,21 +85,21 @@ def test_vllm_engine_samples_greedy_and_loads_new_weights(ray_session, policies)
     eos = AutoTokenizer.from_pretrained(path_a).eos_token_id
     for g in groups:
         for c in g:
-            assert 0 < len(c["token_ids"]) == len(c["logprobs"]) <= 24
-            assert all(lp <= 0 and math.isfinite(lp) for lp in c["logprobs"])
-            assert c["finished"] == (c["token_ids"][-1] == eos)
-            assert c["steps"] == split_completion(c["completion"], SEP)
-            assert c["policy_version"] == 0
+            assert 0 < len(c.token_ids) == len(c.logprobs) <= 24
+            assert all(lp <= 0 and math.isfinite(lp) for lp in c.logprobs)
+            assert c.finished == (c.token_ids[-1] == eos)
+            assert c.steps == split_steps(c.completion, SEP)
+            assert c.policy_version == 0
     # Behaviour log-probs are those of the sampling distribution (temperature-scaled), as HFEngine's.
     c = groups[0][0]
-    assert c["logprobs"] == pytest.approx(_hf_logprobs(path_a, prompts[0], c["token_ids"], 0.7), abs=1e-4)
+    assert c.logprobs == pytest.approx(_hf_logprobs(path_a, prompts[0], c.token_ids, 0.7), abs=1e-4)
 
     # Greedy decoding is deterministic, and the n copies of a prompt are the same chain.
     greedy = RolloutConfig(temperature=0.0, max_new_tokens=16)
     first = ray.get(vllm.generate.remote(all_prompts, 2, greedy, SEP))
     again = ray.get(vllm.generate.remote(all_prompts, 2, greedy, SEP))
-    ids = [[c["token_ids"] for c in g] for g in first]
-    assert ids == [[c["token_ids"] for c in g] for g in again]
+    ids = [[c.token_ids for c in g] for g in first]
+    assert ids == [[c.token_ids for c in g] for g in again]
     assert all(g[0] == g[1] for g in ids)
 
     # New weights (another model's state dict, through the object store as the driver sends them):
@@ -112,13 +113,13 @@ def test_vllm_engine_samples_greedy_and_loads_new_weights(ray_session, policies)
     t_update = time.monotonic() - t1
     after = ray.get(vllm.generate.remote(all_prompts, 1, greedy, SEP))
     ref = ray.get(hf.generate.remote(all_prompts, 1, greedy, SEP))
-    assert [g[0]["token_ids"] for g in after] == [g[0]["token_ids"] for g in ref]
+    assert [g[0].token_ids for g in after] == [g[0].token_ids for g in ref]
     for v, h, old in zip(after, ref, first):
-        assert v[0]["logprobs"] == pytest.approx(h[0]["logprobs"], abs=1e-4)
-        assert v[0]["policy_version"] == 1
+        assert v[0].logprobs == pytest.approx(h[0].logprobs, abs=1e-4)
+        assert v[0].policy_version == 1
         # ... and not those of the old weights (random-init models can share greedy chains)
-        assert old[0]["token_ids"] != h[0]["token_ids"] or old[0]["logprobs"] != pytest.approx(
-            h[0]["logprobs"], abs=1e-2
+        assert old[0].token_ids != h[0].token_ids or old[0].logprobs != pytest.approx(
+            h[0].logprobs, abs=1e-2
         )
     print(json.dumps({"vllm_actor_start_s": round(t_start, 1), "update_weights_s": round(t_update, 2)}))
     for a in (vllm, hf):
@@ -130,7 +131,8 @@ def test_loop_with_vllm_rollouts(ray_session, tmp_path):
     from test_loop import TINY_LOOP  # tests/ is on sys.path (pytest's rootdir conftest)
 
     from dense_irl.config import load_config
-    from dense_irl.runtime.driver import LoopConfig, run
+    from dense_irl.runtime.driver import train_online
+    from dense_irl.runtime.loop_config import LoopConfig
 
     out = tmp_path / "run"
     # vLLM's CPU attention needs a head size of at least 32: one head of the 32-wide tiny model.
@@ -142,7 +144,7 @@ def test_loop_with_vllm_rollouts(ray_session, tmp_path):
         f"--output_dir={out}",
     ]
     t0 = time.monotonic()
-    last = run(load_config(LoopConfig, None, args))
+    last = train_online(load_config(LoopConfig, None, args))
     seconds = time.monotonic() - t0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "batch_ids" in r] == [1, 2]
@@ -155,10 +157,10 @@ def test_unsupported_head_size_is_a_clear_error(ray_session, tmp_path):
     """vLLM's CPU attention has no kernel for head size 16: the worker says so when it starts."""
     ray = ray_session
     from dense_irl.models.factory import ModelConfig, build_tiny, save_policy
-    from dense_irl.runtime.rollout import RolloutWorker
+    from dense_irl.runtime.rollout import RolloutConfig, RolloutWorker
 
     model, tok = build_tiny(ModelConfig(hidden_size=32, num_heads=2, intermediate_size=64), ["1 + 2 = 3"], 0)
     save_policy(model, tok, tmp_path / "policy")
-    worker = RolloutWorker.options(num_cpus=0.5).remote("vllm", str(tmp_path / "policy"), 0)
+    worker = RolloutWorker.options(num_cpus=0.5).remote(str(tmp_path / "policy"), cfg=RolloutConfig(engine="vllm"))
     with pytest.raises(ray.exceptions.RayActorError, match="attention head size 16"):
         ray.get(worker.ping.remote())

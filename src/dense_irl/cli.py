@@ -15,7 +15,10 @@
     dense-irl score [--url URL] (--prompt P --step S [--step S ...] | --text T | --data FILE [--out F] | --info)
     dense-irl demo [--out runs/demo] [--config FILE] [--offline] [--key.sub=value ...]
 
-Every user error ends in one line ``error: ...`` on stderr and exit status 2.
+``--config`` takes a YAML path or a shipped preset's name (``demo_online``, ``offline_tiny``, ...).
+``--verbose`` (anywhere on the line) brings back the libraries' own chatter: Ray's worker logs, transformers'
+loading bars, DeepSpeed's notices. A user error (bad config, data, missing file or checkpoint) ends in one
+line ``error: ...`` on stderr and exit status 2; anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -25,8 +28,7 @@ import json
 import sys
 from pathlib import Path
 
-from dense_irl.config import ConfigError
-from dense_irl.data.schema import DataError
+from dense_irl.errors import UserError
 
 
 def _data(args) -> None:
@@ -99,20 +101,22 @@ def _eval(args) -> None:
 
 def _train_reward(args, overrides: list[str]) -> None:
     from dense_irl.config import load_config
-    from dense_irl.irl.offline import TrainRewardConfig, run
+    from dense_irl.offline.config import TrainRewardConfig
+    from dense_irl.offline.train import train_reward_model
 
     cfg = load_config(TrainRewardConfig, args.config, overrides)
-    print(json.dumps(run(cfg), indent=2))
+    print(json.dumps(train_reward_model(cfg), indent=2))
 
 
 def _train(args, overrides: list[str]) -> None:
     from dense_irl.config import load_config
-    from dense_irl.runtime.driver import LoopConfig, run
+    from dense_irl.runtime.driver import train_online
+    from dense_irl.runtime.loop_config import LoopConfig
 
     if args.resume:
         overrides = [*overrides, f"--resume={args.resume}"]
     cfg = load_config(LoopConfig, args.config, overrides)
-    last = run(cfg)
+    last = train_online(cfg)
     print(json.dumps({k: v for k, v in last.items() if k != "batch_ids"}, indent=2))
 
 
@@ -147,16 +151,20 @@ def _score(args) -> None:
 
 def _demo(args, overrides: list[str]) -> None:
     if args.offline:
-        from dense_irl.demo import run_demo
-    else:
-        from dense_irl.runtime.demo import run_demo
+        from dense_irl.demos.offline import run_offline_demo
 
-    run_demo(args.out or ("runs/demo_offline" if args.offline else "runs/demo"), args.config, overrides)
+        run_offline_demo(args.out or "runs/demo_offline", args.config, overrides)
+    else:
+        from dense_irl.demos.online import run_online_demo
+
+        run_online_demo(args.out or "runs/demo", args.config, overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``dense-irl`` (dotted ``--key=value`` overrides pass through)."""
     p = argparse.ArgumentParser(prog="dense-irl", description=__doc__.split("\n\n")[0])
+    p.add_argument("--verbose", action="store_true",
+                   help="show the libraries' own output (Ray worker logs, loading bars, DeepSpeed notices)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     data = sub.add_parser("data", help="convert, inspect, generate and perturb data").add_subparsers(
@@ -187,11 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--step-separator", default=None)
         cmd.add_argument("--skip-bad", action="store_true", help="skip and count bad rows instead of stopping")
 
+    config_help = "YAML config: a path or a shipped preset's name (default: the defaults, which are the recipe)"
     tr = sub.add_parser("train-reward", help="offline IRL of the step reward model")
-    tr.add_argument("--config", default=None)
+    tr.add_argument("--config", default=None, help=config_help)
 
     tl = sub.add_parser("train", help="the online IRL loop on Ray (rollouts, reward and policy updates)")
-    tl.add_argument("--config", default=None)
+    tl.add_argument("--config", default=None, help=config_help)
     tl.add_argument("--resume", default=None, help="'auto' (latest checkpoint in output_dir) or a checkpoint")
 
     tn = sub.add_parser("tune", help="Ray Tune search (ASHA) over the online IRL loop's hyper-parameters")
@@ -238,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the end-to-end demo on the synthetic task (the online IRL loop on Ray)")
     d.add_argument("--out", default=None, help="output folder (runs/demo, or runs/demo_offline with --offline)")
-    d.add_argument("--config", default=None)
+    d.add_argument("--config", default=None, help="a YAML path or preset name (default: demo_online, or "
+                   "offline_tiny with --offline)")
     d.add_argument("--offline", action="store_true",
                    help="the offline run instead: reward model vs the log-prob of SFT trained as long")
     return p
@@ -247,12 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dense-irl`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv  # anywhere: the Jobs entry points put their command first
+    argv = [a for a in argv if a != "--verbose"]
     args, rest = build_parser().parse_known_args(argv)
     overrides = [a for a in rest if a.startswith("--") and "=" in a]
     stray = [a for a in rest if a not in overrides]
     if stray or (overrides and args.cmd not in ("train-reward", "train", "tune", "demo")):
         print(f"error: unrecognised arguments: {' '.join(stray or overrides)}", file=sys.stderr)
         return 2
+    from dense_irl.logs import quiet
+
+    quiet(verbose)
     try:
         if args.cmd == "data":
             _data(args)
@@ -270,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             _score(args)
         elif args.cmd == "demo":
             _demo(args, overrides)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -15,11 +15,33 @@ from typing import Any, TypeVar
 
 import yaml
 
+from dense_irl.errors import ConfigError
+
 T = TypeVar("T")
+PRESETS = "dense_irl.presets"  # the shipped recipes: package data, found by name after `pip install .`
 
 
-class ConfigError(ValueError):
-    """A config file or override that does not fit the config dataclass."""
+def preset_names() -> list[str]:
+    """The names of the shipped presets (``demo_online``, ``offline_tiny``, ...)."""
+    from importlib.resources import files
+
+    return sorted(f.name[:-5] for f in files(PRESETS).iterdir() if f.name.endswith(".yaml"))
+
+
+def resolve_config(path_or_name: str | Path) -> Path:
+    """A config file: an existing path, else a shipped preset's name (``demo_online`` or ``demo_online.yaml``)."""
+    from importlib.resources import as_file, files
+
+    p = Path(path_or_name).expanduser()
+    if p.is_file():
+        return p
+    name = p.name if p.name.endswith(".yaml") else f"{p.name}.yaml"
+    if len(p.parts) == 1:
+        res = files(PRESETS) / name
+        if res.is_file():
+            with as_file(res) as real:  # a real file for a zip install too
+                return Path(real)
+    raise ConfigError(f"config file not found: {path_or_name} (a path, or a preset: {', '.join(preset_names())})")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -124,12 +146,11 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Build ``cls`` from defaults, then the YAML file at ``path``, then dotted overrides."""
+    """Build ``cls`` from defaults, then the YAML file at ``path`` (or the preset of that name), then dotted
+    overrides."""
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+        p = resolve_config(path)
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

@@ -68,3 +68,27 @@ def write_jsonl(path: Path | str, rows) -> None:
 def write_json(path: Path | str, obj) -> None:
     """Write one JSON document (indented), atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+class MetricsLog:
+    """A run's metrics: one JSON line per row in ``metrics.jsonl`` and the float fields in TensorBoard (``tb/``)."""
+
+    def __init__(self, out_dir: Path | str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(out_dir / "metrics.jsonl", "a")
+        self.tb = SummaryWriter(str(out_dir / "tb"))
+
+    def write(self, row: dict, step: int, prefix: str = "") -> None:
+        """Append ``row``; its float fields go to TensorBoard as ``prefix/key`` at ``step``."""
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        for k, v in row.items():
+            if isinstance(v, float):
+                self.tb.add_scalar(f"{prefix}/{k}" if prefix else k, v, step)
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()

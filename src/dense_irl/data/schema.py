@@ -1,4 +1,4 @@
-"""The Arrow schemas of a demonstration and of a rollout (DESIGN §3), stored as Parquet."""
+"""The Arrow schema of a demonstration (docs/architecture.md §3), stored as Parquet."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dense_irl.errors import DataError, MissingFileError
 from dense_irl.io import atomic_path
 
 DEMO_SCHEMA = pa.schema(
@@ -23,29 +24,6 @@ DEMO_SCHEMA = pa.schema(
         pa.field("meta", pa.string()),
     ]
 )
-
-ROLLOUT_SCHEMA = pa.schema(
-    [
-        pa.field("prompt_id", pa.string(), nullable=False),
-        pa.field("completion", pa.string(), nullable=False),
-        pa.field("steps", pa.list_(pa.string()), nullable=False),
-        pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
-        pa.field("logprobs", pa.list_(pa.float32()), nullable=False),
-        pa.field("policy_version", pa.int64(), nullable=False),
-        pa.field("outcome_reward", pa.float32()),
-    ]
-)
-
-
-class DataError(ValueError):
-    """A data row that cannot be read; the message names the file, the line and the field."""
-
-    def __init__(self, path: str | Path, line: int | None, field_name: str | None, problem: str):
-        self.path, self.line, self.field = str(path), line, field_name
-        where = str(path) + (f", line {line}" if line is not None else "")
-        what = f"field '{field_name}': " if field_name else ""
-        super().__init__(f"{where}: {what}{problem}")
-
 
 @dataclass
 class Demonstration:
@@ -91,16 +69,9 @@ def read_demos(path: str | Path) -> list[Demonstration]:
     """Read demonstrations from a Parquet file written with :func:`write_demos`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise MissingFileError(f"data file not found: {path}")
     table = pq.read_table(path)
     missing = [n for n in ("id", "prompt", "steps") if n not in table.column_names]
     if missing:
         raise DataError(path, None, missing[0], "column missing from the Parquet file")
     return [Demonstration.from_row(r) for r in table.to_pylist()]
-
-
-def write_rollouts(rows: list[dict], path: str | Path) -> None:
-    """Write rollout rows (dicts with ROLLOUT_SCHEMA's fields) to Parquet, atomically."""
-    table = pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from dense_irl.data.schema import Demonstration
+from dense_irl.errors import ConfigError
 
 OPS = ("+", "-", "*", "/")
 # "a op b = c" with integers (a decimal result is parsed so that it can be rejected, not truncated).
@@ -94,10 +95,10 @@ class SyntheticConfig:
 
 
 def validate_config(cfg: SyntheticConfig) -> int:
-    """Raise ValueError naming the first bad field; return the effective ``max_result``."""
+    """Raise a ConfigError naming the first bad field; return the effective ``max_result``."""
 
-    def bad(name: str, problem: str) -> ValueError:
-        return ValueError(f"SyntheticConfig.{name} = {getattr(cfg, name)!r}: {problem}")
+    def bad(name: str, problem: str) -> ConfigError:
+        return ConfigError(f"SyntheticConfig.{name} = {getattr(cfg, name)!r}: {problem}")
 
     for name in ("n_problems", "min_steps", "max_steps", "max_value", "max_factor", "phrasing", "step_styles",
                  "seed"):
@@ -152,7 +153,7 @@ def _check_meta(meta: dict) -> tuple[int, list[tuple[str, int]]]:
     return start, ops
 
 
-def evaluate(meta: dict) -> list[int]:
+def step_values(meta: dict) -> list[int]:
     """Values after each operation of a synthetic problem; the last one is the answer."""
     value, ops = _check_meta(meta)
     values = []
@@ -188,7 +189,7 @@ def _sample_problem(rng: random.Random, cfg: SyntheticConfig, max_result: int) -
             cur = apply_op(cur, op, n)
         if len(ops) == n_ops:
             return {"start": start, "ops": ops}
-    raise ValueError(
+    raise ConfigError(
         f"SyntheticConfig.operations = {cfg.operations!r}: cannot build chains of the asked length"
     )
 
@@ -262,7 +263,7 @@ def verify(meta: dict, steps: list[str]) -> int:
     it. A chain that stops early gets ``len(steps)``: the first missing step is the first wrong one.
     """
     start, ops = _check_meta(meta)
-    values = evaluate(meta)
+    values = step_values(meta)
     prev = start
     for k, (op, n) in enumerate(ops):
         if k >= len(steps):
@@ -288,7 +289,7 @@ def verify(meta: dict, steps: list[str]) -> int:
 
 def is_correct_answer(meta: dict, text_or_answer: str | int) -> bool:
     """Whether a completion (its last "The answer is N") or a bare answer matches the problem's answer."""
-    expected = evaluate(meta)[-1] if meta.get("ops") else _check_meta(meta)[0]
+    expected = step_values(meta)[-1] if meta.get("ops") else _check_meta(meta)[0]
     text = str(text_or_answer).strip()
     found = ANSWER_RE.findall(text)
     got = _as_int(found[-1]) if found else _as_int(text.rstrip("."))

@@ -7,15 +7,16 @@ correct or not) or from a generic JSONL of that same shape.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from dense_irl.data.answers import normalise_answer
+from dense_irl.data.layout import split_steps
 from dense_irl.data.readers import jsonl_rows
-from dense_irl.data.schema import DataError
-from dense_irl.eval.localisation import ScoreFn, score_chains
+from dense_irl.errors import ConfigError, DataError, MissingFileError
+from dense_irl.eval.localisation import ScoreFn, score_in_batches
 
 AGGREGATIONS = {
     "min": lambda s: min(s),
@@ -36,11 +37,6 @@ def _answer_of(steps: list[str]) -> str | None:
     return None
 
 
-def _solution_steps(text: str) -> list[str]:
-    # One step per non-empty line; the final `A: x` line stays as the last step.
-    return [ln.strip() for ln in text.split("\n") if ln.strip()]
-
-
 def _gsm8k_problem(row: dict, path: Path, ln: int) -> dict:
     if not isinstance(row["question"], str):
         raise DataError(path, ln, "question", "not a string")
@@ -56,7 +52,7 @@ def _gsm8k_problem(row: dict, path: Path, ln: int) -> dict:
             raise DataError(path, ln, f"{m}.is_correct", "missing or not a boolean")
         if not isinstance(sol.get("solution"), str):
             raise DataError(path, ln, f"{m}.solution", "missing or not a string")
-        steps = _solution_steps(sol["solution"])
+        steps = split_steps(sol["solution"], "\n")
         if not steps:
             raise DataError(path, ln, f"{m}.solution", "empty solution")
         cands.append(
@@ -64,7 +60,7 @@ def _gsm8k_problem(row: dict, path: Path, ln: int) -> dict:
         )
     out = {"problem": row["question"], "candidates": cands}
     if isinstance(row.get("ground_truth"), str):
-        out["reference_answer"] = _answer_of(_solution_steps(row["ground_truth"]))
+        out["reference_answer"] = _answer_of(split_steps(row["ground_truth"], "\n"))
     return out
 
 
@@ -105,7 +101,7 @@ def load_bon(path: str | Path) -> list[dict]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Best-of-N file not found: {path}")
+        raise MissingFileError(f"Best-of-N file not found: {path}")
     problems = []
     for ln, row in jsonl_rows(path):
         if isinstance(row, DataError):
@@ -119,12 +115,6 @@ def load_bon(path: str | Path) -> list[dict]:
     if not problems:
         raise DataError(path, None, None, "no rows in file")
     return problems
-
-
-def normalise_answer(ans: str) -> str:
-    """Answer text for voting: stripped, without commas or '$', and without a trailing '.0'."""
-    a = ans.strip().replace(",", "").replace("$", "").strip()
-    return re.sub(r"\.0+$", "", a)
 
 
 def majority_pick(candidates: list[dict]) -> int:
@@ -166,7 +156,7 @@ def evaluate_bon(
     """
     bad = [a for a in aggregations if a not in AGGREGATIONS]
     if bad:
-        raise ValueError(f"unknown aggregation(s) {bad}; choose from {sorted(AGGREGATIONS)}")
+        raise ConfigError(f"unknown aggregation(s) {bad}; choose from {sorted(AGGREGATIONS)}")
     if not problems:
         raise ValueError("no problems to evaluate")
     chains, owner = [], []
@@ -178,7 +168,7 @@ def evaluate_bon(
                 raise ValueError(f"problem {i} has a candidate with no steps")
             chains.append((p["problem"], list(c["steps"])))
             owner.append(i)
-    scores = score_chains(score_fn, chains, batch_size)
+    scores = score_in_batches(score_fn, chains, batch_size)
     per_problem: list[list[list[float]]] = [[] for _ in problems]
     for i, s in zip(owner, scores):
         per_problem[i].append(s)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 
+from dense_irl.errors import ConfigError
 from dense_irl.eval.bon import evaluate_bon
 from dense_irl.eval.localisation import evaluate_localisation
 from dense_irl.models.chains import step_logprobs
@@ -44,7 +45,7 @@ def compare_localisation(scorers: dict, rows: list[dict], calibration_rows: list
     for name, fn in scorers.items():
         fixed = rm_threshold if name == "reward_model" else None
         if fixed is None and not calibration_rows:
-            raise ValueError(f"scorer '{name}' needs calibration chains to set its threshold (--calibration FILE)")
+            raise ConfigError(f"scorer '{name}' needs calibration chains to set its threshold (--calibration FILE)")
         out[name] = evaluate_localisation(fn, rows, threshold=fixed,
                                           calibration_rows=None if fixed is not None else calibration_rows)
     return out

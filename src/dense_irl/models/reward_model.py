@@ -28,8 +28,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dense_irl.data.layout import Chain, EncodedBatch, encode_chains, sum_by_step
+from dense_irl.errors import CheckpointError, MissingFileError
 from dense_irl.io import atomic_dir
-from dense_irl.models.chains import Chain, EncodedBatch, encode_chains, sum_by_step, token_logprobs
+from dense_irl.models.chains import token_logprobs
 
 CONFIG_FILE = "reward_config.json"
 HEAD_FILE = "reward_head.safetensors"
@@ -150,9 +152,9 @@ class RewardModel(nn.Module):
         """Load a checkpoint written by :meth:`save_pretrained`; clear errors for anything missing."""
         path = Path(path)
         if not path.is_dir():
-            raise FileNotFoundError(f"reward model checkpoint not found: {path}")
+            raise MissingFileError(f"reward model checkpoint not found: {path}")
         if not (path / CONFIG_FILE).is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{path} is not a dense-irl reward model checkpoint (no {CONFIG_FILE}); "
                 "train one with 'dense-irl train-reward'"
             )
@@ -160,9 +162,9 @@ class RewardModel(nn.Module):
             raw = json.loads((path / CONFIG_FILE).read_text())
             config = RewardModelConfig(**raw)
         except (json.JSONDecodeError, TypeError) as e:
-            raise ValueError(f"{path / CONFIG_FILE} is not a valid reward model config: {e}") from e
+            raise CheckpointError(f"{path / CONFIG_FILE} is not a valid reward model config: {e}") from e
         if not (path / HEAD_FILE).is_file():
-            raise FileNotFoundError(f"reward model checkpoint {path} is missing {HEAD_FILE}")
+            raise MissingFileError(f"reward model checkpoint {path} is missing {HEAD_FILE}")
         backbone = AutoModelForCausalLM.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = cls(backbone, tokenizer, config)

@@ -1,13 +1,14 @@
-"""The IRL loop on Ray (DESIGN §4-5). The driver owns the loop and the config; it holds no model.
+"""The online IRL loop on Ray (docs/architecture.md). The driver dispatches to its actors, holds the loop
+state and writes checkpoints; it holds no model, and every loss and estimator comes from ``dense_irl.algo``.
 
-    SFT warm start (policy learners) -> reward model initialised from the SFT policy
-    per iteration:
-      sample G completions per prompt (rollout workers)
-      m reward steps: experts vs policy samples vs perturbed experts (reward learners)
-      score the samples -> dense step rewards (+ weighted outcome reward)
-      advantages: group-normalised discounted reward-to-go, or step-tree soft advantages
-      n PPO-clip steps with a KL penalty to the reference (policy learners)
-      push the new weights to the rollout workers and to pi_old of the discriminator
+    SFT warm start (a policy learner) -> reward model initialised from the SFT policy
+    per iteration (Driver.iteration, in named phases):
+      rollout     sample G completions per prompt (rollout workers)
+      reward      m reward steps: experts vs policy samples and perturbed experts (reward learners)
+      score       the samples' dense step rewards (reward learner rank 0)
+      advantages  step rewards (+ the verifier's outcome) -> per-step advantages (algo.advantages)
+      policy      n PPO-clip + KL + ptx steps (policy learners)
+      sync        the new weights to the rollout workers and to the reward learners' pi_old
     checkpoints (atomic) every k iterations; `resume: auto` continues with the same next batch.
 """
 
@@ -16,53 +17,29 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import ray
 from tqdm import tqdm
 
+from dense_irl.algo.advantages import compute_advantages
+from dense_irl.algo.batches import Experience
+from dense_irl.algo.experience import next_prompts, online_reward_batch, split_demos
 from dense_irl.config import save_config
-from dense_irl.data.perturb import make_processbench, perturb
-from dense_irl.data.synthetic import is_correct_answer
-from dense_irl.eval.bon import normalise_answer
+from dense_irl.data.answers import is_correct
+from dense_irl.data.demos import load_data
+from dense_irl.data.layout import ChainLayout
+from dense_irl.data.perturb import make_processbench
+from dense_irl.errors import CheckpointError, MissingFileError
 from dense_irl.eval.localisation import calibrate_threshold, first_error, processbench_metrics
-from dense_irl.io import write_json
-from dense_irl.irl.offline import load_data, shared_prefix
-from dense_irl.irl.tree import soft_backup
-from dense_irl.rl.ppo import step_advantages
-from dense_irl.runtime.learners import PolicyLearner, RewardLearner
-from dense_irl.runtime.loop_config import LoopConfig, check_loop_config
+from dense_irl.io import MetricsLog, write_json
+from dense_irl.runtime.learners import PolicyLearner, RankSpec, RewardLearner
+from dense_irl.runtime.loop_config import LoopConfig
 from dense_irl.runtime.placement import actor_options, place_roles, rendezvous
 from dense_irl.runtime.rollout import RolloutConfig, RolloutWorker
 from dense_irl.runtime.warm_start import warm_start
-
-FINAL_ANSWER_RE = re.compile(r"(?:answer is|####)\s*\$?(-?[\d,]*\.?\d+)")
-
-
-def next_prompts(demos: list, cursor: dict, n: int, seed: int) -> tuple[list, dict]:
-    """The next ``n`` demonstrations of a seeded per-epoch order; the cursor makes resumes exact."""
-    epoch, pos = cursor["epoch"], cursor["pos"]
-    out = []
-    while len(out) < n:
-        order = list(range(len(demos)))
-        random.Random(seed * 100_003 + epoch).shuffle(order)
-        take = order[pos : pos + n - len(out)]
-        out += [demos[i] for i in take]
-        pos += len(take)
-        if pos >= len(demos):
-            epoch, pos = epoch + 1, 0
-    return out, {"epoch": epoch, "pos": pos}
-
-
-def outcome(demo, completion: str) -> float:
-    """1.0 when the completion's final answer is right (synthetic verifier, or the demo's answer)."""
-    if demo.source == "synthetic":
-        return float(is_correct_answer(demo.meta, completion))
-    found = FINAL_ANSWER_RE.findall(completion)
-    return float(bool(found) and demo.answer is not None
-                 and normalise_answer(found[-1]) == normalise_answer(demo.answer))
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -81,17 +58,12 @@ class Driver:
     def __init__(self, cfg: LoopConfig):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.sep = cfg.data.step_separator or "\n"
-        demos = load_data(cfg.data)
-        random.Random(cfg.seed).shuffle(demos)
-        n_cal = min(cfg.data.calibration_chains, len(demos) // 5)
-        self.calib, self.train = demos[:n_cal], demos[n_cal:]
+        self.layout = ChainLayout(cfg.data.separator, cfg.model.max_length)
+        self.sep = self.layout.separator
+        self.calib, self.train = split_demos(load_data(cfg.data), cfg.data.calibration_chains, cfg.seed)
         self.eval_demos = self.calib[: cfg.eval_prompts]
-        self.metrics = open(self.out / "metrics.jsonl", "a")
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(str(self.out / "tb"))
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLog(self.out)
         # reference: the KL reference policy's folder (the SFT policy), kept across resumes.
         self.state = {"iteration": 0, "cursor": {"epoch": 0, "pos": 0}, "rng": None, "reference": None}
         self.weight_spec = None  # set once the collective weight-sync group is built
@@ -117,33 +89,29 @@ class Driver:
         cpu, gpu = c.learner.num_cpus_per_worker, c.learner.num_gpus_per_worker
         master = self._master("policy")
         self.policy = [PolicyLearner.options(**self._opts("policy", r, cpu, gpu)).remote(
-            policy_path, c.rl.lr, r, n, master, c.learner, self.sep, c.model.max_length, reference_path,
-            c.rl.warmup_steps)
-            for r in range(n)]
+            policy_path, learner=c.learner, layout=self.layout, lr=c.rl.lr, warmup_steps=c.rl.warmup_steps,
+            group=RankSpec(r, n, master), reference_path=reference_path) for r in range(n)]
         master = self._master("reward")
         self.reward = [RewardLearner.options(**self._opts("reward", r, cpu, gpu)).remote(
-            reward_path, policy_path, c.reward, c.reward.lr, r, n, master, c.learner) for r in range(n)]
+            reward_path, policy_path, reward=c.reward, learner=c.learner, group=RankSpec(r, n, master))
+            for r in range(n)]
         self.policy_path = policy_path
         self.workers = [self._new_worker(i) for i in range(c.rollout.num_workers)]
 
     def _new_worker(self, i: int):
         c = self.cfg.rollout
         return RolloutWorker.options(**self._opts("rollout", i, c.num_cpus_per_worker, c.num_gpus_per_worker)).remote(
-            c.engine, self.policy_path, self._sample_seed(i), c)
+            self.policy_path, cfg=c, seed=self._sample_seed(i))
 
     def _sample_seed(self, i: int) -> int:
         """Worker i's sampling seed at this iteration: a resumed run or a replaced worker redraws the same samples."""
         return self.cfg.seed * 1000 + i + 7919 * self.state["iteration"]
 
-    def _on_all(self, actors, method: str, shards: list) -> list:
+    def _on_all(self, actors, method: str, shards: list, **kwargs) -> list:
         """Call ``method`` on every rank with its shard (data parallel) and wait."""
-        return ray.get([getattr(a, method).remote(*s) for a, s in zip(actors, shards)])
+        return ray.get([getattr(a, method).remote(s, **kwargs) for a, s in zip(actors, shards)])
 
-    def _shard(self, items: list) -> list[list]:
-        n = len(self.policy)
-        return [items[r::n] for r in range(n)]
-
-    def generate(self, prompts: list[str], n: int, cfg: RolloutConfig) -> list[list[dict]]:
+    def generate(self, prompts: list[str], n: int, cfg: RolloutConfig) -> list[list]:
         """Sample on all rollout workers; a dead worker is replaced (with current weights) and retried.
 
         Worker i samples with seed (seed, i, iteration): a resumed run, or a replaced worker, draws the very
@@ -212,16 +180,11 @@ class Driver:
         if self.pg is not None:
             remove_placement_group(self.pg)
         self.metrics.close()
-        self.tb.close()
 
     # ---------------------------------------------------------------- logging / checkpoints
     def log(self, row: dict) -> None:
-        row = {"iteration": self.state["iteration"], "time": round(time.time(), 2), **row}
-        self.metrics.write(json.dumps(row) + "\n")
-        self.metrics.flush()
-        for k, v in row.items():
-            if isinstance(v, float):
-                self.tb.add_scalar(k, v, self.state["iteration"])
+        self.metrics.write({"iteration": self.state["iteration"], "time": round(time.time(), 2), **row},
+                           self.state["iteration"])
 
     def checkpoint(self) -> Path:
         it = self.state["iteration"]
@@ -244,82 +207,66 @@ class Driver:
 
     # ---------------------------------------------------------------- the loop
     def iteration(self) -> dict:
-        c = self.cfg
+        """One iteration, phase by phase; returns its metrics (with each phase's wall time)."""
+        c, t = self.cfg, {}
         batch, self.state["cursor"] = next_prompts(self.train, self.state["cursor"], c.prompts_per_iteration,
                                                    c.seed)
         t0 = time.monotonic()
         groups = self.generate([d.prompt for d in batch], c.rollout.samples_per_prompt, c.rollout)
-        t_roll = time.monotonic() - t0
-        samples = [(d, s) for d, g in zip(batch, groups) for s in g if s["steps"]]
-        outcomes = [outcome(d, s["completion"]) for d, s in samples]
-        negatives = samples if c.policy_negatives == "all" else [x for x, o in zip(samples, outcomes) if o == 0]
+        samples = [(d, r, g) for g, (d, group) in enumerate(zip(batch, groups)) for r in group if r.steps]
+        outcomes = [float(is_correct(d, r.completion)) for d, r, _ in samples]
+        negatives = [(d, r) for (d, r, _), o in zip(samples, outcomes) if c.policy_negatives == "all" or o == 0]
+        t["rollout"] = time.monotonic() - t0
 
-        # m reward steps. Experts: reward.batch_size demonstrations drawn from all of them (AIRL samples expert
-        # data apart from the policy's batch); as many negatives: this iteration's policy samples and perturbed
-        # experts, mixed by negative_mix.
         t0 = time.monotonic()
-        reward_metrics = []
+        reward_metrics = {}
         for _ in range(c.reward_steps):
-            expert_demos = self.rng.sample(self.train, min(c.reward.batch_size, len(self.train)))
-            n_pert = round(c.negative_mix * len(expert_demos))
-            # Each negative carries how many leading steps it shares with its prompt's demonstration.
-            pool = [(d.prompt, s["steps"], shared_prefix(s["steps"], d.steps)) for d, s in
-                    self.rng.sample(negatives, min(len(expert_demos) - n_pert, len(negatives)))]
-            for d in expert_demos[:n_pert]:
-                kinds = self.rng.sample(list(c.data.perturbations), len(c.data.perturbations))
-                hit = next((r for r in (perturb(d, k, self.rng) for k in kinds) if r is not None), None)
-                if hit is not None:
-                    pool.append((d.prompt, hit[0], shared_prefix(hit[0], d.steps)))
-            experts = [(d.prompt, d.steps) for d in expert_demos]
-            reward_metrics.append(self._on_all(self.reward, "reward_step",
-                                               list(zip(self._shard(experts), self._shard(pool))))[0])
-        t_reward = time.monotonic() - t0
+            rb = online_reward_batch(self.train, negatives, c.reward.batch_size, c.negative_mix,
+                                     list(c.data.perturbations), self.rng)
+            reward_metrics = self._on_all(self.reward, "reward_step", rb.shard(len(self.reward)))[0]
+        t["reward"] = time.monotonic() - t0
 
-        # Dense step rewards for the samples, then advantages.
         t0 = time.monotonic()
-        rewards = self._lead(self.reward, "score", [(d.prompt, s["steps"]) for d, s in samples])
-        group_of = {id(d): i for i, d in enumerate(batch)}
-        groups_idx = [group_of[id(d)] for d, _ in samples]
-        if c.rl.advantages == "tree":
-            adv = [None] * len(samples)
-            for g in set(groups_idx):
-                idx = [i for i, gi in enumerate(groups_idx) if gi == g]
-                rs = [list(rewards[i]) for i in idx]
-                for i, r in zip(idx, rs):
-                    r[-1] += c.rl.outcome_weight * outcomes[i]
-                tree = soft_backup([samples[i][1]["steps"][: len(rewards[i])] for i in idx], rs, c.reward.alpha)
-                for i, a in zip(idx, tree["advantages"]):
-                    adv[i] = a
-        else:
-            adv = step_advantages(rewards, groups_idx, c.rl.gamma, outcomes, c.rl.outcome_weight)
-        rollouts = [{"prompt": d.prompt, "token_ids": s["token_ids"], "logprobs": s["logprobs"], "advantages": a}
-                    for (d, s), a in zip(samples, adv)]
-        experts = [(d.prompt, d.steps) for d in batch]
-        policy_metrics = self._on_all(self.policy, "ppo_steps", [
-            (sh, c.rl.ppo_steps, c.rl.clip, c.rl.kl_coef, ex, c.rl.ptx_coef)
-            for sh, ex in zip(self._shard(rollouts), self._shard(experts))])
+        rewards = self._lead(self.reward, "score", [(d.prompt, r.steps) for d, r, _ in samples])
+        t["score"] = time.monotonic() - t0
+
+        t0 = time.monotonic()
+        adv = compute_advantages(c.rl.advantages, rewards, [g for _, _, g in samples],
+                                 [r.steps for _, r, _ in samples], gamma=c.rl.gamma, alpha=c.reward.alpha,
+                                 outcomes=outcomes, outcome_weight=c.rl.outcome_weight)
+        experience = Experience([r for _, r, _ in samples], adv, [(d.prompt, d.steps) for d in batch])
+        t["advantages"] = time.monotonic() - t0
+
+        t0 = time.monotonic()
+        policy_metrics = self._on_all(self.policy, "policy_step", experience.shard(len(self.policy)), rl=c.rl)[0]
+        t["policy"] = time.monotonic() - t0
+
+        t0 = time.monotonic()
         self.state["iteration"] += 1
         self.push_weights(self.state["iteration"])
-        t_policy = time.monotonic() - t0
+        t["sync"] = time.monotonic() - t0
         n = max(1, len(samples))
         return {
             "batch_ids": [d.id for d in batch], "samples": len(samples), "accuracy_samples": sum(outcomes) / n,
             "step_reward_mean": sum(sum(r) for r in rewards) / max(1, sum(len(r) for r in rewards)),
-            **{f"reward/{k}": v for k, v in reward_metrics[-1].items()},
-            **{f"policy/{k}": v for k, v in policy_metrics[0].items()},
-            "time_rollout_s": t_roll, "time_reward_s": t_reward, "time_policy_s": t_policy,
+            **{f"reward/{k}": v for k, v in reward_metrics.items()},
+            **{f"policy/{k}": v for k, v in policy_metrics.items()},
+            **{f"time_{k}_s": v for k, v in t.items()},
         }
 
-    def evaluate(self) -> dict:
+    def periodic_eval(self) -> dict:
         """Reward model: localisation F1 on held-out perturbed chains; policy: accuracy on held-out prompts."""
         rows = make_processbench(self.eval_demos, kinds=self.cfg.data.perturbations, seed=self.cfg.seed + 11)
         half = len(rows) // 2
         scores = self._lead(self.reward, "score", [(r["problem"], r["steps"]) for r in rows])
         thr = calibrate_threshold(scores[:half], [r["label"] for r in rows[:half]]) if half >= 2 else 0.0
         m = processbench_metrics([first_error(s, thr) for s in scores[half:]], [r["label"] for r in rows[half:]])
-        greedy = RolloutConfig(**{**self.cfg.rollout.__dict__, "temperature": 0.0})
-        groups = self.generate([d.prompt for d in self.eval_demos], 1, greedy)
-        acc = sum(outcome(d, g[0]["completion"]) for d, g in zip(self.eval_demos, groups)) / len(groups)
+        if half >= 2:  # the checkpoints (and a server loading them) then flag first errors by this threshold
+            rule = (f"maximises F1 on {half} held-out perturbed chains (calibration demos) at iteration "
+                    f"{self.state['iteration']}")
+            ray.get([r.set_threshold.remote(thr, rule) for r in self.reward])
+        groups = self.generate([d.prompt for d in self.eval_demos], 1, replace(self.cfg.rollout, temperature=0.0))
+        acc = sum(is_correct(d, g[0].completion) for d, g in zip(self.eval_demos, groups)) / len(groups)
         return {"eval/localisation_f1": m["f1"] or 0.0, "eval/policy_accuracy": acc, "eval/threshold": thr}
 
 
@@ -331,23 +278,28 @@ def _rng_from_json(state) -> tuple:
     return (state[0], tuple(state[1]), state[2])
 
 
-def start(cfg: LoopConfig) -> Driver:
+def start_driver(cfg: LoopConfig) -> Driver:
     """A driver with its actors up: resumed from a checkpoint, or after the SFT warm start."""
+    cfg.check()
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
-    check_loop_config(cfg)
+        from dense_irl.logs import ray_init_kwargs
+
+        ray.init(address=os.environ.get("RAY_ADDRESS"), **ray_init_kwargs())
     drv = Driver(cfg)
     save_config(cfg, drv.out / "config.yaml")
     resume_from = latest_checkpoint(drv.out) if cfg.resume == "auto" else (
         Path(cfg.resume) if cfg.resume != "no" else None)
     if resume_from is not None:
-        st = json.loads((resume_from / "state.json").read_text())
+        try:
+            st = json.loads((resume_from / "state.json").read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"resume: {resume_from / 'state.json'} is not valid JSON ({e})") from None
         drv.state = {**drv.state, **st, "rng": None}
         drv.rng.setstate(_rng_from_json(st["rng"]))
         ref = st.get("reference")
         if ref is not None and not (Path(ref) / "config.json").is_file():
-            raise FileNotFoundError(f"resume: the KL reference policy {ref} named in {resume_from / 'state.json'} "
-                                    "is gone; restore that folder (the run's init/sft_policy) to resume")
+            raise MissingFileError(f"resume: the KL reference policy {ref} named in {resume_from / 'state.json'} "
+                                   "is gone; restore that folder (the run's init/sft_policy) to resume")
         # (a checkpoint without a reference predates it being recorded: its policy becomes the reference)
         drv.start_actors(str(resume_from / "policy"), str(resume_from / "reward_model"),
                          ref or str(resume_from / "policy"))
@@ -364,18 +316,18 @@ def start(cfg: LoopConfig) -> Driver:
     return drv
 
 
-def run(cfg: LoopConfig, report=None) -> dict:
+def train_online(cfg: LoopConfig, report=None) -> dict:
     """Run the loop (starting Ray locally when no cluster is connected); returns the last metrics.
 
     ``report(metrics: dict, checkpoint: Path | None)``, when given, is called after every iteration
     with that iteration's metrics (evaluation included when it ran) and the checkpoint folder when one
     was written (Ray Tune hooks in here).
     """
-    return loop(start(cfg), report)
+    return run_iterations(start_driver(cfg), report)
 
 
-def loop(drv: Driver, report=None) -> dict:
-    """The iterations of a started driver (see :func:`run`), then its actors are stopped."""
+def run_iterations(drv: Driver, report=None) -> dict:
+    """The iterations of a started driver (see :func:`train_online`), then its actors are stopped."""
     cfg, last = drv.cfg, {}
     deadline = time.monotonic() + 60 * cfg.minutes if cfg.minutes > 0 else float("inf")
     bar = tqdm(total=cfg.iterations, initial=drv.state["iteration"], desc="irl", unit="iter")
@@ -383,9 +335,10 @@ def loop(drv: Driver, report=None) -> dict:
         last = drv.iteration()
         drv.log(last)
         it = drv.state["iteration"]
+        bar.set_postfix(acc=f"{last['accuracy_samples']:.3f}", refresh=False)
         out_of_time = time.monotonic() > deadline
         if cfg.eval_every and it % cfg.eval_every == 0:
-            ev = drv.evaluate()
+            ev = drv.periodic_eval()
             drv.log(ev)
             last |= ev
         ckpt = None

@@ -18,6 +18,12 @@ from pathlib import Path
 import ray
 import torch
 
+from dense_irl.algo.batches import Experience, RewardBatch
+from dense_irl.algo.config import RewardConfig, RLConfig
+from dense_irl.algo.optim import MAX_GRAD_NORM, Optimizer
+from dense_irl.data.layout import ChainLayout
+from dense_irl.errors import CheckpointError, ConfigError
+
 
 @dataclass
 class LearnerConfig:
@@ -31,6 +37,24 @@ class LearnerConfig:
     threads: int = 1  # torch CPU threads per worker
     sft_threads: int = 0  # torch CPU threads of the warm-start learner, alone on its node then (0: threads)
 
+    def check(self) -> None:
+        """Raise a ConfigError naming the first bad option."""
+        if self.backend not in ("torch", "deepspeed"):
+            raise ConfigError(f"learner.backend must be 'torch' or 'deepspeed', got {self.backend!r}")
+        if self.backend == "deepspeed" and self.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"learner.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+        if self.num_workers < 1:
+            raise ConfigError(f"learner.num_workers must be >= 1, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """Where one learner sits in its role's data-parallel group (``master``: the rendezvous "host:port")."""
+
+    rank: int = 0
+    world: int = 1
+    master: str = "127.0.0.1:29500"
+
 
 def free_port() -> int:
     """A free TCP port on the loopback interface (for the process-group rendezvous)."""
@@ -42,21 +66,19 @@ def free_port() -> int:
 class _Learner:
     """Shared set-up: process group, model wrapping and the optimiser step for either backend."""
 
-    def _setup(self, model: torch.nn.Module, lr: float, rank: int, world: int, master: str,
-               cfg: LearnerConfig, warmup_steps: int = 0) -> None:
-        """``warmup_steps``: the learning rate rises linearly from 0 over that many steps (a fresh Adam's first
-        steps move every weight by about ``lr``, which knocks a converged warm start off its optimum)."""
+    def _setup(self, model: torch.nn.Module, lr: float, warmup_steps: int, cfg: LearnerConfig,
+               group: RankSpec) -> None:
+        """The optimiser of ``algo.optim`` (torch) or its recipe in a DeepSpeed engine: AdamW, clipping, and a
+        linear lr warm-up over ``warmup_steps``."""
         import torch.distributed as dist
 
-        self.sched = None
-
         torch.set_num_threads(cfg.threads)
-        self.rank, self.world, self.backend = rank, world, cfg.backend
+        self.rank, self.world, self.backend = group.rank, group.world, cfg.backend
         device = "cuda" if cfg.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        host, port = master.rsplit(":", 1)
-        os.environ.update(MASTER_ADDR=host, MASTER_PORT=port, RANK=str(rank),
-                          WORLD_SIZE=str(world), LOCAL_RANK="0")
+        host, port = group.master.rsplit(":", 1)
+        os.environ.update(MASTER_ADDR=host, MASTER_PORT=port, RANK=str(group.rank),
+                          WORLD_SIZE=str(group.world), LOCAL_RANK="0")
         if cfg.backend == "deepspeed":
             import deepspeed
 
@@ -66,7 +88,7 @@ class _Learner:
             ds_config = {
                 "train_micro_batch_size_per_gpu": 1,
                 "gradient_accumulation_steps": 1,
-                "gradient_clipping": 1.0,
+                "gradient_clipping": MAX_GRAD_NORM,
                 "zero_optimization": {"stage": cfg.zero_stage},
                 "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True}},
             }
@@ -74,34 +96,25 @@ class _Learner:
                 ds_config["scheduler"] = {"type": "WarmupLR", "params": {
                     "warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_steps": warmup_steps,
                     "warmup_type": "linear"}}
-            self.engine, self.opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                                               config=ds_config)
+            self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                                        config=ds_config)
             self.module = self.engine.module
             return
-        if cfg.backend != "torch":
-            raise ValueError(f"learner.backend must be 'torch' or 'deepspeed', got {cfg.backend!r}")
         model.to(self.device)
-        if world > 1:
-            dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
+        if group.world > 1:
+            dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=group.rank, world_size=group.world)
             self.engine = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         else:
             self.engine = model
         self.module = model
-        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        if warmup_steps > 0:
-            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: min(1.0, (i + 1) / warmup_steps))
+        self.optim = Optimizer(model.parameters(), lr, warmup_steps)
 
     def _step(self, loss: torch.Tensor) -> None:
         if self.backend == "deepspeed":
             self.engine.backward(loss)
             self.engine.step()
-            return
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
-        self.opt.step()
-        if self.sched is not None:
-            self.sched.step()
+        else:
+            self.optim.step(loss)
 
     def _gathered(self):
         """A context in which every parameter is whole (ZeRO-3 partitions them across ranks)."""
@@ -123,9 +136,7 @@ class _Learner:
             self.engine.save_checkpoint(path, tag="optimizer")
         elif self.rank == 0:  # data-parallel ranks hold the same state
             Path(path).mkdir(parents=True, exist_ok=True)
-            torch.save({"optimizer": self.opt.state_dict(),
-                        "scheduler": self.sched.state_dict() if self.sched is not None else None},
-                       Path(path) / "optimizer.pt")
+            torch.save(self.optim.state_dict(), Path(path) / "optimizer.pt")
 
     def load_optimizer(self, path: str) -> None:
         """The state :meth:`save_optimizer` wrote (same backend and number of ranks)."""
@@ -133,15 +144,12 @@ class _Learner:
             loaded, _ = self.engine.load_checkpoint(path, tag="optimizer", load_optimizer_states=True,
                                                     load_lr_scheduler_states=True)
             if loaded is None:
-                raise FileNotFoundError(f"no DeepSpeed optimiser state in {path} (written by another backend?)")
+                raise CheckpointError(f"no DeepSpeed optimiser state in {path} (written by another backend?)")
             return
         file = Path(path) / "optimizer.pt"
         if not file.is_file():
-            raise FileNotFoundError(f"no optimiser state at {file} (written by learner.backend=deepspeed?)")
-        state = torch.load(file, weights_only=False)
-        self.opt.load_state_dict(state["optimizer"])
-        if self.sched is not None and state["scheduler"] is not None:
-            self.sched.load_state_dict(state["scheduler"])
+            raise CheckpointError(f"no optimiser state at {file} (written by learner.backend=deepspeed?)")
+        self.optim.load_state_dict(torch.load(file, weights_only=False))
 
     def join_weight_group(self, master: str, rank: int, world: int, backend: str) -> None:
         """Join the stand-alone broadcast group of the weight sync (``rollout.weight_sync: collective``)."""
@@ -160,76 +168,67 @@ class _Learner:
 @ray.remote
 class PolicyLearner(_Learner):
     """Holds the policy (trained), its frozen KL reference (``reference_path``, else a copy of the policy at
-    start), and the optimiser."""
+    start), and the optimiser (``lr``, warmed up over ``warmup_steps``)."""
 
-    def __init__(self, policy_path: str, lr: float, rank: int, world: int, master: str, cfg: LearnerConfig,
-                 separator: str, max_length: int, reference_path: str | None = None, warmup_steps: int = 0):
+    def __init__(self, policy_path: str, *, learner: LearnerConfig, layout: ChainLayout, lr: float,
+                 warmup_steps: int = 0, group: RankSpec = RankSpec(), reference_path: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(policy_path)
         ref = AutoModelForCausalLM.from_pretrained(reference_path) if reference_path else copy.deepcopy(model)
         self.ref = ref.eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
-        self.separator, self.max_length = separator, max_length
-        self._setup(model, lr, rank, world, master, cfg, warmup_steps)
+        self.layout = layout
+        self._setup(model, lr, warmup_steps, learner, group)
         self.ref.to(self.device)
 
     def sft_step(self, chains: list) -> dict:
-        """One next-token step on expert chains (the warm start)."""
-        from dense_irl.irl.objectives import expert_nll
-        from dense_irl.models.chains import encode_chains
+        """One next-token step on expert chains (the warm start): ``algo.sft.sft_loss``."""
+        from dense_irl.algo.sft import sft_loss
 
         self.engine.train()
-        enc = encode_chains(self.tokenizer, chains, self.max_length, self.separator)
-        ids = enc.input_ids.to(self.device)
-        logits = self.engine(input_ids=ids, attention_mask=enc.attention_mask.to(self.device)).logits
-        loss = expert_nll(logits, ids, (enc.step_ids >= 0).to(self.device))
+        loss, tokens = sft_loss(self.engine, self.tokenizer, chains, self.layout, self.device)
         self._step(loss)
-        return {"sft_nll": loss.item()}
+        return {"sft_nll": loss.item(), "tokens": tokens}
 
-    def ppo_steps(self, rollouts: list[dict], n_steps: int, clip: float, kl_coef: float,
-                  experts: list | None = None, ptx_coef: float = 0.0) -> dict:
-        """``n_steps`` PPO-clip steps on this rank's rollouts (token ids and per-step advantages).
+    def policy_step(self, experience: Experience, rl: RLConfig) -> dict:
+        """``rl.ppo_steps`` steps of ``algo.losses.policy_loss`` on this rank's experience.
 
-        The "old" log-probs are recomputed here, once, with the weights that sampled the rollouts
-        (the engines' own log-probs can differ by kernels, warpers and temperature). With ``ptx_coef`` > 0
-        each step adds ``ptx_coef`` * the expert NLL of ``experts`` (prompt, steps) chains (PPO-ptx):
-        one forward pass over both batches, so data-parallel backends see one forward per backward.
+        The "old" log-probs are recomputed here, once, with the weights that sampled the rollouts (the
+        engines' own log-probs can differ by kernels, warpers and temperature). With ``rl.ptx_coef`` > 0 the
+        experience's demonstrations go through the same forward pass as the rollouts (PPO-ptx), so
+        data-parallel backends see one forward per backward.
         """
         import torch.nn.functional as F
 
-        from dense_irl.irl.objectives import expert_nll
-        from dense_irl.models.chains import encode_chains, token_logprobs
-        from dense_irl.rl.ppo import policy_batch, ppo_loss
+        from dense_irl.algo.losses import expert_nll, policy_loss
+        from dense_irl.data.layout import encode_chains
+        from dense_irl.models.chains import token_logprobs
 
-        batch = policy_batch(self.tokenizer, rollouts, self.separator, self.device)
+        batch = experience.tensors(self.tokenizer, self.layout.separator, self.device)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         with torch.no_grad():
             old_logp = token_logprobs(self.module(input_ids=ids, attention_mask=mask).logits, ids)
             ref_logp = token_logprobs(self.ref(input_ids=ids, attention_mask=mask).logits, ids)
         B, T = ids.shape
         all_ids, all_mask, e_ids = ids, mask, None
-        if ptx_coef > 0 and experts:
-            enc = encode_chains(self.tokenizer, experts, self.max_length, self.separator)
+        if rl.ptx_coef > 0 and experience.experts:
+            enc = encode_chains(self.tokenizer, experience.experts, self.layout.max_length, self.layout.separator)
             e_ids, e_mask = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
             e_tokens = (enc.step_ids >= 0).to(self.device)
             width = max(T, e_ids.shape[1])  # right padding: positions stay those of unpadded rows
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            all_ids = torch.cat([F.pad(ids, (0, width - T), value=pad), F.pad(e_ids, (0, width - e_ids.shape[1]),
-                                                                                value=pad)])
+            all_ids = torch.cat([F.pad(ids, (0, width - T), value=pad),
+                                 F.pad(e_ids, (0, width - e_ids.shape[1]), value=pad)])
             all_mask = torch.cat([F.pad(mask, (0, width - T)), F.pad(e_mask, (0, width - e_mask.shape[1]))])
         self.engine.train()
         stats: dict = {}
-        for _ in range(n_steps):
+        for _ in range(rl.ppo_steps):
             logits = self.engine(input_ids=all_ids, attention_mask=all_mask).logits
-            logp = token_logprobs(logits[:B, :T], ids)
-            loss, stats = ppo_loss(logp, old_logp, ref_logp, batch["advantages"], batch["mask"], clip, kl_coef)
-            if e_ids is not None:
-                nll = expert_nll(logits[B:, : e_ids.shape[1]], e_ids, e_tokens)
-                loss = loss + ptx_coef * nll
-                stats["ptx_nll"] = nll.item()
+            ptx = expert_nll(logits[B:, : e_ids.shape[1]], e_ids, e_tokens) if e_ids is not None else None
+            loss, stats = policy_loss(token_logprobs(logits[:B, :T], ids), old_logp, ref_logp, batch["advantages"],
+                                      batch["mask"], rl.clip, rl.kl_coef, ptx, rl.ptx_coef)
             self._step(loss)
-            stats["policy_loss"] = loss.item()
         behaviour = batch["old_logp"][batch["mask"]]
         stats["behaviour_logp_gap"] = (old_logp[batch["mask"]] - behaviour).abs().mean().item()
         return stats
@@ -262,36 +261,47 @@ class PolicyLearner(_Learner):
 class RewardLearner(_Learner):
     """Holds the reward model (trained) and the frozen pi_old of the AIRL logit."""
 
-    def __init__(self, reward_path: str, policy_path: str, reward_cfg, lr: float, rank: int, world: int,
-                 master: str, cfg: LearnerConfig):
+    def __init__(self, reward_path: str, pi_old_path: str, *, reward: RewardConfig, learner: LearnerConfig,
+                 group: RankSpec = RankSpec()):
         from transformers import AutoModelForCausalLM
 
         from dense_irl.models.reward_model import RewardModel
 
         self.rm = RewardModel.from_pretrained(reward_path)
-        self.pi_old = AutoModelForCausalLM.from_pretrained(policy_path).eval().requires_grad_(False)
-        self.reward_cfg = reward_cfg
-        self._setup(self.rm, lr, rank, world, master, cfg, reward_cfg.warmup_steps)
+        self.pi_old = AutoModelForCausalLM.from_pretrained(pi_old_path).eval().requires_grad_(False)
+        self.reward_cfg = reward
+        self._setup(self.rm, reward.lr, reward.warmup_steps, learner, group)
         self.pi_old.to(self.device)
+        # log pi_old per step of every chain seen since pi_old last changed: an iteration's reward steps draw
+        # the same experts again and again, and pi_old stays fixed between weight pushes.
+        self.pi_old_cache: dict = {}
 
-    def reward_step(self, experts: list, negatives: list) -> dict:
-        """One discriminator step on this rank's experts and negatives."""
-        from dense_irl.irl.offline import reward_loss
+    def reward_step(self, batch: RewardBatch) -> dict:
+        """One step of ``algo.losses.reward_loss`` on this rank's experts and negatives."""
+        from dense_irl.algo.losses import reward_loss
+        from dense_irl.models.chains import cached_step_logprobs
 
+        logp = None
+        if not self.reward_cfg.gail and self.reward_cfg.objective != "iq":  # the discriminator's -log pi_old
+            cfg = self.rm.config
+            logp = cached_step_logprobs(self.pi_old, self.rm.tokenizer, batch.chains(), cfg.max_length,
+                                        cfg.separator, self.pi_old_cache)
         self.rm.train()
-        loss, metrics = reward_loss(self.rm, self.pi_old, experts, negatives, self.reward_cfg, self.engine)
+        loss, metrics = reward_loss(self.rm, batch, self.reward_cfg, pi_old_logp=logp, forward=self.engine)
         self._step(loss)
         return metrics
 
     def update_pi_old(self, state_dict: dict) -> None:
         """pi_old of the AIRL logit follows the policy being trained."""
         self.pi_old.load_state_dict(state_dict)
+        self.pi_old_cache.clear()
 
     def receive_pi_old(self, spec: list) -> None:
         """pi_old from the weight group's broadcast (``rollout.weight_sync: collective``)."""
         from dense_irl.runtime.weight_sync import receive
 
         self.pi_old.load_state_dict(receive(self.weight_group, spec, self.weight_device))
+        self.pi_old_cache.clear()
 
     def score(self, chains: list) -> list[list[float]]:
         return [s.step_rewards for s in self.rm.score(chains)]

@@ -1,6 +1,7 @@
 """The online IRL run's config (``dense-irl train``, ``jobs/train_irl.py``): one dataclass per component.
 
-Checked in full by :func:`check_loop_config` before any actor starts or any time is spent.
+Defaults are the recipe of ``make demo`` (preset ``demo_online``). Checked in full by
+:meth:`LoopConfig.check` before any actor starts or any time is spent.
 """
 
 from __future__ import annotations
@@ -8,29 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dense_irl.irl.offline_config import DataConfig, RewardConfig, SFTConfig, check_reward_config
+from dense_irl.algo.config import RewardConfig, RLConfig, SFTConfig
+from dense_irl.data.demos import DataConfig
+from dense_irl.errors import ConfigError, MissingFileError
 from dense_irl.models.factory import ModelConfig
 from dense_irl.runtime.learners import LearnerConfig
+from dense_irl.runtime.placement import STRATEGIES
 from dense_irl.runtime.rollout import RolloutConfig
-
-
-@dataclass
-class RLConfig:
-    """The policy update."""
-
-    lr: float = 5e-4
-    clip: float = 0.2
-    kl_coef: float = 0.05
-    gamma: float = 1.0
-    outcome_weight: float = 0.0  # weight of the verifier's 0/1 reward on the last step
-    ppo_steps: int = 2  # n policy steps per iteration
-    # PPO-ptx (InstructGPT; OpenRLHF's --ptx_coef): every policy step also lowers ptx_coef * the expert NLL of
-    # the iteration's prompts' demonstrations, so the policy keeps imitating while it follows the dense rewards.
-    ptx_coef: float = 0.0
-    # The policy's lr rises linearly over this many PPO steps: a fresh Adam's first steps move every weight by
-    # about lr, which knocks the SFT policy off its optimum (as reward.warmup_steps does for the reward model).
-    warmup_steps: int = 0
-    advantages: str = "group"  # "group" (normalised reward-to-go) or "tree" (soft backups, DESIGN §4)
 
 
 @dataclass
@@ -44,20 +29,21 @@ class LoopConfig:
     rl: RLConfig = field(default_factory=RLConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
-    iterations: int = 10
-    minutes: float = 0.0  # wall-clock budget of the iterations (0: none); the last one is checkpointed
-    prompts_per_iteration: int = 8
-    reward_steps: int = 2  # m reward steps per iteration
+    iterations: int = 9
+    minutes: float = 0.0  # wall-clock cap on the iterations (0: none); the last one is checkpointed
+    prompts_per_iteration: int = 16
+    reward_steps: int = 8  # reward steps per iteration
     # The reward model's backbone: "" = the SFT policy (default), or a local HF folder (e.g. a 0.5B model next
     # to a 1.5B policy) that shares the policy's tokenizer, since pi_old is read on the reward model's tokens.
     reward_backbone: str = ""
     negative_mix: float = 0.5  # share of negatives that are perturbed experts (the rest: policy samples)
     # Which policy samples are negatives: "all" (AIRL: expert vs policy) or "incorrect" (those the outcome
     # verifier rejects: the policy's own mistakes, no correct chain labelled as a negative).
-    policy_negatives: str = "all"
+    policy_negatives: str = "incorrect"
     eval_every: int = 5
-    eval_prompts: int = 64
+    eval_prompts: int = 32
     checkpoint_every: int = 5
+    log_every: int = 25  # a metrics row every this many warm-start SFT steps (iterations: every one)
     # Placement group pinning the roles: "PACK" (default), "SPREAD", "STRICT_PACK", "STRICT_SPREAD", or
     # "none" (plain actor scheduling). Inside a placement group already (a Ray Tune trial) the actors go there.
     placement_strategy: str = "PACK"
@@ -67,26 +53,26 @@ class LoopConfig:
     resume: str = "no"  # "no", "auto" (latest checkpoint in output_dir) or a checkpoint folder
     seed: int = 0
 
-
-def check_loop_config(cfg: LoopConfig) -> None:
-    """Raise one clear error for the first value that cannot run (the dataclasses check names and types)."""
-    check_reward_config(cfg.reward)
-    if cfg.reward_backbone and not (Path(cfg.reward_backbone).expanduser() / "config.json").is_file():
-        raise FileNotFoundError(f"reward_backbone: no HF model folder at {cfg.reward_backbone} (expected config.json)")
-    if cfg.prompts_per_iteration < cfg.learner.num_workers:
-        raise ValueError(f"prompts_per_iteration ({cfg.prompts_per_iteration}) must be >= learner.num_workers "
-                         f"({cfg.learner.num_workers}): every data-parallel rank needs a shard")
-    if cfg.rl.warmup_steps < 0:
-        raise ValueError(f"rl.warmup_steps must be >= 0, got {cfg.rl.warmup_steps}")
-    if cfg.rl.ptx_coef < 0:
-        raise ValueError(f"rl.ptx_coef must be >= 0 (the weight of the expert NLL in the policy loss), got "
-                         f"{cfg.rl.ptx_coef}")
-    if cfg.policy_negatives not in ("all", "incorrect"):
-        raise ValueError(f"policy_negatives must be 'all' or 'incorrect', got {cfg.policy_negatives!r}")
-    if cfg.rollout.weight_sync not in ("object_store", "collective"):
-        raise ValueError(f"rollout.weight_sync must be 'object_store' or 'collective', got {cfg.rollout.weight_sync!r}")
-    if cfg.reward.continue_sft_optimizer:
-        raise ValueError("reward.continue_sft_optimizer is for the offline run (dense-irl train-reward); the online "
-                         "loop's warm start trains on a learner and its optimiser state stays there")
-    if cfg.resume not in ("no", "auto") and not (Path(cfg.resume) / "state.json").is_file():
-        raise FileNotFoundError(f"resume: no checkpoint at {cfg.resume} (expected state.json inside)")
+    def check(self) -> None:
+        """Raise one clear error for the first value that cannot run (the loader checks names and types)."""
+        self.data.check()
+        self.reward.check()
+        self.rl.check()
+        if self.reward_backbone and not (Path(self.reward_backbone).expanduser() / "config.json").is_file():
+            raise MissingFileError(f"reward_backbone: no HF model folder at {self.reward_backbone} "
+                                   "(expected config.json)")
+        if self.prompts_per_iteration < self.learner.num_workers:
+            raise ConfigError(f"prompts_per_iteration ({self.prompts_per_iteration}) must be >= learner.num_workers "
+                              f"({self.learner.num_workers}): every data-parallel rank needs a shard")
+        if not 0 <= self.negative_mix <= 1:
+            raise ConfigError(f"negative_mix must be in [0, 1] (the share of perturbed negatives), got "
+                              f"{self.negative_mix}")
+        if self.policy_negatives not in ("all", "incorrect"):
+            raise ConfigError(f"policy_negatives must be 'all' or 'incorrect', got {self.policy_negatives!r}")
+        if self.placement_strategy not in (*STRATEGIES, "none"):
+            raise ConfigError(f"placement_strategy must be one of {STRATEGIES} or 'none', got "
+                              f"{self.placement_strategy!r}")
+        self.learner.check()
+        self.rollout.check()
+        if self.resume not in ("no", "auto") and not (Path(self.resume) / "state.json").is_file():
+            raise MissingFileError(f"resume: no checkpoint at {self.resume} (expected state.json inside)")

@@ -11,6 +11,7 @@ import os
 
 import ray
 
+from dense_irl.errors import ConfigError
 from dense_irl.runtime.learners import free_port
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -27,7 +28,7 @@ def place_roles(cfg) -> tuple[object | None, dict]:
     if strategy == "none" or ray.util.get_current_placement_group() is not None:
         return None, {}  # plain scheduling, or a Tune trial's group that captures our actors already
     if strategy not in STRATEGIES:
-        raise ValueError(f"placement_strategy must be one of {STRATEGIES} or 'none', got {strategy!r}")
+        raise ConfigError(f"placement_strategy must be one of {STRATEGIES} or 'none', got {strategy!r}")
     n, k, shared = cfg.learner.num_workers, cfg.rollout.num_workers, cfg.colocate_learners
     mult = 2 if shared else 1
     learner = {"CPU": mult * cfg.learner.num_cpus_per_worker, "GPU": mult * cfg.learner.num_gpus_per_worker}
@@ -39,7 +40,7 @@ def place_roles(cfg) -> tuple[object | None, dict]:
         ray.get(pg.ready(), timeout=cfg.placement_timeout_s)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(pg)
-        raise RuntimeError(
+        raise ConfigError(
             f"the roles' placement group ({len(bundles)} bundles {bundles}, strategy {strategy}) could not be "
             f"placed within {cfg.placement_timeout_s:.0f} s; the cluster has {ray.cluster_resources()} "
             f"(available {ray.available_resources()}). Lower learner/rollout num_*_per_worker or add nodes."

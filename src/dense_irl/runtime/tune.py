@@ -2,7 +2,7 @@
 
 A search YAML (:class:`TuneConfig`) names a base `dense-irl train` config (a file or inline), a search
 space over dotted LoopConfig keys, the evaluation metric ASHA stops on, and the resources of a trial.
-Each trial is a Tune function trainable running :func:`dense_irl.runtime.driver.run` inside a placement
+Each trial is a Tune function trainable running :func:`dense_irl.runtime.driver.train_online` inside a placement
 group whose bundles hold the trial function and the loop's actors. A trial reports on every evaluation
 iteration (with the newest loop checkpoint), so `--resume` (``Tuner.restore``) continues an interrupted
 search from the trials' last checkpoints.
@@ -28,10 +28,12 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from dense_irl.config import ConfigError, load_config, save_config, to_dict
+from dense_irl.config import load_config, resolve_config, save_config, to_dict
+from dense_irl.errors import ConfigError, MissingFileError
 from dense_irl.eval.report import markdown_table
 from dense_irl.io import atomic_path, atomic_write_text
-from dense_irl.runtime.driver import LoopConfig, run
+from dense_irl.runtime.driver import train_online
+from dense_irl.runtime.loop_config import LoopConfig
 
 # Keys a search may not sample: Tune owns each trial's output folder and resume point, and the
 # iteration count / evaluation period (and no wall-clock cut) are the time axis ASHA's rungs are measured on.
@@ -114,16 +116,18 @@ def loop_config(base: dict, params: dict) -> LoopConfig:
 def load_tune_config(
     path: str | Path, base: str | None = None, overrides: list[str] | None = None
 ) -> TuneConfig:
-    """The search YAML at ``path``; a relative ``base`` is resolved against the search file's folder.
+    """The search YAML at ``path`` (or the preset of that name); a relative ``base`` is resolved against the
+    search file's folder.
 
     ``base`` (e.g. ``--config`` on the command line) replaces the YAML's base; ``overrides`` are dotted
     flags on the search config itself (e.g. ``--storage_path=...``).
     """
+    path = resolve_config(path)
     cfg = load_config(TuneConfig, path, overrides)
     if base is not None:
-        cfg.base = str(Path(base).resolve())
+        cfg.base = str(resolve_config(base).resolve()) if (Path(base).is_file() or "/" not in base) else base
     elif isinstance(cfg.base, str):
-        cfg.base = str((Path(path).resolve().parent / cfg.base).resolve())
+        cfg.base = str((path.resolve().parent / cfg.base).resolve())
     return cfg
 
 
@@ -238,11 +242,11 @@ def _trial(config: dict, base: dict, runs_dir: str, metric: str) -> None:
 
     restored = tune.get_checkpoint()
     if restored is None:
-        run(loop, report)
+        train_online(loop, report)
         return
     with restored.as_directory() as d:
         loop.resume = d
-        run(loop, report)
+        train_online(loop, report)
 
 
 def run_tune(
@@ -262,16 +266,18 @@ def run_tune(
     space = search_space(cfg, base)
     exp = Path(cfg.storage_path).resolve() / cfg.name
     if resume and not tune.Tuner.can_restore(str(exp)):
-        raise FileNotFoundError(f"--resume: no search to continue in {exp}")
+        raise MissingFileError(f"--resume: no search to continue in {exp}")
     if not resume and exp.exists() and tune.Tuner.can_restore(str(exp)):
-        raise ValueError(f"{exp} already holds a search: continue it with --resume, or set another name")
+        raise ConfigError(f"{exp} already holds a search: continue it with --resume, or set another name")
 
     base_dict = to_dict(base)
     # Trials keep the caller's working directory, so relative paths in the config mean what they do for
     # `dense-irl train` (Tune passes this variable on to the trial processes).
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+        from dense_irl.logs import ray_init_kwargs
+
+        ray.init(address=os.environ.get("RAY_ADDRESS"), **ray_init_kwargs())
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base_dict, runs_dir=str(exp / "runs"), metric=cfg.metric),
         resources=functools.partial(_trial_resources, base=base_dict, res=cfg.resources),
@@ -361,7 +367,7 @@ def write_reports(results, cfg: TuneConfig, base: LoopConfig, exp: Path) -> dict
     if best is None:
         atomic_write_text(out["md"], head + markdown_table(md_rows) + "\nNo trial reported the metric.\n")
         first = next((r["error"] for r in rows if r["error"]), None)
-        raise ValueError(
+        raise ConfigError(
             f"no trial of {exp} reported {cfg.metric} ({n_errors} of {len(rows)} failed"
             + (f"; first error: {first}" if first else "")
             + "); see results.md and the trial logs"

@@ -1,4 +1,4 @@
-"""Step-level reward scoring over HTTP: a Ray Serve app with a FastAPI ingress (DESIGN §6).
+"""Step-level reward scoring over HTTP: a Ray Serve app with a FastAPI ingress (docs/architecture.md §6).
 
     POST /v1/score      one chain {prompt, steps | text [, step_separator]} or {"items": [...]}
     POST /get_reward    OpenRLHF's remote reward model contract {query, prompts, labels}
@@ -35,6 +35,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 
+from dense_irl.data.layout import split_steps
+from dense_irl.errors import ConfigError, MissingFileError
 from dense_irl.models.reward_model import ChainScore, RewardModel
 from dense_irl.serving.schemas import (
     BatchIn,
@@ -52,7 +54,6 @@ from dense_irl.serving.schemas import (
     ServeArgs,
     aggregate,
     chain_result,
-    split_steps,
 )
 
 TOKEN_ENV = "DENSE_IRL_TOKEN"
@@ -372,10 +373,10 @@ def app_builder(args: dict | ServeArgs) -> serve.Application:
             args = ServeArgs.model_validate(args)
         except ValidationError as e:  # one line per bad arg, naming it
             bad = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-            raise ValueError(f"invalid serve args: {bad}") from None
+            raise ConfigError(f"invalid serve args: {bad}") from None
     path = Path(os.path.expanduser(args.reward_model)).resolve()
     if not path.is_dir():
-        raise FileNotFoundError(f"reward model checkpoint not found: {path}")
+        raise MissingFileError(f"reward model checkpoint not found: {path}")
     args = args.model_copy(
         update={"reward_model": str(path), "token": args.token or os.environ.get(TOKEN_ENV)}
     )
@@ -388,13 +389,15 @@ def app_builder(args: dict | ServeArgs) -> serve.Application:
     return scorer.bind(ModelSource.bind(str(path)), args.model_dump())
 
 
-def start(args: dict | ServeArgs, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME) -> str:
+def start_server(args: dict | ServeArgs, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME) -> str:
     """Start Ray (if needed) and Serve's HTTP proxy on ``host:port``, deploy the app; returns its URL."""
     import ray
 
     app = app_builder(args)  # fail on a bad checkpoint path before starting anything
     if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+        from dense_irl.logs import ray_init_kwargs
+
+        ray.init(**ray_init_kwargs())
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=name, route_prefix="/", blocking=False)
     return f"http://{host}:{port}"
@@ -405,7 +408,7 @@ def serve_forever(args: dict | ServeArgs, host: str = "127.0.0.1", port: int = 8
     import ray
 
     try:
-        url = start(args, host, port)
+        url = start_server(args, host, port)
         print(json.dumps({"url": url, "health": f"{url}/health", "docs": f"{url}/docs"}), flush=True)
         while True:
             time.sleep(3600)

@@ -13,11 +13,13 @@ import os
 
 import httpx
 
+from dense_irl.errors import ConfigError, DataError, UserError
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 TOKEN_ENV = "DENSE_IRL_TOKEN"
 
 
-class ScoreClientError(ValueError):
+class ScoreClientError(UserError):
     """The server refused the request (its status and message are in the text) or was unreachable."""
 
 
@@ -63,7 +65,7 @@ def score_chains(
 ) -> list[dict]:
     """Score ``(prompt, steps)`` chains, ``batch_size`` per request; one result dict per chain, in order."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     results: list[dict] = []
     for i in range(0, len(chains), batch_size):
         items = [{"prompt": p, "steps": list(s)} for p, s in chains[i : i + batch_size]]
@@ -109,7 +111,7 @@ def score_file(
 
     demos, skipped = load_demonstrations(path, fmt, step_separator)
     if not demos:
-        raise ValueError(f"{path} holds no chains to score")
+        raise DataError(path, None, None, "holds no chains to score")
     results = score_chains([(d.prompt, d.steps) for d in demos], url, token, batch_size)
     rows = [{"id": d.id, **r} for d, r in zip(demos, results)]
     if out:
@@ -141,10 +143,10 @@ def score_command(
         return server_info(url, token)
     if data is not None:
         if prompt is not None or steps or text is not None:
-            raise ValueError("give either --data FILE or --prompt with --step/--text, not both")
+            raise ConfigError("give either --data FILE or --prompt with --step/--text, not both")
         return score_file(data, out, url, token, fmt, step_separator, batch_size)
     if prompt is None or (not steps) == (text is None):
-        raise ValueError(
+        raise ConfigError(
             "give --data FILE, or --prompt P with either --step S (repeatable) or --text T, or --info"
         )
     if text is not None:

@@ -182,11 +182,6 @@ class Health(BaseModel):
 # ---------------------------------------------------------------------------- helpers of the app
 
 
-def split_steps(text: str, separator: str) -> list[str]:
-    """Split a solution text into steps the way the data readers do (stripped, empty ones dropped)."""
-    return [s.strip() for s in text.split(separator) if s.strip()]
-
-
 def aggregate(step_rewards: list[float], how: str) -> float:
     """One scalar per chain for /get_reward: ``sum`` (the task reward), ``min`` or ``last`` step."""
     if not step_rewards:

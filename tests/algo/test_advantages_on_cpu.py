@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from dense_irl.irl.tree import soft_backup
-from dense_irl.rl.ppo import ppo_loss, step_advantages
+from dense_irl.algo.advantages import compute_advantages, soft_backup
+from dense_irl.algo.losses import policy_loss
 
 
 def test_step_advantages_normalise_per_group_and_discount():
     rewards = [[1.0, 3.0], [3.0, 1.0], [10.0, 10.0]]
-    adv = step_advantages(rewards, groups=[0, 0, 1], gamma=0.5)
+    adv = compute_advantages("group", rewards, [0, 0, 1], [["a", "b"]] * 3, gamma=0.5)
     # group 0 pools 1,3,3,1: mean 2, std 1 -> normalised [-1, 1] and [1, -1]
     assert adv[0] == pytest.approx([-1 + 0.5 * 1, 1], abs=1e-5)
     assert adv[1] == pytest.approx([1 + 0.5 * -1, -1], abs=1e-5)
@@ -22,13 +22,15 @@ def test_step_advantages_normalise_per_group_and_discount():
 
 
 def test_outcome_advantage_is_group_normalised_and_added_to_every_step():
-    adv = step_advantages([[0.0, 0.0], [0.0, 0.0]], [0, 0], gamma=1.0, outcome=[1.0, 0.0], outcome_weight=2.0)
+    adv = compute_advantages("group", [[0.0, 0.0], [0.0, 0.0]], [0, 0], [["a", "b"]] * 2, outcomes=[1.0, 0.0],
+                             outcome_weight=2.0)
     assert adv[0] == pytest.approx([2.0, 2.0], abs=1e-4) and adv[1] == pytest.approx([-2.0, -2.0], abs=1e-4)
     # on its own scale: huge dense rewards do not drown it
-    adv = step_advantages([[100.0], [-100.0]], [0, 0], outcome=[0.0, 1.0], outcome_weight=1.0)
+    adv = compute_advantages("group", [[100.0], [-100.0]], [0, 0], [["a"], ["b"]], outcomes=[0.0, 1.0],
+                             outcome_weight=1.0)
     assert adv[0][0] == pytest.approx(0.0, abs=1e-4) and adv[1][0] == pytest.approx(0.0, abs=1e-4)
     with pytest.raises(ValueError, match="group ids"):
-        step_advantages([[1.0]], [0, 1])
+        compute_advantages("group", [[1.0]], [0, 1], [["a"]])
 
 
 def test_ppo_loss_clips_and_penalises_kl():
@@ -36,13 +38,13 @@ def test_ppo_loss_clips_and_penalises_kl():
     old = torch.tensor([[-1.0, -1.0]])
     adv = torch.tensor([[1.0, 1.0]])
     mask = torch.tensor([[1, 1]])
-    loss, stats = ppo_loss(logp, old, ref_logp=logp.detach(), advantages=adv, mask=mask, clip=0.2, kl_coef=0.0)
+    loss, stats = policy_loss(logp, old, ref_logp=logp.detach(), advantages=adv, mask=mask, clip=0.2, kl_coef=0.0)
     # token 0: ratio e > 1.2, clipped to 1.2; token 1: ratio 1
     assert loss.item() == pytest.approx(-(1.2 + 1.0) / 2, abs=1e-5)
     assert stats["clip_frac"] == pytest.approx(0.5)
     loss.backward()
     assert logp.grad[0, 0] == 0.0 and logp.grad[0, 1] != 0.0  # clipped token passes no gradient
-    _, stats = ppo_loss(logp.detach(), old, ref_logp=old, advantages=adv, mask=mask, kl_coef=0.1)
+    _, stats = policy_loss(logp.detach(), old, ref_logp=old, advantages=adv, mask=mask, kl_coef=0.1)
     assert stats["kl"] > 0
 
 
@@ -66,3 +68,34 @@ def test_soft_backup_tends_to_max_as_alpha_shrinks_and_mean_as_it_grows():
         soft_backup(chains, rewards, alpha=0.0)
     with pytest.raises(ValueError, match="rewards"):
         soft_backup([["x", "y"]], [[1.0]])
+
+
+def test_tree_estimator_groups_by_prompt_and_takes_the_outcome_in_the_same_place():
+    chains = [["a", "b"], ["a", "c"], ["x"], ["y"]]
+    rewards = [[1.0, 2.0], [1.0, 0.0], [0.0], [1.0]]
+    groups = [0, 0, 1, 1]
+    adv = compute_advantages("tree", rewards, groups, chains, alpha=1.0)
+    g0 = soft_backup(chains[:2], rewards[:2])["advantages"]
+    g1 = soft_backup(chains[2:], rewards[2:])["advantages"]
+    assert adv == [pytest.approx(a) for a in g0 + g1]
+    # the outcome term: group-normalised, weighted, added to every step, for any estimator
+    with_outcome = compute_advantages("tree", rewards, groups, chains, outcomes=[1.0, 0.0, 0.0, 0.0],
+                                      outcome_weight=0.5)
+    bonus = [0.5, -0.5, 0.0, 0.0]
+    for a, b, w in zip(with_outcome, adv, bonus):
+        assert a == pytest.approx([x + w for x in b], abs=1e-4)
+    with pytest.raises(ValueError, match="unknown advantage estimator"):
+        compute_advantages("gae", rewards, groups, chains)
+
+
+def test_a_registered_estimator_is_selectable():
+    from dense_irl.algo.advantages import ADVANTAGE_ESTIMATORS, register_advantage_estimator
+
+    @register_advantage_estimator("last_step_only")
+    def last_only(step_rewards, groups, chains, gamma=1.0, alpha=1.0):
+        return [[0.0] * (len(r) - 1) + [r[-1]] for r in step_rewards]
+
+    try:
+        assert compute_advantages("last_step_only", [[1.0, 2.0]], [0], [["a", "b"]]) == [[0.0, 2.0]]
+    finally:
+        del ADVANTAGE_ESTIMATORS["last_step_only"]

@@ -1,6 +1,6 @@
-"""``make demo``: the offline IRL run on the synthetic task, end to end, with its baselines.
+"""``make demo-offline``: the offline IRL run on the synthetic task, end to end, with its baselines.
 
-1. train the reward model (SFT warm start, then IRL against perturbed experts) — ``dense_irl.irl.offline``;
+1. train the reward model (SFT warm start, then IRL against perturbed experts) — ``dense_irl.offline.train``;
 2. train the SFT baseline as long as the whole reward-model run took (the fair log-prob baseline);
 3. evaluate error localisation on held-out chains from another seed: reward model vs SFT log-prob
    (at the warm start and trained as long) vs chance; every threshold is calibrated on the run's own held-out
@@ -16,25 +16,29 @@ from pathlib import Path
 
 import torch
 
+from dense_irl.algo.experience import split_demos
+from dense_irl.algo.sft import LocalSFT, train_sft
 from dense_irl.config import load_config
+from dense_irl.data.demos import load_data
+from dense_irl.data.layout import ChainLayout
 from dense_irl.data.perturb import make_processbench, write_processbench
 from dense_irl.data.synthetic import generate
 from dense_irl.eval import compare, report
 from dense_irl.io import write_json
-from dense_irl.irl.offline import SFT_STATE, TrainRewardConfig, calibration_rows, run, split_demos, train_sft
 from dense_irl.models.factory import load_policy, save_policy
 from dense_irl.models.reward_model import RewardModel
+from dense_irl.offline.config import TrainRewardConfig
+from dense_irl.offline.train import SFT_STATE, calibration_rows, train_reward_model
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "offline_tiny.yaml"
+PRESET = "offline_tiny"  # dense_irl/presets/offline_tiny.yaml
 
 
-def run_demo(out: str, config: str | None = None, overrides: list[str] | None = None) -> dict:
+def run_offline_demo(out: str, config: str | None = None, overrides: list[str] | None = None) -> dict:
     """Run the demo into ``out``; returns the evaluation summary."""
-    cfg_path = config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    cfg = load_config(TrainRewardConfig, cfg_path, [f"--output_dir={out}", *(overrides or [])])
+    cfg = load_config(TrainRewardConfig, config or PRESET, [f"--output_dir={out}", *(overrides or [])])
     out_dir = Path(cfg.output_dir)
     t0 = time.monotonic()
-    summary = run(cfg)
+    summary = train_reward_model(cfg)
     train_s = time.monotonic() - t0
 
     # Baseline: the SFT policy trained for as long as the reward model's whole run (SFT + IRL): the IRL phase's
@@ -44,14 +48,17 @@ def run_demo(out: str, config: str | None = None, overrides: list[str] | None = 
     policy, tokenizer = load_policy(replace(cfg.model, name=summary["sft_policy"]))
     state = out_dir / SFT_STATE
     resume = torch.load(state, weights_only=False) if state.is_file() else None
-    calib, train = split_demos(cfg)
-    train_sft(policy, tokenizer, train, replace(cfg.sft, minutes=extra, max_steps=100_000),
-              cfg.model.max_length, cfg.data.step_separator or "\n", lambda m: None, resume)
+    calib, train = split_demos(load_data(cfg.data), cfg.data.calibration_chains, cfg.seed)
+    sft = LocalSFT(policy, tokenizer, ChainLayout(cfg.data.separator, cfg.model.max_length), cfg.sft.lr)
+    if resume is not None:
+        sft.opt.load_state_dict(resume["optimizer"])
+    train_sft(sft, train, replace(cfg.sft, minutes=extra, max_steps=100_000), seed=cfg.seed, log=lambda m: None,
+              rng_state=resume["rng"] if resume is not None else None)
     save_policy(policy, tokenizer, out_dir / "sft_as_long")
 
     syn = cfg.data.synthetic
     test_rows = make_processbench(generate(replace(syn, n_problems=600, seed=syn.seed + 1000)), seed=1)
-    calib_rows = calibration_rows(cfg, calib)  # the chains the reward model's threshold came from
+    calib_rows = calibration_rows(calib, cfg.data.perturbations, cfg.seed)  # the chains the reward model's threshold came from
     write_processbench(test_rows, out_dir / "data" / "test_processbench.jsonl")
     write_processbench(calib_rows, out_dir / "data" / "calibration_processbench.jsonl")
 

@@ -10,24 +10,20 @@ from dataclasses import replace
 import pytest
 import torch
 
+from dense_irl.algo.batches import Negative, RewardBatch
+from dense_irl.algo.config import SFTConfig, reward_model_config
+from dense_irl.algo.experience import perturbed_negatives, shared_prefix
+from dense_irl.algo.losses import reward_loss
+from dense_irl.algo.sft import LocalSFT, train_sft
+from dense_irl.data.layout import ChainLayout
 from dense_irl.data.perturb import KINDS, make_processbench
 from dense_irl.data.synthetic import SyntheticConfig, generate
-from dense_irl.irl.offline import (
-    RewardConfig,
-    SFTConfig,
-    TrainRewardConfig,
-    calibrate_readout,
-    negatives_for,
-    reward_loss,
-    reward_model_config,
-    run,
-    shared_prefix,
-    train_reward,
-    train_sft,
-)
 from dense_irl.models.chains import step_logprobs
 from dense_irl.models.factory import ModelConfig, load_policy
 from dense_irl.models.reward_model import RewardModel
+from dense_irl.offline.config import OfflineRewardConfig as RewardConfig
+from dense_irl.offline.config import TrainRewardConfig
+from dense_irl.offline.train import calibrate_readout, train_reward, train_reward_model
 
 TINY = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vocab_size=300)
 
@@ -57,16 +53,17 @@ def test_cached_pi_old_logprobs_give_the_same_loss(policy, demos):
     cfg = RewardConfig()
     rm = _rm(policy, cfg)
     experts = [(d.prompt, d.steps) for d in demos[:6]]
-    negatives = negatives_for(demos[:6], list(KINDS), random.Random(0))
+    negatives = perturbed_negatives(demos[:6], list(KINDS), random.Random(0))
     rm.eval()  # no dropout: both losses see the same forward
-    run_loss, _ = reward_loss(rm, policy[0], experts, negatives, cfg)
-    logp = step_logprobs(policy[0], rm.tokenizer, experts + [(p, s) for p, s, _ in negatives], 256)
-    cached_loss, _ = reward_loss(rm, None, experts, negatives, cfg, policy_logp=logp)
+    run_loss, _ = reward_loss(rm, RewardBatch(experts, negatives), cfg, pi_old=policy[0])
+    logp = step_logprobs(policy[0], rm.tokenizer, RewardBatch(experts, negatives).chains(), 256)
+    cached_loss, _ = reward_loss(rm, RewardBatch(experts, negatives), cfg, pi_old_logp=logp)
     assert torch.allclose(run_loss, cached_loss, atol=1e-5)
 
 
 def test_fewer_negatives_and_a_pool_train_and_change_the_model(policy, demos):
-    cfg = RewardConfig(max_steps=3, batch_size=8, negatives_per_expert=0.25, negative_pool=2)
+    cfg = RewardConfig(max_steps=3, batch_size=8, negatives_per_expert=0.25, negative_pool=2,
+                       continue_sft_optimizer=False)
     rm = _rm(policy, cfg)
     before = [p.clone() for p in rm.parameters()]
     logs = []
@@ -98,7 +95,7 @@ def test_warmup_scales_the_first_steps(policy, demos):
     # Adam's first step moves every weight by about lr; with warm-up, by lr / warmup_steps.
     moved = {}
     for warmup in (0, 1000):
-        cfg = RewardConfig(max_steps=1, batch_size=8, warmup_steps=warmup, lr=1e-3)
+        cfg = RewardConfig(max_steps=1, batch_size=8, warmup_steps=warmup, lr=1e-3, continue_sft_optimizer=False)
         rm = _rm(policy, cfg)
         before = [p.detach().clone() for p in rm.backbone.parameters()]
         train_reward(rm, policy[0], demos, cfg, list(KINDS), lambda m: None)
@@ -109,9 +106,10 @@ def test_warmup_scales_the_first_steps(policy, demos):
 def test_negatives_know_where_they_leave_the_expert(demos):
     assert shared_prefix(["a", "b", "c"], ["a", "x", "c"]) == 1
     assert shared_prefix(["a", "b"], ["a", "b", "c"]) == 2
-    negs = negatives_for(demos[:20], list(KINDS), random.Random(3))
+    negs = perturbed_negatives(demos[:20], list(KINDS), random.Random(3))
     assert len(negs) == 20
-    for demo, (prompt, steps, shared) in zip(demos[:20], negs):
+    for demo, neg in zip(demos[:20], negs):
+        prompt, steps, shared = neg.prompt, neg.steps, neg.shared
         assert prompt == demo.prompt and steps[:shared] == demo.steps[:shared]
         assert shared < len(steps) and (shared == len(demo.steps) or steps[shared] != demo.steps[shared])
 
@@ -119,30 +117,38 @@ def test_negatives_know_where_they_leave_the_expert(demos):
 def test_masked_expert_prefix_is_left_out_of_the_negative_loss(policy, demos):
     experts = [(d.prompt, d.steps) for d in demos[:4]]
     # A "negative" that is the expert's own chain, whole: masked, it adds nothing to the step loss.
-    copy_neg = [(demos[0].prompt, demos[0].steps, len(demos[0].steps))]
+    copy_neg = [Negative(demos[0].prompt, demos[0].steps, len(demos[0].steps))]
     masked, plain = RewardConfig(mask_expert_prefix=True), RewardConfig(mask_expert_prefix=False)
     rm = _rm(policy, plain)
     rm.eval()
-    _, alone = reward_loss(rm, policy[0], experts, [], plain)
-    _, with_mask = reward_loss(rm, policy[0], experts, copy_neg, masked)
-    _, without = reward_loss(rm, policy[0], experts, copy_neg, plain)
+    _, alone = reward_loss(rm, RewardBatch(experts, []), plain, pi_old=policy[0])
+    _, with_mask = reward_loss(rm, RewardBatch(experts, copy_neg), masked, pi_old=policy[0])
+    _, without = reward_loss(rm, RewardBatch(experts, copy_neg), plain, pi_old=policy[0])
     assert with_mask["bce_step"] == pytest.approx(alone["bce_step"], rel=1e-5)
     assert without["bce_step"] != pytest.approx(alone["bce_step"], rel=1e-3)
 
 
+def _sft(model, tok, demos, cfg, state=None):
+    """SFT ``model`` in process; returns (optimiser state, rng state) to go on with."""
+    step = LocalSFT(model, tok, ChainLayout("\n", 256), cfg.lr)
+    if state is not None:
+        step.opt.load_state_dict(state[0])
+    done = train_sft(step, demos, cfg, seed=0, log=lambda m: None, rng_state=state[1] if state else None)
+    return step.opt.state_dict(), done["rng"]
+
+
 def test_sft_resumed_from_its_state_equals_one_run(policy, demos):
-    cfg = SFTConfig(max_steps=4, minutes=1e4, batch_size=4, lr=1e-2)
+    cfg = SFTConfig(max_steps=4, batch_size=4, lr=1e-2)
     whole, parts = (copy.deepcopy(policy[0]).requires_grad_(True) for _ in range(2))
-    train_sft(whole, policy[1], demos, cfg, 256, "\n", lambda m: None)
-    half = SFTConfig(max_steps=2, minutes=1e4, batch_size=4, lr=1e-2)
-    state = train_sft(parts, policy[1], demos, half, 256, "\n", lambda m: None)
-    train_sft(parts, policy[1], demos, half, 256, "\n", lambda m: None, resume=state)
+    _sft(whole, policy[1], demos, cfg)
+    half = SFTConfig(max_steps=2, batch_size=4, lr=1e-2)
+    _sft(parts, policy[1], demos, half, _sft(parts, policy[1], demos, half))
     for a, b in zip(whole.parameters(), parts.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
     # A fresh optimiser (no resume) does not give the same weights: the baseline would restart.
     fresh = copy.deepcopy(policy[0]).requires_grad_(True)
-    train_sft(fresh, policy[1], demos, half, 256, "\n", lambda m: None)
-    train_sft(fresh, policy[1], demos, half, 256, "\n", lambda m: None)
+    _sft(fresh, policy[1], demos, half)
+    _sft(fresh, policy[1], demos, half)
     assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(whole.parameters(), fresh.parameters()))
 
 
@@ -155,12 +161,12 @@ def test_divergence_only_scores_a_negative_at_its_first_new_step(policy, demos):
     first = [d.steps[0], "He finds 1 more: 1 + 1 = 7.", "The answer is 7."]
     other = first[:2] + ["The answer is 70."]
     cfg = RewardConfig(mask_expert_prefix=True, divergence_only=True)
-    _, a = reward_loss(rm, policy[0], experts, [(d.prompt, first, 1)], cfg)
-    _, b = reward_loss(rm, policy[0], experts, [(d.prompt, other, 1)], cfg)
+    _, a = reward_loss(rm, RewardBatch(experts, [Negative(d.prompt, first, 1)]), cfg, pi_old=policy[0])
+    _, b = reward_loss(rm, RewardBatch(experts, [Negative(d.prompt, other, 1)]), cfg, pi_old=policy[0])
     assert a["bce_step"] == pytest.approx(b["bce_step"], rel=1e-5)
     cfg.divergence_only = False
-    _, a = reward_loss(rm, policy[0], experts, [(d.prompt, first, 1)], cfg)
-    _, b = reward_loss(rm, policy[0], experts, [(d.prompt, other, 1)], cfg)
+    _, a = reward_loss(rm, RewardBatch(experts, [Negative(d.prompt, first, 1)]), cfg, pi_old=policy[0])
+    _, b = reward_loss(rm, RewardBatch(experts, [Negative(d.prompt, other, 1)]), cfg, pi_old=policy[0])
     assert a["bce_step"] != pytest.approx(b["bce_step"], rel=1e-4)
 
 
@@ -168,29 +174,29 @@ def test_token_temperature_head_learns_from_the_discriminator(policy, demos):
     cfg = RewardConfig(token_temperature=True, lm_weight=0.0, td_weight=0.0)
     rm = _rm(policy, cfg)
     assert rm.config.token_temperature
-    negatives = negatives_for(demos[:6], list(KINDS), random.Random(0))
-    loss, _ = reward_loss(rm, policy[0], [(d.prompt, d.steps) for d in demos[:6]], negatives, cfg)
+    negatives = perturbed_negatives(demos[:6], list(KINDS), random.Random(0))
+    loss, _ = reward_loss(rm, RewardBatch([(d.prompt, d.steps) for d in demos[:6]], negatives), cfg, pi_old=policy[0])
     loss.backward()
     assert rm.t_head.weight.grad.abs().sum() > 0
     # off, the head is not part of the reward
     rm.zero_grad()
     rm.config.token_temperature = False
-    reward_loss(rm, policy[0], [(d.prompt, d.steps) for d in demos[:6]], negatives, cfg)[0].backward()
+    reward_loss(rm, RewardBatch([(d.prompt, d.steps) for d in demos[:6]], negatives), cfg, pi_old=policy[0])[0].backward()
     assert rm.t_head.weight.grad is None or not rm.t_head.weight.grad.any()
 
 
 def test_discriminator_without_backbone_grad_trains_only_the_heads(policy, demos):
     cfg = RewardConfig(disc_backbone_grad=False, lm_weight=0.0, td_weight=0.0)
     rm = _rm(policy, cfg)
-    negatives = negatives_for(demos[:6], list(KINDS), random.Random(0))
-    loss, _ = reward_loss(rm, policy[0], [(d.prompt, d.steps) for d in demos[:6]], negatives, cfg)
+    negatives = perturbed_negatives(demos[:6], list(KINDS), random.Random(0))
+    loss, _ = reward_loss(rm, RewardBatch([(d.prompt, d.steps) for d in demos[:6]], negatives), cfg, pi_old=policy[0])
     loss.backward()
     assert rm.g_head.weight.grad.abs().sum() > 0 and rm.h_head.weight.grad.abs().sum() > 0
     assert all(p.grad is None or not p.grad.any() for p in rm.backbone.parameters())
     # With the expert NLL the backbone learns, from that term alone.
     cfg.lm_weight = 1.0
     rm.zero_grad()
-    reward_loss(rm, policy[0], [(d.prompt, d.steps) for d in demos[:6]], negatives, cfg)[0].backward()
+    reward_loss(rm, RewardBatch([(d.prompt, d.steps) for d in demos[:6]], negatives), cfg, pi_old=policy[0])[0].backward()
     assert any(p.grad is not None and p.grad.any() for p in rm.backbone.parameters())
 
 
@@ -201,31 +207,30 @@ def test_discriminator_without_backbone_grad_trains_only_the_heads(policy, demos
     ("readout_weights", [], "reward.readout_weights"),
     ("readout_weights", [1.0, -2.0], "reward.readout_weights"),
     ("token_temperature", True, "reward.token_temperature scales the lm term"),
-    ("divergence_only", True, "reward.divergence_only needs reward.mask_expert_prefix"),
+    ("mask_expert_prefix", False, "reward.divergence_only needs reward.mask_expert_prefix"),
 ])
 def test_bad_option_values_are_named(tmp_path, key, value, msg):
     cfg = TrainRewardConfig(output_dir=str(tmp_path / "out"))
     cfg.reward.objective = "airl" if key == "token_temperature" else cfg.reward.objective
     setattr(cfg.reward, key, value)
     with pytest.raises(ValueError, match=msg):
-        run(cfg)
+        train_reward_model(cfg)
 
 
 
 def test_reward_training_can_continue_the_sft_optimiser(policy, demos):
-    cfg = RewardConfig(max_steps=2, minutes=1e4, batch_size=4, continue_sft_optimizer=True)
+    cfg = RewardConfig(max_steps=2, batch_size=4, continue_sft_optimizer=True)
     warm = copy.deepcopy(policy[0]).requires_grad_(True)
-    state = train_sft(warm, policy[1], demos, SFTConfig(max_steps=2, minutes=1e4, batch_size=4), 256, "\n",
-                      lambda m: None)
+    state = {"optimizer": _sft(warm, policy[1], demos, SFTConfig(max_steps=2, batch_size=4))[0]}
     with pytest.raises(ValueError, match="continue_sft_optimizer needs an SFT warm start"):
         train_reward(_rm(policy, cfg), policy[0], demos, cfg, list(KINDS), lambda m: None)
     # Second moments made huge: if the backbone really goes on with the warm start's AdamW state, its steps
     # shrink to nothing, while the heads (a fresh optimiser group) still move.
-    for moments in state["optimizer"]["state"].values():
+    for moments in state["optimizer"]["optimizer"]["state"].values():
         moments["exp_avg_sq"] = moments["exp_avg_sq"] + 1e12
     rm = _rm(policy, cfg)
     backbone, heads = [p.clone() for p in rm.backbone.parameters()], rm.g_head.weight.clone()
-    assert train_reward(rm, policy[0], demos, cfg, list(KINDS), lambda m: None, (state, 1e-2)) == 2
+    assert train_reward(rm, policy[0], demos, cfg, list(KINDS), lambda m: None, sft=(state, 1e-2)) == 2
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(backbone, rm.backbone.parameters()))
     assert not torch.allclose(heads, rm.g_head.weight)
     fresh = _rm(policy, replace(cfg, continue_sft_optimizer=False))
@@ -237,5 +242,5 @@ def test_continue_sft_optimizer_without_a_warm_start_fails_before_training(tmp_p
     cfg = TrainRewardConfig(output_dir=str(tmp_path / "run"), sft=SFTConfig(max_steps=0),
                             reward=RewardConfig(continue_sft_optimizer=True))
     with pytest.raises(ValueError, match="continue_sft_optimizer needs an SFT warm start"):
-        run(cfg)
+        train_reward_model(cfg)
     assert not (tmp_path / "run").exists()  # nothing started: no data loaded, no folder written

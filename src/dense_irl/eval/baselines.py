@@ -15,35 +15,30 @@ from __future__ import annotations
 
 import copy
 import random
-import time
 
 import torch
 from torch import nn
 
-from dense_irl.data.perturb import perturb
-from dense_irl.models.chains import encode_chains, sum_by_step, token_logprobs
+from dense_irl.algo.experience import perturbed_negatives
+from dense_irl.algo.optim import Optimizer
+from dense_irl.algo.sft import budget
+from dense_irl.data.layout import encode_chains, sum_by_step
+from dense_irl.models.chains import token_logprobs
 
 
 def _batches(demos, kinds, batch_size: int, minutes: float, max_steps: int, seed: int):
     """Yield (chains, labels): half experts (1), half perturbed experts (0), until time or steps run out."""
     rng = random.Random(seed)
-    deadline, step = time.monotonic() + 60 * minutes, 0
-    while step < max_steps and time.monotonic() < deadline:
+    for _ in budget(None, max_steps, minutes):
         experts = rng.sample(demos, min(batch_size // 2, len(demos)))
-        chains, labels = [(d.prompt, d.steps) for d in experts], [1.0] * len(experts)
-        for d in experts:
-            for kind in rng.sample(kinds, len(kinds)):
-                hit = perturb(d, kind, rng)
-                if hit is not None:
-                    chains.append((d.prompt, hit[0]))
-                    labels.append(0.0)
-                    break
-        yield chains, torch.tensor(labels)
-        step += 1
+        negatives = perturbed_negatives(experts, kinds, rng)
+        chains = [(d.prompt, d.steps) for d in experts] + [(n.prompt, n.steps) for n in negatives]
+        yield chains, torch.tensor([1.0] * len(experts) + [0.0] * len(negatives))
 
 
-def _score_fn(step_values, tokenizer, max_length: int, separator: str):
-    """A ScoreFn (chains -> per-step scores) from ``step_values(encoded batch) -> (B, S)``."""
+def _score_fn(step_values, tokenizer, max_length: int, separator: str, steps: int):
+    """A ScoreFn (chains -> per-step scores) from ``step_values(encoded batch) -> (B, S)``; ``.steps``: the
+    training steps taken."""
 
     @torch.no_grad()
     def score(chains):
@@ -54,6 +49,7 @@ def _score_fn(step_values, tokenizer, max_length: int, separator: str):
             out += [v[b, : enc.n_steps[b]].tolist() for b in range(len(enc.n_steps))]
         return out
 
+    score.steps = steps
     return score
 
 
@@ -67,21 +63,20 @@ def _step_logratio(pi, ref, enc) -> torch.Tensor:
 
 
 def train_implicit_prm(sft_policy, tokenizer, demos, kinds, *, beta: float = 0.05, lr: float = 5e-4,
-                       batch_size: int = 32, minutes: float = 1.0, max_steps: int = 100_000,
+                       batch_size: int = 32, minutes: float = 0.0, max_steps: int = 300,
                        max_length: int = 256, separator: str = "\n", seed: int = 0):
     """Train an implicit PRM from ``sft_policy`` (also its frozen reference); returns its ScoreFn."""
     pi, ref = copy.deepcopy(sft_policy).train(), copy.deepcopy(sft_policy).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(pi.parameters(), lr=lr, weight_decay=0.0)
+    opt = Optimizer(pi.parameters(), lr)
+    steps = 0
     for chains, labels in _batches(demos, kinds, batch_size, minutes, max_steps, seed):
+        steps += 1
         enc = encode_chains(tokenizer, chains, max_length, separator)
         logit = beta * (_step_logratio(pi, ref, enc) * enc.step_mask).sum(1)
         loss = nn.functional.binary_cross_entropy_with_logits(logit, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(pi.parameters(), 1.0)
-        opt.step()
+        opt.step(loss)
     pi.eval()
-    return _score_fn(lambda enc: beta * _step_logratio(pi, ref, enc), tokenizer, max_length, separator)
+    return _score_fn(lambda enc: beta * _step_logratio(pi, ref, enc), tokenizer, max_length, separator, steps)
 
 
 class OutcomeRewardModel(nn.Module):
@@ -100,19 +95,18 @@ class OutcomeRewardModel(nn.Module):
 
 
 def train_orm(sft_policy, tokenizer, demos, kinds, *, lr: float = 5e-4, batch_size: int = 32,
-              minutes: float = 1.0, max_steps: int = 100_000, max_length: int = 256, separator: str = "\n",
+              minutes: float = 0.0, max_steps: int = 300, max_length: int = 256, separator: str = "\n",
               seed: int = 0):
     """Train an outcome reward model from the SFT backbone; returns its ScoreFn (prefix values)."""
     orm = OutcomeRewardModel(copy.deepcopy(sft_policy)).train()
-    opt = torch.optim.AdamW(orm.parameters(), lr=lr, weight_decay=0.0)
+    opt = Optimizer(orm.parameters(), lr)
+    steps = 0
     for chains, labels in _batches(demos, kinds, batch_size, minutes, max_steps, seed):
+        steps += 1
         enc = encode_chains(tokenizer, chains, max_length, separator)
         values = orm(enc)
         last = values.gather(1, (enc.step_mask.sum(1, keepdim=True) - 1).clamp(min=0))[:, 0]
         loss = nn.functional.binary_cross_entropy_with_logits(last, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(orm.parameters(), 1.0)
-        opt.step()
+        opt.step(loss)
     orm.eval()
-    return _score_fn(orm, tokenizer, max_length, separator)
+    return _score_fn(orm, tokenizer, max_length, separator, steps)

@@ -15,49 +15,69 @@
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import ray
 
+from dense_irl.algo.experience import split_demos
 from dense_irl.config import load_config
+from dense_irl.data.demos import load_data
 from dense_irl.data.perturb import make_processbench, write_processbench
 from dense_irl.data.synthetic import generate, is_correct_answer
 from dense_irl.eval import compare, report
 from dense_irl.eval.bon import evaluate_bon
 from dense_irl.io import write_json
-from dense_irl.irl.offline import load_data
 from dense_irl.models.reward_model import RewardModel
-from dense_irl.runtime.driver import LoopConfig, latest_checkpoint, loop, start
+from dense_irl.runtime.driver import latest_checkpoint, run_iterations, start_driver
+from dense_irl.runtime.loop_config import LoopConfig
 from dense_irl.runtime.rollout import HFEngine, RolloutConfig
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "jobs" / "configs" / "demo_online.yaml"
+PRESET = "demo_online"  # dense_irl/presets/demo_online.yaml
 
 
 @ray.remote(num_cpus=0.5)
-def baseline_scores(sft_path: str, cfg: LoopConfig, chains: list, minutes: float, max_steps: int) -> dict:
-    """Train the implicit PRM and the ORM for ``minutes`` (or ``max_steps``) each on one thread; their scores."""
+def beside_the_loop(sft_path: str, cfg: LoopConfig, chains: list, held_out: list, bon_n: int, max_steps: int,
+                    minutes: float) -> dict:
+    """What runs on the second core while the loop runs: the two baselines (``max_steps`` steps each, capped at
+    ``minutes``) trained from the SFT policy and their scores of ``chains``, then the SFT policy's accuracy on
+    ``held_out`` (greedy, and ``bon_n`` samples at T=1). One torch thread."""
     import torch
 
-    from dense_irl.irl.baselines import train_implicit_prm, train_orm
+    from dense_irl.eval.baselines import train_implicit_prm, train_orm
     from dense_irl.models.factory import ModelConfig, load_policy
 
     torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
     policy, tok = load_policy(ModelConfig(name=sft_path))
-    demos = load_data(cfg.data)  # the driver's split: its calibration demos first, the rest trains
-    random.Random(cfg.seed).shuffle(demos)
-    demos = demos[min(cfg.data.calibration_chains, len(demos) // 5):]
-    kw = dict(minutes=minutes, max_steps=max_steps, max_length=cfg.model.max_length, separator=cfg.data.step_separator or "\n",
+    _, demos = split_demos(load_data(cfg.data), cfg.data.calibration_chains, cfg.seed)  # the driver's train split
+    kw = dict(minutes=minutes, max_steps=max_steps, max_length=cfg.model.max_length, separator=cfg.data.separator,
               seed=cfg.seed, batch_size=cfg.reward.batch_size)
-    out = {}
+    out: dict = {}
     for name, train in (("implicit_prm", train_implicit_prm), ("outcome_rm", train_orm)):
         t0 = time.monotonic()
         score = train(policy, tok, demos, list(cfg.data.perturbations), **kw)
-        out[name] = {"scores": score(chains), "train_s": round(time.monotonic() - t0, 1)}
+        out[name] = {"scores": score(chains), "steps": score.steps, "train_s": round(time.monotonic() - t0, 1)}
+    t0 = time.monotonic()
+    out["sft_policy"] = policy_outcomes(sft_path, held_out, bon_n, cfg.rollout.max_new_tokens, cfg.data.separator,
+                                        cfg.seed)
+    out["sft_policy"]["eval_s"] = round(time.monotonic() - t0, 1)
     return out
+
+
+def policy_outcomes(policy_path: str, held_out: list, n: int, max_new_tokens: int, separator: str, seed: int) -> dict:
+    """A policy on ``held_out`` problems (synthetic verifier): greedy accuracy, and ``n`` samples at T=1 each
+    with whether each is correct."""
+    engine = HFEngine(policy_path)
+    prompts = [d.prompt for d in held_out]
+    greedy = engine.generate(prompts, 1, RolloutConfig(temperature=0.0, max_new_tokens=max_new_tokens,
+                                                       batch_size=256), separator)
+    sampled = engine.generate(prompts, n, RolloutConfig(temperature=1.0, max_new_tokens=max_new_tokens,
+                                                        batch_size=256), separator, seed=seed)
+    return {"greedy": sum(is_correct_answer(d.meta, g[0].completion) for d, g in zip(held_out, greedy)) / len(held_out),
+            "samples": sampled,
+            "correct": [[bool(is_correct_answer(d.meta, c.completion)) for c in g] for d, g in zip(held_out, sampled)]}
 
 
 def _lookup(scores: list, chains: list):
@@ -66,25 +86,17 @@ def _lookup(scores: list, chains: list):
     return lambda batch: [table[(p, tuple(s))] for p, s in batch]
 
 
-def policy_accuracy(policy_path: str, demos: list, max_new_tokens: int, separator: str) -> float:
-    """Greedy accuracy of a policy on ``demos`` (synthetic verifier)."""
-    engine = HFEngine(policy_path)
-    cfg = RolloutConfig(temperature=0.0, max_new_tokens=max_new_tokens, batch_size=256)
-    groups = engine.generate([d.prompt for d in demos], 1, cfg, separator)
-    return sum(is_correct_answer(d.meta, g[0]["completion"]) for d, g in zip(demos, groups)) / len(demos)
-
-
-def run_demo(out: str, config: str | None = None, overrides: list[str] | None = None, *,
+def run_online_demo(out: str, config: str | None = None, overrides: list[str] | None = None, *,
              test_chains: int = 600, calibration_chains: int = 300, accuracy_prompts: int = 200,
-             bon_prompts: int = 200, bon_n: int = 8, baseline_minutes: float | None = None,
-             baseline_steps: int = 100_000) -> dict:
+             bon_prompts: int = 200, bon_n: int = 8, baseline_steps: int = 300) -> dict:
     """Run the demo into ``out``; returns the evaluation summary (also in ``out/eval.json``)."""
-    cfg_path = config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    cfg = load_config(LoopConfig, cfg_path, [f"--output_dir={out}", *(overrides or [])])
-    out_dir, sep, syn = Path(cfg.output_dir), cfg.data.step_separator or "\n", cfg.data.synthetic
+    cfg = load_config(LoopConfig, config or PRESET, [f"--output_dir={out}", *(overrides or [])])
+    out_dir, sep, syn = Path(cfg.output_dir), cfg.data.separator, cfg.data.synthetic
     t_start = time.monotonic()
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False)
+        from dense_irl.logs import ray_init_kwargs
+
+        ray.init(num_cpus=2, **ray_init_kwargs())
 
     test_rows = make_processbench(generate(replace(syn, n_problems=test_chains, seed=syn.seed + 1000)), seed=1)
     calib_rows = make_processbench(generate(replace(syn, n_problems=calibration_chains, seed=syn.seed + 2000)),
@@ -93,19 +105,22 @@ def run_demo(out: str, config: str | None = None, overrides: list[str] | None = 
     write_processbench(calib_rows, out_dir / "data" / "calibration_processbench.jsonl")
     chains = [(r["problem"], r["steps"]) for r in test_rows + calib_rows]
 
-    # 1. SFT warm start and the loop; the baselines train beside the loop from the same SFT model.
-    drv = start(cfg)
+    held_out = generate(replace(syn, n_problems=accuracy_prompts, seed=syn.seed + 3000))
+
+    # 1. SFT warm start and the loop; beside it, the baselines train from the same SFT model and the SFT policy
+    # is evaluated (the loop keeps about one core busy).
+    drv = start_driver(cfg)
     sft_path = str(out_dir / "init" / "sft_policy")
     t_sft = time.monotonic() - t_start
-    # Each baseline gets half the loop's time by default: together they keep the other core busy.
-    minutes = baseline_minutes if baseline_minutes is not None else (cfg.minutes / 2 if cfg.minutes else 60.0)
-    baselines = baseline_scores.remote(sft_path, cfg, chains, minutes, baseline_steps)
-    last = loop(drv)
+    # The baselines' budget is steps (each capped at half the loop's cap, if it has one).
+    beside = beside_the_loop.remote(sft_path, cfg, chains, held_out, bon_n, baseline_steps, cfg.minutes / 2)
+    last = run_iterations(drv)
     t_loop = time.monotonic() - t_start - t_sft
     ckpt = latest_checkpoint(out_dir)
     rm = RewardModel.from_pretrained(ckpt / "reward_model")
     irl_policy = str(ckpt / "policy")
-    base = ray.get(baselines)
+    base = ray.get(beside)
+    t_wait = time.monotonic() - t_start - t_sft - t_loop
 
     # 2. Localisation: every scorer calibrated on the same held-out calibration chains.
     scorers = {
@@ -125,19 +140,14 @@ def run_demo(out: str, config: str | None = None, overrides: list[str] | None = 
     # 3. Policy accuracy after SFT and after IRL: greedy, and the mean over bon_n samples at temperature 1 (what
     # the policy update optimises, and a far less noisy measure of it: bon_n x as many answers). Best-of-N of
     # the IRL policy's samples reranked by the reward model.
-    held_out = generate(replace(syn, n_problems=accuracy_prompts, seed=syn.seed + 3000))
-    max_new = cfg.rollout.max_new_tokens
-    acc = {"sft": policy_accuracy(sft_path, held_out, max_new, sep),
-           "after_irl": policy_accuracy(irl_policy, held_out, max_new, sep)}
-    sampling = RolloutConfig(temperature=1.0, max_new_tokens=max_new, batch_size=256)
-    sampled, correct = {}, {}
-    for name, path in (("sft", sft_path), ("after_irl", irl_policy)):
-        sampled[name] = HFEngine(path).generate([d.prompt for d in held_out], bon_n, sampling, sep, seed=cfg.seed)
-        correct[name] = [[bool(is_correct_answer(d.meta, c["completion"])) for c in g]
-                         for d, g in zip(held_out, sampled[name])]
+    outcomes = {"sft": base["sft_policy"],
+                "after_irl": policy_outcomes(irl_policy, held_out, bon_n, cfg.rollout.max_new_tokens, sep, cfg.seed)}
+    acc = {k: v["greedy"] for k, v in outcomes.items()}
+    sampled = {k: v["samples"] for k, v in outcomes.items()}
+    correct = {k: v["correct"] for k, v in outcomes.items()}
     sampled_acc = {k: sum(map(sum, v)) / (bon_n * len(held_out)) for k, v in correct.items()}
     problems = [{"problem": d.prompt, "candidates": [
-        {"steps": c["steps"] or [c["completion"] or "(empty)"], "is_correct": ok} for c, ok in zip(g, oks)]}
+        {"steps": c.steps or [c.completion or "(empty)"], "is_correct": ok} for c, ok in zip(g, oks)]}
         for d, g, oks in list(zip(held_out, sampled["after_irl"], correct["after_irl"]))[:bon_prompts]]
     bon = evaluate_bon(compare.reward_model_scorer(rm), problems, aggregations=("min", "sum"))
 
@@ -155,7 +165,9 @@ def run_demo(out: str, config: str | None = None, overrides: list[str] | None = 
              for k in ("min", "sum", "random", "majority", "oracle")]
     timing = {"sft_s": round(t_sft, 1), "sft_steps": drv.state.get("sft_steps"), "loop_s": round(t_loop, 1),
               "iterations": drv.state["iteration"],
-              "baselines_train_s": {k: v["train_s"] for k, v in base.items()},
+              "baselines_train_s": {k: base[k]["train_s"] for k in ("implicit_prm", "outcome_rm")},
+              "baselines_steps": {k: base[k]["steps"] for k in ("implicit_prm", "outcome_rm")},
+              "sft_policy_eval_s": base["sft_policy"]["eval_s"], "waited_for_baselines_s": round(t_wait, 1),
               "total_s": round(time.monotonic() - t_start, 1)}
     result = {
         "table": rows, "timing": timing, "policy_accuracy": acc, "policy_accuracy_sampled": sampled_acc,

@@ -1,0 +1,65 @@
+"""The offline run's config (``dense-irl train-reward``): the shared components plus its own reward options.
+
+Defaults are the recipe of ``make demo-offline`` (preset ``offline_tiny``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from dense_irl.algo.config import RewardConfig, SFTConfig
+from dense_irl.data.demos import DataConfig
+from dense_irl.errors import ConfigError
+from dense_irl.models.factory import ModelConfig
+
+
+@dataclass
+class OfflineRewardConfig(RewardConfig):
+    """The reward objective, plus what only the offline run has: its step budget and fixed negatives."""
+
+    init: Literal["sft", "random"] = "sft"  # the backbone's start: the SFT policy, or random init
+    max_steps: int = 150  # the budget, in reward steps
+    minutes: float = 0.0  # a wall-clock cap on top of the steps (0: none)
+    negatives_per_expert: float = 1.0  # < 1: a cheaper step; the lm term still sees every expert
+    negative_pool: int = 2  # > 0: fixed negatives per expert, pi_old log-probs computed once (0: fresh each step)
+    readout_weights: list[float] = field(default_factory=lambda: [1.0])  # heads' weight, calibrated
+    # The backbone learns from the iq terms (expert NLL + chi^2) alone; the discriminator trains the heads on its
+    # features. Its gradient in the backbone cost arithmetic offline (docs/experiments.md).
+    disc_backbone_grad: bool = False
+    # With init "sft": the backbone goes on with the warm start's AdamW moments and learning rate (sft.lr), so
+    # the expert-NLL term learns as fast as SFT trained on would; the heads start fresh at reward.lr.
+    continue_sft_optimizer: bool = True
+
+    def check(self) -> None:
+        super().check()
+        if not self.negatives_per_expert > 0:
+            raise ConfigError(f"reward.negatives_per_expert must be > 0, got {self.negatives_per_expert}")
+        if self.negative_pool < 0:
+            raise ConfigError(f"reward.negative_pool must be >= 0 (0: fresh negatives each step), got "
+                              f"{self.negative_pool}")
+        if not self.readout_weights or min(self.readout_weights) < 0:
+            raise ConfigError(f"reward.readout_weights must be a non-empty list of weights >= 0, got "
+                              f"{self.readout_weights}")
+
+
+@dataclass
+class TrainRewardConfig:
+    """``dense-irl train-reward``: everything the offline run needs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: OfflineRewardConfig = field(default_factory=OfflineRewardConfig)
+    output_dir: str = "runs/reward"
+    seed: int = 0
+    log_every: int = 25  # metrics.jsonl / TensorBoard row every this many steps
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+
+    def check(self) -> None:
+        """Every option checked before any data is loaded or time spent."""
+        self.data.check()
+        self.reward.check()
+        if self.reward.continue_sft_optimizer and not (self.sft.max_steps > 0 and self.reward.init == "sft"):
+            raise ConfigError("reward.continue_sft_optimizer needs an SFT warm start in this run (sft.max_steps > 0, "
+                              "reward.init: sft); or set reward.continue_sft_optimizer: false")

@@ -1,0 +1,186 @@
+"""Offline IRL of the step reward model (``dense-irl train-reward``), top to bottom.
+
+    data -> (calibration, train) split
+    SFT warm start of the policy on the train demonstrations
+    reward model = the SFT policy + zero-init heads; pi_old = the frozen SFT policy
+    reward steps: experts (label 1) vs perturbed experts (label 0), the AIRL + iq losses (algo.losses)
+    calibrate the first-error threshold on the held-out calibration chains
+    checkpoint (atomic)
+
+Policy samples as negatives come with the online loop (``dense_irl.runtime``); here the negatives are
+perturbations of the experts, and only chain-level labels (expert or not) are used.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from dense_irl.algo.batches import RewardBatch
+from dense_irl.algo.config import reward_model_config
+from dense_irl.algo.experience import perturbed_negatives, split_demos
+from dense_irl.algo.losses import reward_loss
+from dense_irl.algo.optim import Optimizer
+from dense_irl.algo.sft import LocalSFT, budget, train_sft
+from dense_irl.config import save_config
+from dense_irl.data.demos import load_data
+from dense_irl.data.layout import ChainLayout
+from dense_irl.data.perturb import make_processbench
+from dense_irl.errors import ConfigError
+from dense_irl.eval.localisation import calibrate_threshold, first_error, processbench_metrics
+from dense_irl.io import MetricsLog, atomic_path, write_json
+from dense_irl.models.chains import cached_step_logprobs
+from dense_irl.models.factory import load_policy, save_policy
+from dense_irl.models.reward_model import RewardModel
+from dense_irl.offline.config import OfflineRewardConfig, TrainRewardConfig
+
+SFT_STATE = "sft_state.pt"  # the warm start's AdamW and sampler state, beside sft_policy/
+
+
+def calibration_rows(calib: list, kinds: list[str], seed: int) -> list[dict]:
+    """The held-out calibration chains (the calibration demos, perturbed): the first-error threshold's."""
+    return make_processbench(calib, kinds=kinds, seed=seed + 7)
+
+
+def reward_optimizer(rm: RewardModel, cfg: OfflineRewardConfig, sft: tuple[dict, float] | None) -> Optimizer:
+    """The reward model's optimiser; with ``cfg.continue_sft_optimizer`` the backbone goes on with the warm
+    start's AdamW moments and lr (``sft``: its saved state and lr), the heads start fresh at ``cfg.lr``."""
+    if not cfg.continue_sft_optimizer:
+        return Optimizer(rm.parameters(), cfg.lr, cfg.warmup_steps)
+    if sft is None:
+        raise ConfigError("reward.continue_sft_optimizer needs an SFT warm start in this run (sft.max_steps > 0, "
+                         "reward.init: sft)")
+    backbone = list(rm.backbone.parameters())
+    heads = [p for n, p in rm.named_parameters() if not n.startswith("backbone.")]
+    opt = Optimizer([{"params": backbone, "lr": sft[1]}, {"params": heads, "lr": cfg.lr}], cfg.lr, cfg.warmup_steps)
+    moments = sft[0]["optimizer"]["optimizer"]["state"]  # by position in the policy's parameters: rm.backbone's
+    for i, p in enumerate(backbone):
+        if i in moments:  # a parameter that never had a gradient in SFT has no moments yet
+            opt.opt.state[p] = {k: v.clone() for k, v in moments[i].items()}
+    return opt
+
+
+def train_reward(rm: RewardModel, pi_old, demos, cfg: OfflineRewardConfig, kinds, log, log_every: int = 25,
+                 sft: tuple[dict, float] | None = None) -> int:
+    """Reward steps on ``rm``: experts vs perturbed experts; returns the steps taken.
+
+    With ``cfg.negative_pool`` > 0 each expert has that many fixed negatives, drawn once, and pi_old's step
+    log-probs of every chain are computed the first time it is seen, then reused.
+    """
+    opt = reward_optimizer(rm, cfg, sft)
+    rng = random.Random(1)
+    pool: dict[int, list] = {}
+    cache: dict = {}
+    steps = 0
+    for step, _ in budget("reward", cfg.max_steps, cfg.minutes):
+        steps = step + 1
+        rm.train()
+        picked = rng.sample(range(len(demos)), min(cfg.batch_size, len(demos)))
+        neg_from = picked[: max(1, round(len(picked) * cfg.negatives_per_expert))]
+        if cfg.negative_pool > 0:
+            for i in neg_from:
+                if i not in pool:
+                    pool[i] = [perturbed_negatives([demos[i]], kinds, rng) for _ in range(cfg.negative_pool)]
+            negatives = [n for i in neg_from for n in rng.choice(pool[i])]
+        else:
+            negatives = perturbed_negatives([demos[i] for i in neg_from], kinds, rng)
+        batch = RewardBatch([(demos[i].prompt, demos[i].steps) for i in picked], negatives)
+        logp = None
+        if cfg.negative_pool > 0 and not cfg.gail and cfg.objective != "iq":  # pi_old is frozen offline: each chain is run through it once
+            logp = cached_step_logprobs(pi_old, rm.tokenizer, batch.chains(), rm.config.max_length,
+                                        rm.config.separator, cache)
+        loss, metrics = reward_loss(rm, batch, cfg, pi_old=pi_old, pi_old_logp=logp)
+        opt.step(loss)
+        if log_every and step % log_every == 0:
+            log({"phase": "reward", "step": step, **metrics})
+    return steps
+
+
+def calibrate_readout(rm: RewardModel, cal_rows: list[dict], weights: list[float]) -> float:
+    """Set the first-error threshold (and the heads' weight) that maximise F1 on held-out chains.
+
+    With the ``lm+heads`` readout and several ``weights``, each step is scored ``lm + w * heads`` for
+    every ``w``; the best ``w`` is folded into the ``g`` and ``h`` heads (both are linear, so scaling
+    their parameters scales their reward), so the checkpoint scores by one fixed rule. Returns ``w``.
+    """
+    chains, labels = [(r["problem"], r["steps"]) for r in cal_rows], [r["label"] for r in cal_rows]
+    terms, best = rm.config.terms, (None, 1.0, 0.0)
+    if terms != "lm+heads" or list(weights) == [1.0]:
+        rm.config.threshold = calibrate_threshold([s.step_rewards for s in rm.score(chains)], labels)
+        rm.config.threshold_rule = f"maximises F1 on {len(cal_rows)} held-out calibration chains"
+        return 1.0
+    parts = {}
+    for part in ("lm", "heads"):
+        rm.config.terms = part
+        parts[part] = [s.step_rewards for s in rm.score(chains)]
+    rm.config.terms = terms
+    for w in weights:
+        scores = [[a + w * b for a, b in zip(lm, hd)] for lm, hd in zip(parts["lm"], parts["heads"])]
+        t = calibrate_threshold(scores, labels)
+        f1 = processbench_metrics([first_error(s, t) for s in scores], labels)["f1"]
+        if best[0] is None or f1 > best[0]:
+            best = (f1, w, t)
+    _, w, rm.config.threshold = best
+    with torch.no_grad():
+        for head in (rm.g_head, rm.h_head):
+            head.weight.mul_(w)
+            head.bias.mul_(w)
+    rm.config.threshold_rule = (f"heads weight {w:g} of {list(weights)} and threshold: maximise F1 on "
+                                f"{len(cal_rows)} held-out calibration chains")
+    return w
+
+
+def train_reward_model(cfg: TrainRewardConfig) -> dict:
+    """The whole offline run; returns a summary (paths, threshold, steps, timings)."""
+    cfg.check()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(cfg.output_dir)
+    calib, train = split_demos(load_data(cfg.data), cfg.data.calibration_chains, cfg.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    metrics, t0 = MetricsLog(out_dir), time.monotonic()
+
+    def log(m: dict) -> None:
+        metrics.write({**m, "time_s": round(time.monotonic() - t0, 2)}, m["step"], m["phase"])
+
+    layout = ChainLayout(cfg.data.separator, cfg.model.max_length)
+    policy, tokenizer = load_policy(cfg.model, [d.prompt for d in train] + [s for d in train for s in d.steps],
+                                    cfg.seed)
+    summary: dict = {}
+    t = time.monotonic()
+    sft_state = None
+    if cfg.sft.max_steps > 0:
+        sft = LocalSFT(policy, tokenizer, layout, cfg.sft.lr)
+        sft_state = {**train_sft(sft, train, cfg.sft, seed=cfg.seed, log=log, log_every=cfg.log_every),
+                     "optimizer": sft.opt.state_dict()}
+        summary["sft_steps"] = sft_state["steps"]
+        with atomic_path(out_dir / SFT_STATE) as tmp:  # lets a later run go on with this SFT (the demo's baseline)
+            torch.save(sft_state, tmp)
+    summary["sft_s"] = round(time.monotonic() - t, 1)
+    policy.eval()
+    save_policy(policy, tokenizer, out_dir / "sft_policy")
+
+    backbone = copy.deepcopy(policy) if cfg.reward.init == "sft" else type(policy)(policy.config)
+    rm = RewardModel(backbone, tokenizer, reward_model_config(cfg.reward, layout.separator, layout.max_length))
+    pi_old = policy.requires_grad_(False)
+    t = time.monotonic()
+    warm = (sft_state, cfg.sft.lr) if sft_state is not None and cfg.reward.init == "sft" else None
+    summary["reward_steps"] = train_reward(rm, pi_old, train, cfg.reward, cfg.data.perturbations, log,
+                                           cfg.log_every, warm)
+    summary["reward_s"] = round(time.monotonic() - t, 1)
+
+    cal_rows = calibration_rows(calib, cfg.data.perturbations, cfg.seed)
+    calibrate_readout(rm, cal_rows, cfg.reward.readout_weights)
+    rm.config.version = time.strftime("%Y%m%d-%H%M%S")
+    rm.save_pretrained(out_dir / "reward_model")
+    metrics.close()
+    summary = {"reward_model": str(out_dir / "reward_model"), "sft_policy": str(out_dir / "sft_policy"),
+               "threshold": rm.config.threshold, "n_train": len(train), "n_calibration": len(cal_rows), **summary}
+    write_json(out_dir / "summary.json", summary)
+    return summary

@@ -1,0 +1,1 @@
+"""The shipped presets (YAML recipes), package data: ``dense-irl train --config demo_online``."""
