@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,33 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     # The preset's step budgets were overridden by the tiny ones; the summary says how many steps ran.
     steps = result["budget"]["steps"]
     assert steps["sft_steps"] == 3 and 1 <= steps["reward_steps"] <= 3
+
+
+def test_output_is_quiet_unless_verbose(monkeypatch):
+    from dense_irl import logs
+
+    for var in (logs.VERBOSE_ENV, "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY"):
+        monkeypatch.delenv(var, raising=False)
+    logs.quiet(False)
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and os.environ["TRANSFORMERS_VERBOSITY"] == "error"
+    assert logs.ray_init_kwargs()["log_to_driver"] is False  # worker output (and Ray's dedup notices) stay off
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")
+    logs.quiet(True)
+    assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ and logs.ray_init_kwargs()["log_to_driver"] is True
+
+
+def test_verbose_is_taken_anywhere_and_internal_errors_keep_their_traceback(monkeypatch, capsys, tmp_path):
+    from dense_irl import cli, logs
+
+    seen = []
+    monkeypatch.setattr(logs, "quiet", seen.append)
+    # as the Jobs entry points call it: the command first, then --verbose
+    assert cli.main(["data", "synth", str(tmp_path / "d.jsonl"), "--n", "3", "--verbose"]) == 0
+    assert seen == [True]
+
+    def broken(args):
+        raise RuntimeError("a bug, not a user error")
+
+    monkeypatch.setattr(cli, "_data", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["data", "synth", str(tmp_path / "e.jsonl")])

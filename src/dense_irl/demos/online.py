@@ -87,8 +87,8 @@ def _lookup(scores: list, chains: list):
 
 
 def run_online_demo(out: str, config: str | None = None, overrides: list[str] | None = None, *,
-             test_chains: int = 600, calibration_chains: int = 300, accuracy_prompts: int = 200,
-             bon_prompts: int = 200, bon_n: int = 8, baseline_steps: int = 300) -> dict:
+             test_chains: int = 600, calibration_chains: int = 300, accuracy_prompts: int = 100,
+             bon_prompts: int = 100, bon_n: int = 8, baseline_steps: int = 60) -> dict:
     """Run the demo into ``out``; returns the evaluation summary (also in ``out/eval.json``)."""
     cfg = load_config(LoopConfig, config or PRESET, [f"--output_dir={out}", *(overrides or [])])
     out_dir, sep, syn = Path(cfg.output_dir), cfg.data.separator, cfg.data.synthetic
