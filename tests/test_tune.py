@@ -195,6 +195,8 @@ def test_inline_base_and_overrides():
         ({"rl.kl_coef": {"choice": []}}, "non-empty list"),
         ({"rl.kl_coef": [0.01, 0.1]}, "expected one distribution like"),
         ({"output_dir": {"choice": ["a", "b"]}}, "set by the search itself"),
+        # loads, but cannot run with the recipe's token_temperature: caught before any trial starts
+        ({"reward.objective": {"grid": ["airl+iq", "airl"]}}, r"token_temperature .* needs objective 'airl\+iq'"),
     ],
 )
 def test_bad_search_space_is_a_clear_error(space, message):

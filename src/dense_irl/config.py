@@ -30,7 +30,7 @@ def preset_names() -> list[str]:
 
 def resolve_config(path_or_name: str | Path) -> Path:
     """A config file: an existing path, else a shipped preset's name (``demo_online`` or ``demo_online.yaml``)."""
-    from importlib.resources import as_file, files
+    from importlib.resources import files
 
     p = Path(path_or_name).expanduser()
     if p.is_file():
@@ -39,8 +39,7 @@ def resolve_config(path_or_name: str | Path) -> Path:
     if len(p.parts) == 1:
         res = files(PRESETS) / name
         if res.is_file():
-            with as_file(res) as real:  # a real file for a zip install too
-                return Path(real)
+            return Path(str(res))
     raise ConfigError(f"config file not found: {path_or_name} (a path, or a preset: {', '.join(preset_names())})")
 
 

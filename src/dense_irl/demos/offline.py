@@ -52,8 +52,9 @@ def run_offline_demo(out: str, config: str | None = None, overrides: list[str] |
     sft = LocalSFT(policy, tokenizer, ChainLayout(cfg.data.separator, cfg.model.max_length), cfg.sft.lr)
     if resume is not None:
         sft.opt.load_state_dict(resume["optimizer"])
-    train_sft(sft, train, replace(cfg.sft, minutes=extra, max_steps=100_000), seed=cfg.seed, log=lambda m: None,
-              rng_state=resume["rng"] if resume is not None else None)
+    if extra > 0:  # (0 minutes would mean "no cap" to the budget)
+        train_sft(sft, train, replace(cfg.sft, minutes=extra, max_steps=100_000), seed=cfg.seed, log=lambda m: None,
+                  rng_state=resume["rng"] if resume is not None else None)
     save_policy(policy, tokenizer, out_dir / "sft_as_long")
 
     syn = cfg.data.synthetic

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dense_irl.data.readers import jsonl_rows
-from dense_irl.errors import DataError, MissingFileError
+from dense_irl.errors import ConfigError, DataError, MissingFileError
 
 # Given chains (prompt, steps), one score per step; higher = better step.
 ScoreFn = Callable[[list[tuple[str, list[str]]]], list[list[float]]]
@@ -210,7 +210,7 @@ def evaluate_localisation(
         _check_rows(calibration_rows, "calibration_rows")
         shared = {_chain_key(r) for r in rows} & {_chain_key(r) for r in calibration_rows}
         if shared:
-            raise ValueError(
+            raise ConfigError(
                 f"calibration_rows share {len(shared)} chains with the evaluated rows; calibrate on held-out chains"
             )
         cal_scores = score_in_batches(

@@ -165,6 +165,8 @@ class RewardModel(nn.Module):
             raise CheckpointError(f"{path / CONFIG_FILE} is not a valid reward model config: {e}") from e
         if not (path / HEAD_FILE).is_file():
             raise MissingFileError(f"reward model checkpoint {path} is missing {HEAD_FILE}")
+        if config.terms not in ("heads", "lm", "lm+heads"):
+            raise CheckpointError(f"{path / CONFIG_FILE}: terms must be 'heads', 'lm' or 'lm+heads', got {config.terms!r}")
         backbone = AutoModelForCausalLM.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = cls(backbone, tokenizer, config)

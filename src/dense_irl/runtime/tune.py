@@ -172,7 +172,9 @@ def search_space(cfg: TuneConfig, base: LoopConfig) -> dict:
             raise ConfigError(f"{where}: bad arguments {args!r} for {name}: {e}{hint}") from e
         for v in values:
             try:
-                loop_config(base_dict, {key: v})
+                trial = loop_config(base_dict, {key: v})
+                for part in (trial.data, trial.reward, trial.rl, trial.learner, trial.rollout):
+                    part.check()  # a value that loads but cannot run (e.g. objective airl with token_temperature)
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from e
     return space
