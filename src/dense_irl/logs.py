@@ -22,10 +22,9 @@ def is_verbose() -> bool:
 def quiet(verbose: bool = False) -> None:
     """Set the process (and the local Ray workers it starts, which inherit its environment) quiet, unless
     ``verbose``. Call before transformers is imported and before ``ray.init``."""
-    import torch
-
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not torch.cuda.is_available():
+    # (no torch import here: this runs at every CLI start, `dense-irl score` included)
+    if not os.path.exists("/dev/nvidiactl") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
         # DeepSpeed's accelerator auto-detection warns on every process that imports it (transformers does,
         # through accelerate); naming the CPU accelerator skips the detection.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

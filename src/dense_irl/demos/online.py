@@ -63,6 +63,7 @@ def beside_the_loop(sft_path: str, cfg: LoopConfig, chains: list, held_out: list
     out["sft_policy"] = policy_outcomes(sft_path, held_out, bon_n, cfg.rollout.max_new_tokens, cfg.data.separator,
                                         cfg.seed)
     out["sft_policy"]["eval_s"] = round(time.monotonic() - t0, 1)
+    del out["sft_policy"]["samples"]  # only their verdicts go back: the SFT samples are not reranked
     return out
 
 
@@ -143,12 +144,11 @@ def run_online_demo(out: str, config: str | None = None, overrides: list[str] | 
     outcomes = {"sft": base["sft_policy"],
                 "after_irl": policy_outcomes(irl_policy, held_out, bon_n, cfg.rollout.max_new_tokens, sep, cfg.seed)}
     acc = {k: v["greedy"] for k, v in outcomes.items()}
-    sampled = {k: v["samples"] for k, v in outcomes.items()}
     correct = {k: v["correct"] for k, v in outcomes.items()}
     sampled_acc = {k: sum(map(sum, v)) / (bon_n * len(held_out)) for k, v in correct.items()}
     problems = [{"problem": d.prompt, "candidates": [
         {"steps": c.steps or [c.completion or "(empty)"], "is_correct": ok} for c, ok in zip(g, oks)]}
-        for d, g, oks in list(zip(held_out, sampled["after_irl"], correct["after_irl"]))[:bon_prompts]]
+        for d, g, oks in list(zip(held_out, outcomes["after_irl"]["samples"], correct["after_irl"]))[:bon_prompts]]
     bon = evaluate_bon(compare.reward_model_scorer(rm), problems, aggregations=("min", "sum"))
 
     loc_rows = compare.localisation_rows(loc)

@@ -59,7 +59,6 @@ class Driver:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.layout = ChainLayout(cfg.data.separator, cfg.model.max_length)
-        self.sep = self.layout.separator
         self.calib, self.train = split_demos(load_data(cfg.data), cfg.data.calibration_chains, cfg.seed)
         self.eval_demos = self.calib[: cfg.eval_prompts]
         self.out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +120,7 @@ class Driver:
         shards = [prompts[i::k] for i in range(k)]
         seeds = [self._sample_seed(i) for i in range(k)]
         results: list = [None] * k
-        futures = [w.generate.remote(shard, n, cfg, self.sep, sd) for w, shard, sd in zip(self.workers, shards, seeds)]
+        futures = [w.generate.remote(shard, n, cfg, self.layout.separator, sd) for w, shard, sd in zip(self.workers, shards, seeds)]
         for i in range(k):
             for attempt in range(3):
                 try:
@@ -136,7 +135,7 @@ class Driver:
                             self.weights_ref = ray.put(self._lead(self.policy, "state_dict"))
                     if self.state["iteration"] > 0:
                         ray.get(self.workers[i].update_weights.remote(self.weights_ref, self.state["iteration"]))
-                    futures[i] = self.workers[i].generate.remote(shards[i], n, cfg, self.sep, seeds[i])
+                    futures[i] = self.workers[i].generate.remote(shards[i], n, cfg, self.layout.separator, seeds[i])
             else:
                 raise RuntimeError(f"rollout worker {i} died three times in a row")
         out: list = [None] * len(prompts)

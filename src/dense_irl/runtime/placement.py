@@ -27,8 +27,6 @@ def place_roles(cfg) -> tuple[object | None, dict]:
     strategy = cfg.placement_strategy
     if strategy == "none" or ray.util.get_current_placement_group() is not None:
         return None, {}  # plain scheduling, or a Tune trial's group that captures our actors already
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"placement_strategy must be one of {STRATEGIES} or 'none', got {strategy!r}")
     n, k, shared = cfg.learner.num_workers, cfg.rollout.num_workers, cfg.colocate_learners
     mult = 2 if shared else 1
     learner = {"CPU": mult * cfg.learner.num_cpus_per_worker, "GPU": mult * cfg.learner.num_gpus_per_worker}
