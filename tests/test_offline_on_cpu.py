@@ -130,7 +130,7 @@ def test_masked_expert_prefix_is_left_out_of_the_negative_loss(policy, demos):
 
 def _sft(model, tok, demos, cfg, state=None):
     """SFT ``model`` in process; returns (optimiser state, rng state) to go on with."""
-    step = LocalSFT(model, tok, ChainLayout("\n", 256), cfg.lr)
+    step = LocalSFT(model, tok, ChainLayout("\n", 256), cfg)
     if state is not None:
         step.opt.load_state_dict(state[0])
     done = train_sft(step, demos, cfg, seed=0, log=lambda m: None, rng_state=state[1] if state else None)

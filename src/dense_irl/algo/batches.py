@@ -17,7 +17,11 @@ from dense_irl.data.layout import Chain, prompt_ids, token_steps
 
 @dataclass
 class Rollout:
-    """One completion sampled by a rollout engine for ``prompt``."""
+    """One completion sampled by a rollout engine for ``prompt``.
+
+    ``prompt_ids``: the ids the engine continued from (``data.layout.prompt_ids``); ``token_ids``: the sampled
+    ones, the closing ``</s>`` included when the chain finished.
+    """
 
     prompt: str
     completion: str
@@ -26,6 +30,7 @@ class Rollout:
     logprobs: list[float]  # behaviour log-prob of each sampled token
     finished: bool
     policy_version: int = 0
+    prompt_ids: list[int] | None = None  # None: not recorded (built by hand)
 
 
 @dataclass
@@ -75,13 +80,23 @@ class Experience:
     def tensors(self, tokenizer, separator: str, device) -> dict[str, torch.Tensor]:
         """Prompt + completion ids (the rollout engine's own), behaviour log-probs and token advantages (B, T).
 
-        A token's advantage is its step's (``data.layout.token_steps``); ``mask`` marks completion tokens.
+        The prompt ids are the layout's (``data.layout.prompt_ids``), the ones the reward model and the
+        demonstrations' rows start with; a rollout that continued from other ids (an engine whose tokenizer
+        differs from the learner's) is an error, not a silent mismatch. A token's advantage is its step's
+        (``data.layout.token_steps``); ``mask`` marks completion tokens.
         """
         rows = []
         for r, adv in zip(self.rollouts, self.advantages):
+            head = prompt_ids(tokenizer, r.prompt, separator)
+            if r.prompt_ids is not None and list(r.prompt_ids) != head:
+                raise ValueError(
+                    f"a rollout of prompt {r.prompt[:60]!r} continued from {len(r.prompt_ids)} token ids that are "
+                    f"not the layout's {len(head)} (data.layout.prompt_ids): the rollout engine and the learner "
+                    "tokenise differently; give both the same tokenizer files"
+                )
             adv = adv or [0.0]
             token_adv = [adv[min(k, len(adv) - 1)] for k in token_steps(tokenizer, r.token_ids, separator)]
-            rows.append((prompt_ids(tokenizer, r.prompt, separator), list(r.token_ids), list(r.logprobs), token_adv))
+            rows.append((head, list(r.token_ids), list(r.logprobs), token_adv))
         B, T = len(rows), max(len(p) + len(c) for p, c, _, _ in rows)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         out = {"input_ids": torch.full((B, T), pad, dtype=torch.long),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from dense_irl.algo.optim import check_schedule
 from dense_irl.errors import ConfigError
 
 
@@ -22,6 +23,17 @@ class SFTConfig:
     minutes: float = 0.0  # a wall-clock cap on top of the steps (0: none)
     lr: float = 2e-3
     batch_size: int = 32
+    warmup_steps: int = 0  # linear lr warm-up
+    lr_schedule: str = "constant"  # after warm-up: "constant", or "linear" / "cosine" decay over max_steps
+    min_lr_ratio: float = 0.0  # where the decay ends, as a share of lr
+    micro_batch_tokens: int = 0  # padded tokens per forward pass, gradients accumulated (0: one pass)
+
+    def check(self) -> None:
+        """Raise a ConfigError naming the first option with a bad value."""
+        check_schedule("sft", self)
+        if self.batch_size < 1 or self.max_steps < 0:
+            raise ConfigError(f"sft.batch_size must be >= 1 and sft.max_steps >= 0, got {self.batch_size} and "
+                              f"{self.max_steps}")
 
 
 @dataclass
@@ -40,6 +52,9 @@ class RewardConfig:
     td_weight: float = 0.01  # IQ-Learn chi^2 term on the implied token reward
     lr: float = 1e-3
     warmup_steps: int = 0  # linear learning-rate warm-up (a fresh optimiser on a warm-started backbone)
+    lr_schedule: str = "constant"  # after warm-up: "constant", or "linear" / "cosine" decay over the run's steps
+    min_lr_ratio: float = 0.0
+    micro_batch_tokens: int = 0  # padded tokens per forward pass, gradients accumulated (0: one pass)
     batch_size: int = 32  # experts per step
     # A negative's leading steps that equal its expert's are expert state-actions, not negatives: leave them
     # out of its discriminator loss (False: label every step of a negative 0, plain chain-level AIRL).
@@ -56,8 +71,7 @@ class RewardConfig:
         """Raise a ConfigError naming the first option with a bad value."""
         if self.alpha <= 0:
             raise ConfigError(f"reward.alpha must be > 0 (the max-ent temperature divides the reward), got {self.alpha}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"reward.warmup_steps must be >= 0 (0: no warm-up), got {self.warmup_steps}")
+        check_schedule("reward", self)
         if self.batch_size < 1:
             raise ConfigError(f"reward.batch_size must be >= 1, got {self.batch_size}")
         unknown = sorted(set(self.level_weights) - {"step", "paragraph", "task"})
@@ -80,6 +94,9 @@ class RLConfig:
     # The lr rises linearly over this many PPO steps: a fresh Adam's first steps move every weight by about lr,
     # which knocks the SFT policy off its optimum (without it the first step jumped to KL 1-8).
     warmup_steps: int = 4
+    lr_schedule: str = "constant"  # after warm-up: "constant", or "linear" / "cosine" decay over the run's steps
+    min_lr_ratio: float = 0.0
+    micro_batch_tokens: int = 0  # padded tokens per forward pass, gradients accumulated (0: one pass)
     clip: float = 0.2
     kl_coef: float = 0.05
     gamma: float = 1.0
@@ -97,8 +114,7 @@ class RLConfig:
 
         if self.advantages not in ADVANTAGE_ESTIMATORS:
             raise ConfigError(f"rl.advantages must be one of {sorted(ADVANTAGE_ESTIMATORS)}, got {self.advantages!r}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"rl.warmup_steps must be >= 0, got {self.warmup_steps}")
+        check_schedule("rl", self)
         if self.ptx_coef < 0:
             raise ConfigError(f"rl.ptx_coef must be >= 0 (the weight of the expert NLL in the policy loss), got "
                               f"{self.ptx_coef}")

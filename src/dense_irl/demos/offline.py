@@ -49,7 +49,7 @@ def run_offline_demo(out: str, config: str | None = None, overrides: list[str] |
     state = out_dir / SFT_STATE
     resume = torch.load(state, weights_only=False) if state.is_file() else None
     calib, train = split_demos(load_data(cfg.data), cfg.data.calibration_chains, cfg.seed)
-    sft = LocalSFT(policy, tokenizer, ChainLayout(cfg.data.separator, cfg.model.max_length), cfg.sft.lr)
+    sft = LocalSFT(policy, tokenizer, ChainLayout(cfg.data.separator, cfg.model.max_length), cfg.sft)
     if resume is not None:
         sft.opt.load_state_dict(resume["optimizer"])
     if extra > 0:  # (0 minutes would mean "no cap" to the budget)

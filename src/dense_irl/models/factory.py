@@ -24,7 +24,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from dense_irl.errors import MissingFileError
+from dense_irl.errors import ConfigError, MissingFileError
 from dense_irl.io import atomic_dir
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -44,7 +44,31 @@ class ModelConfig:
     max_length: int = 256
     # where the smollm2 GGUF -> safetensors conversion is cached
     cache_dir: str = "~/.cache/dense-irl"
-    dtype: str = "float32"
+    dtype: str = "float32"  # the weights' dtype (training keeps fp32 weights; see precision)
+    # What trains (models.training): LoRA adapters of rank lora_r (0: every weight), on the top trainable_layers
+    # decoder layers (0: all); without LoRA, trainable_layers > 0 freezes the layers below.
+    lora_r: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"  # peft's target_modules: "all-linear" or comma-separated module names
+    trainable_layers: int = 0
+    gradient_checkpointing: bool = False  # recompute activations in backward: memory for ~30% more compute
+    precision: str = "auto"  # autocast: "auto" (bf16 on CUDA, fp32 on CPU), "bf16" or "fp32"
+    device: str = "auto"  # in-process training (train-reward): "auto" (CUDA if present), "cpu" or "cuda"
+
+    def check(self) -> None:
+        """Raise a ConfigError naming the first option with a bad value."""
+        if self.lora_r < 0 or self.trainable_layers < 0:
+            raise ConfigError(f"model.lora_r and model.trainable_layers must be >= 0 (0: off), got {self.lora_r} "
+                              f"and {self.trainable_layers}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"model.precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"model.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("model.device is 'cuda' but this machine has no CUDA device; use 'auto' or 'cpu'")
+        if self.max_length < 8:
+            raise ConfigError(f"model.max_length must be >= 8 tokens, got {self.max_length}")
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -142,7 +166,10 @@ def load_policy(cfg: ModelConfig, texts: list[str] | None = None, seed: int = 0)
 
 
 def save_policy(model, tokenizer, path: str | Path) -> None:
-    """Save a policy in the HF layout (safetensors), atomically."""
+    """Save a policy in the HF layout (safetensors), atomically: LoRA adapters merged in, and kept apart under
+    ``adapter/`` (``models.training``)."""
+    from dense_irl.models.training import save_model
+
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_model(model, tmp)
         tokenizer.save_pretrained(tmp)

@@ -19,6 +19,7 @@ and ``reward_config.json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -80,22 +81,25 @@ class RewardModel(nn.Module):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
 
-    def forward(self, enc: EncodedBatch, detach_backbone: bool = False) -> dict[str, torch.Tensor]:
+    def forward(self, enc: EncodedBatch, detach_backbone: bool = False,
+                backbone_grad: bool = True) -> dict[str, torch.Tensor]:
         """Token rewards (B, T), step rewards (B, S), potentials and LM logits for an encoded batch.
 
         ``detach_backbone``: the rewards do not backpropagate into the backbone (only into the heads);
-        the returned ``logits`` still do.
+        the returned ``logits`` still do. ``backbone_grad`` False: the backbone runs without a graph at all
+        (rows whose loss only trains the heads).
         """
         device = self.g_head.weight.device
         ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
         step_ids = enc.step_ids.to(device)
-        out = self.backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        with contextlib.nullcontext() if backbone_grad else torch.no_grad():
+            out = self.backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         hidden, logits = out.hidden_states[-1], out.logits
         r_hidden, r_logits = (hidden.detach(), logits.detach()) if detach_backbone else (hidden, logits)
         S = enc.step_mask.shape[1]
         start, end = enc.step_start.to(device), enc.step_end.to(device)
         gamma, terms = self.config.gamma, self.config.terms
-        token_r = torch.zeros_like(ids, dtype=hidden.dtype)
+        token_r = torch.zeros(ids.shape, dtype=torch.float32, device=device)  # fp32 sums under autocast
         if "lm" in terms:
             logp = token_logprobs(r_logits, ids)
             if self.config.token_temperature:  # clamped: a temperature between e^-6 and e^3
@@ -138,8 +142,10 @@ class RewardModel(nn.Module):
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the checkpoint folder atomically (backbone, tokenizer, heads, config)."""
+        from dense_irl.models.training import save_model
+
         with atomic_dir(path) as tmp:
-            self.backbone.save_pretrained(tmp, safe_serialization=True)
+            save_model(self.backbone, tmp)  # adapters merged for serving, and kept under adapter/
             self.tokenizer.save_pretrained(tmp)
             heads = {f"g_head.{k}": v for k, v in self.g_head.state_dict().items()}
             heads |= {f"h_head.{k}": v for k, v in self.h_head.state_dict().items()}

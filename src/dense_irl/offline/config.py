@@ -59,6 +59,8 @@ class TrainRewardConfig:
     def check(self) -> None:
         """Every option checked before any data is loaded or time spent."""
         self.data.check()
+        self.model.check()
+        self.sft.check()
         self.reward.check()
         if self.reward.continue_sft_optimizer and not (self.sft.max_steps > 0 and self.reward.init == "sft"):
             raise ConfigError("reward.continue_sft_optimizer needs an SFT warm start in this run (sft.max_steps > 0, "

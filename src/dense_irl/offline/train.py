@@ -24,6 +24,7 @@ from dense_irl.algo.batches import RewardBatch
 from dense_irl.algo.config import reward_model_config
 from dense_irl.algo.experience import perturbed_negatives, split_demos
 from dense_irl.algo.losses import reward_loss
+from dense_irl.algo.microbatch import Accumulator
 from dense_irl.algo.optim import Optimizer
 from dense_irl.algo.sft import LocalSFT, budget, train_sft
 from dense_irl.config import save_config
@@ -33,9 +34,10 @@ from dense_irl.data.perturb import make_processbench
 from dense_irl.errors import ConfigError
 from dense_irl.eval.localisation import calibrate_threshold, first_error, processbench_metrics
 from dense_irl.io import MetricsLog, atomic_path, write_json
-from dense_irl.models.chains import cached_step_logprobs
+from dense_irl.models.chains import cached_step_logprobs, report_truncated
 from dense_irl.models.factory import load_policy, save_policy
 from dense_irl.models.reward_model import RewardModel
+from dense_irl.models.training import autocast_dtype, merged, prepare_for_training, resolve_device
 from dense_irl.offline.config import OfflineRewardConfig, TrainRewardConfig
 
 SFT_STATE = "sft_state.pt"  # the warm start's AdamW and sampler state, beside sft_policy/
@@ -47,16 +49,18 @@ def calibration_rows(calib: list, kinds: list[str], seed: int) -> list[dict]:
 
 
 def reward_optimizer(rm: RewardModel, cfg: OfflineRewardConfig, sft: tuple[dict, float] | None) -> Optimizer:
-    """The reward model's optimiser; with ``cfg.continue_sft_optimizer`` the backbone goes on with the warm
-    start's AdamW moments and lr (``sft``: its saved state and lr), the heads start fresh at ``cfg.lr``."""
+    """The reward model's optimiser over its trainable parameters; with ``cfg.continue_sft_optimizer`` the
+    backbone goes on with the warm start's AdamW moments and lr (``sft``: its saved state and lr), the heads
+    start fresh at ``cfg.lr``."""
+    schedule = (cfg.warmup_steps, cfg.lr_schedule, cfg.max_steps, cfg.min_lr_ratio)
     if not cfg.continue_sft_optimizer:
-        return Optimizer(rm.parameters(), cfg.lr, cfg.warmup_steps)
+        return Optimizer([p for p in rm.parameters() if p.requires_grad], cfg.lr, *schedule)
     if sft is None:
         raise ConfigError("reward.continue_sft_optimizer needs an SFT warm start in this run (sft.max_steps > 0, "
                          "reward.init: sft)")
-    backbone = list(rm.backbone.parameters())
+    backbone = [p for p in rm.backbone.parameters() if p.requires_grad]  # the SFT optimiser's, in its order
     heads = [p for n, p in rm.named_parameters() if not n.startswith("backbone.")]
-    opt = Optimizer([{"params": backbone, "lr": sft[1]}, {"params": heads, "lr": cfg.lr}], cfg.lr, cfg.warmup_steps)
+    opt = Optimizer([{"params": backbone, "lr": sft[1]}, {"params": heads, "lr": cfg.lr}], cfg.lr, *schedule)
     moments = sft[0]["optimizer"]["optimizer"]["state"]  # by position in the policy's parameters: rm.backbone's
     for i, p in enumerate(backbone):
         if i in moments:  # a parameter that never had a gradient in SFT has no moments yet
@@ -65,18 +69,19 @@ def reward_optimizer(rm: RewardModel, cfg: OfflineRewardConfig, sft: tuple[dict,
 
 
 def train_reward(rm: RewardModel, pi_old, demos, cfg: OfflineRewardConfig, kinds, log, log_every: int = 25,
-                 sft: tuple[dict, float] | None = None) -> int:
+                 sft: tuple[dict, float] | None = None, autocast_dtype=None) -> int:
     """Reward steps on ``rm``: experts vs perturbed experts; returns the steps taken.
 
     With ``cfg.negative_pool`` > 0 each expert has that many fixed negatives, drawn once, and pi_old's step
     log-probs of every chain are computed the first time it is seen, then reused.
     """
     opt = reward_optimizer(rm, cfg, sft)
+    acc = Accumulator(rm, opt, autocast_dtype=autocast_dtype, device_type=rm.g_head.weight.device.type)
     rng = random.Random(1)
     pool: dict[int, list] = {}
     cache: dict = {}
-    steps = 0
-    for step, _ in budget("reward", cfg.max_steps, cfg.minutes):
+    steps, tokens, t0 = 0, 0, time.monotonic()
+    for step, bar in budget("reward", cfg.max_steps, cfg.minutes):
         steps = step + 1
         rm.train()
         picked = rng.sample(range(len(demos)), min(cfg.batch_size, len(demos)))
@@ -93,8 +98,12 @@ def train_reward(rm: RewardModel, pi_old, demos, cfg: OfflineRewardConfig, kinds
         if cfg.negative_pool > 0 and not cfg.gail and cfg.objective != "iq":  # pi_old is frozen offline: each chain is run through it once
             logp = cached_step_logprobs(pi_old, rm.tokenizer, batch.chains(), rm.config.max_length,
                                         rm.config.separator, cache)
-        loss, metrics = reward_loss(rm, batch, cfg, pi_old=pi_old, pi_old_logp=logp)
-        opt.step(loss)
+        _, metrics = reward_loss(rm, batch, cfg, pi_old=pi_old, pi_old_logp=logp, acc=acc,
+                                 max_tokens=cfg.micro_batch_tokens)
+        metrics["grad_norm"] = acc.step()
+        tokens += metrics["tokens"]
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens / max(1e-9, time.monotonic() - t0):.0f}",
+                        refresh=False)
         if log_every and step % log_every == 0:
             log({"phase": "reward", "step": step, **metrics})
     return steps
@@ -152,11 +161,15 @@ def train_reward_model(cfg: TrainRewardConfig) -> dict:
     layout = ChainLayout(cfg.data.separator, cfg.model.max_length)
     policy, tokenizer = load_policy(cfg.model, [d.prompt for d in train] + [s for d in train for s in d.steps],
                                     cfg.seed)
-    summary: dict = {}
+    device = resolve_device(cfg.model.device)
+    amp = autocast_dtype(cfg.model.precision, device)
+    report_truncated(tokenizer, [(d.prompt, d.steps) for d in train], layout, "train demonstrations")
+    policy = prepare_for_training(policy.to(device), cfg.model)
+    summary: dict = {"trainable_params": sum(p.numel() for p in policy.parameters() if p.requires_grad)}
     t = time.monotonic()
     sft_state = None
     if cfg.sft.max_steps > 0:
-        sft = LocalSFT(policy, tokenizer, layout, cfg.sft.lr)
+        sft = LocalSFT(policy, tokenizer, layout, cfg.sft, device, amp)
         sft_state = {**train_sft(sft, train, cfg.sft, seed=cfg.seed, log=log, log_every=cfg.log_every),
                      "optimizer": sft.opt.state_dict()}
         summary["sft_steps"] = sft_state["steps"]
@@ -166,13 +179,20 @@ def train_reward_model(cfg: TrainRewardConfig) -> dict:
     policy.eval()
     save_policy(policy, tokenizer, out_dir / "sft_policy")
 
-    backbone = copy.deepcopy(policy) if cfg.reward.init == "sft" else type(policy)(policy.config)
+    # The backbone goes on from the SFT policy as it trained (its adapters too, with LoRA); pi_old is that
+    # policy frozen, adapters merged.
+    if cfg.reward.init == "sft":
+        backbone = copy.deepcopy(policy)
+    else:
+        backbone = prepare_for_training(type(merged(policy))(merged(policy).config).to(device), cfg.model)
     rm = RewardModel(backbone, tokenizer, reward_model_config(cfg.reward, layout.separator, layout.max_length))
-    pi_old = policy.requires_grad_(False)
+    rm.to(device)
+    pi_old = merged(policy).requires_grad_(False)
+    del policy
     t = time.monotonic()
     warm = (sft_state, cfg.sft.lr) if sft_state is not None and cfg.reward.init == "sft" else None
     summary["reward_steps"] = train_reward(rm, pi_old, train, cfg.reward, cfg.data.perturbations, log,
-                                           cfg.log_every, warm)
+                                           cfg.log_every, warm, amp)
     summary["reward_s"] = round(time.monotonic() - t, 1)
 
     cal_rows = calibration_rows(calib, cfg.data.perturbations, cfg.seed)

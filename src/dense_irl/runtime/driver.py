@@ -88,12 +88,12 @@ class Driver:
         cpu, gpu = c.learner.num_cpus_per_worker, c.learner.num_gpus_per_worker
         master = self._master("policy")
         self.policy = [PolicyLearner.options(**self._opts("policy", r, cpu, gpu)).remote(
-            policy_path, learner=c.learner, layout=self.layout, lr=c.rl.lr, warmup_steps=c.rl.warmup_steps,
-            group=RankSpec(r, n, master), reference_path=reference_path) for r in range(n)]
+            policy_path, learner=c.learner, layout=self.layout, opt=c.rl, total_steps=c.iterations * c.rl.ppo_steps,
+            model=c.model, group=RankSpec(r, n, master), reference_path=reference_path) for r in range(n)]
         master = self._master("reward")
         self.reward = [RewardLearner.options(**self._opts("reward", r, cpu, gpu)).remote(
-            reward_path, policy_path, reward=c.reward, learner=c.learner, group=RankSpec(r, n, master))
-            for r in range(n)]
+            reward_path, policy_path, reward=c.reward, learner=c.learner, total_steps=c.iterations * c.reward_steps,
+            model=c.model, group=RankSpec(r, n, master)) for r in range(n)]
         self.policy_path = policy_path
         self.workers = [self._new_worker(i) for i in range(c.rollout.num_workers)]
 

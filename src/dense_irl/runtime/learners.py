@@ -23,6 +23,7 @@ from dense_irl.algo.config import RewardConfig, RLConfig
 from dense_irl.algo.optim import MAX_GRAD_NORM, Optimizer
 from dense_irl.data.layout import ChainLayout
 from dense_irl.errors import CheckpointError, ConfigError
+from dense_irl.models.factory import ModelConfig
 
 
 @dataclass
@@ -66,19 +67,28 @@ def free_port() -> int:
 class _Learner:
     """Shared set-up: process group, model wrapping and the optimiser step for either backend."""
 
-    def _setup(self, model: torch.nn.Module, lr: float, warmup_steps: int, cfg: LearnerConfig,
-               group: RankSpec) -> None:
-        """The optimiser of ``algo.optim`` (torch) or its recipe in a DeepSpeed engine: AdamW, clipping, and a
-        linear lr warm-up over ``warmup_steps``."""
+    def _setup(self, model: torch.nn.Module, opt, total_steps: int, cfg: LearnerConfig, group: RankSpec,
+               model_cfg: ModelConfig) -> None:
+        """The optimiser of ``algo.optim`` over the trainable parameters (torch), or its recipe in a DeepSpeed
+        engine: AdamW, clipping, and ``opt``'s lr schedule (``opt``: an SFT / reward / RL config) over
+        ``total_steps``; micro-batches accumulate through ``self.acc`` (``algo.microbatch``)."""
         import torch.distributed as dist
+
+        from dense_irl.algo.microbatch import Accumulator
+        from dense_irl.algo.optim import lr_lambda
+        from dense_irl.models.training import autocast_dtype
 
         torch.set_num_threads(cfg.threads)
         self.rank, self.world, self.backend = group.rank, group.world, cfg.backend
+        self.micro_batch_tokens = opt.micro_batch_tokens
         device = "cuda" if cfg.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        amp = autocast_dtype(model_cfg.precision, self.device)
         host, port = group.master.rsplit(":", 1)
         os.environ.update(MASTER_ADDR=host, MASTER_PORT=port, RANK=str(group.rank),
                           WORLD_SIZE=str(group.world), LOCAL_RANK="0")
+        params = [p for p in model.parameters() if p.requires_grad]
+        schedule = lr_lambda(opt.warmup_steps, opt.lr_schedule, total_steps, opt.min_lr_ratio)
         if cfg.backend == "deepspeed":
             import deepspeed
 
@@ -90,15 +100,13 @@ class _Learner:
                 "gradient_accumulation_steps": 1,
                 "gradient_clipping": MAX_GRAD_NORM,
                 "zero_optimization": {"stage": cfg.zero_stage},
-                "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True}},
+                "optimizer": {"type": "AdamW", "params": {"lr": opt.lr, "weight_decay": 0.0, "torch_adam": True}},
             }
-            if warmup_steps > 0:
-                ds_config["scheduler"] = {"type": "WarmupLR", "params": {
-                    "warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_steps": warmup_steps,
-                    "warmup_type": "linear"}}
-            self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                                        config=ds_config)
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=model, model_parameters=params, config=ds_config,
+                lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, schedule))
             self.module = self.engine.module
+            self.acc = Accumulator(self.engine, backend="deepspeed", autocast_dtype=amp, device_type=device)
             return
         model.to(self.device)
         if group.world > 1:
@@ -107,14 +115,8 @@ class _Learner:
         else:
             self.engine = model
         self.module = model
-        self.optim = Optimizer(model.parameters(), lr, warmup_steps)
-
-    def _step(self, loss: torch.Tensor) -> None:
-        if self.backend == "deepspeed":
-            self.engine.backward(loss)
-            self.engine.step()
-        else:
-            self.optim.step(loss)
+        self.optim = Optimizer(params, opt.lr, opt.warmup_steps, opt.lr_schedule, total_steps, opt.min_lr_ratio)
+        self.acc = Accumulator(self.engine, self.optim, autocast_dtype=amp, device_type=device)
 
     def _gathered(self):
         """A context in which every parameter is whole (ZeRO-3 partitions them across ranks)."""
@@ -125,9 +127,11 @@ class _Learner:
         return contextlib.nullcontext()
 
     def _full_state_dict(self) -> dict:
-        """Full weights on CPU, for weight sync and checkpoints."""
+        """Full serving weights on CPU (LoRA adapters merged in), for weight sync and checkpoints."""
+        from dense_irl.models.training import merged_state_dict
+
         with self._gathered():
-            return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+            return merged_state_dict(self.module)
 
     def save_optimizer(self, path: str) -> None:
         """The optimiser's moments and the warm-up schedule into ``path`` (call on every rank), so that a
@@ -170,16 +174,19 @@ class PolicyLearner(_Learner):
     """Holds the policy (trained), its frozen KL reference (``reference_path``, else a copy of the policy at
     start), and the optimiser (``lr``, warmed up over ``warmup_steps``)."""
 
-    def __init__(self, policy_path: str, *, learner: LearnerConfig, layout: ChainLayout, lr: float,
-                 warmup_steps: int = 0, group: RankSpec = RankSpec(), reference_path: str | None = None):
+    def __init__(self, policy_path: str, *, learner: LearnerConfig, layout: ChainLayout, opt, total_steps: int = 0,
+                 model: ModelConfig | None = None, group: RankSpec = RankSpec(), reference_path: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(policy_path)
-        ref = AutoModelForCausalLM.from_pretrained(reference_path) if reference_path else copy.deepcopy(model)
+        from dense_irl.models.training import load_trainable, merged
+
+        model_cfg = model or ModelConfig()
+        policy = load_trainable(policy_path, model_cfg)
+        ref = AutoModelForCausalLM.from_pretrained(reference_path) if reference_path else copy.deepcopy(merged(policy))
         self.ref = ref.eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
         self.layout = layout
-        self._setup(model, lr, warmup_steps, learner, group)
+        self._setup(policy, opt, total_steps, learner, group, model_cfg)
         self.ref.to(self.device)
 
     def sft_step(self, chains: list) -> dict:
@@ -187,48 +194,67 @@ class PolicyLearner(_Learner):
         from dense_irl.algo.sft import sft_loss
 
         self.engine.train()
-        loss, tokens = sft_loss(self.engine, self.tokenizer, chains, self.layout, self.device)
-        self._step(loss)
-        return {"sft_nll": loss.item(), "tokens": tokens}
+        loss, tokens = sft_loss(self.engine, self.tokenizer, chains, self.layout, self.device, acc=self.acc,
+                                max_tokens=self.micro_batch_tokens)
+        self.acc.step()
+        return {"sft_nll": float(loss), "tokens": tokens}
 
     def policy_step(self, experience: Experience, rl: RLConfig) -> dict:
         """``rl.ppo_steps`` steps of ``algo.losses.policy_loss`` on this rank's experience.
 
         The "old" log-probs are recomputed here, once, with the weights that sampled the rollouts (the
         engines' own log-probs can differ by kernels, warpers and temperature). With ``rl.ptx_coef`` > 0 the
-        experience's demonstrations go through the same forward pass as the rollouts (PPO-ptx), so
-        data-parallel backends see one forward per backward.
+        experience's demonstrations add their expert NLL (PPO-ptx). Rollouts and demonstrations run in
+        length-grouped micro-batches of ``rl.micro_batch_tokens``, accumulated into one step.
         """
-        import torch.nn.functional as F
-
-        from dense_irl.algo.losses import expert_nll, policy_loss
+        from dense_irl.algo.losses import expert_nll, nll_count, policy_loss
+        from dense_irl.algo.microbatch import micro_batches, plan, row_lengths, select_rows
         from dense_irl.data.layout import encode_chains
         from dense_irl.models.chains import token_logprobs
 
-        batch = experience.tensors(self.tokenizer, self.layout.separator, self.device)
+        batch = experience.tensors(self.tokenizer, self.layout.separator, "cpu")
         ids, mask = batch["input_ids"], batch["attention_mask"]
+        lengths = mask.sum(1).tolist()
+        n_tokens = float(batch["mask"].sum())
+        groups = [("rollouts", g) for g in micro_batches(lengths, self.micro_batch_tokens)]
+        old_logp, ref_logp = torch.zeros(ids.shape), torch.zeros(ids.shape)
         with torch.no_grad():
-            old_logp = token_logprobs(self.module(input_ids=ids, attention_mask=mask).logits, ids)
-            ref_logp = token_logprobs(self.ref(input_ids=ids, attention_mask=mask).logits, ids)
-        B, T = ids.shape
-        all_ids, all_mask, e_ids = ids, mask, None
+            for _, g in groups:
+                T, dev = max(lengths[i] for i in g), self.device
+                with self.acc.micro(True):  # (autocast only: nothing is backpropagated here)
+                    gi, gm = ids[g, :T].to(dev), mask[g, :T].to(dev)
+                    old_logp[g, :T] = token_logprobs(self.module(input_ids=gi, attention_mask=gm).logits, gi).cpu()
+                    ref_logp[g, :T] = token_logprobs(self.ref(input_ids=gi, attention_mask=gm).logits, gi).cpu()
+        enc = None
         if rl.ptx_coef > 0 and experience.experts:
             enc = encode_chains(self.tokenizer, experience.experts, self.layout.max_length, self.layout.separator)
-            e_ids, e_mask = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
-            e_tokens = (enc.step_ids >= 0).to(self.device)
-            width = max(T, e_ids.shape[1])  # right padding: positions stay those of unpadded rows
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            all_ids = torch.cat([F.pad(ids, (0, width - T), value=pad),
-                                 F.pad(e_ids, (0, width - e_ids.shape[1]), value=pad)])
-            all_mask = torch.cat([F.pad(mask, (0, width - T)), F.pad(e_mask, (0, width - e_mask.shape[1]))])
+            n_expert = nll_count(enc.step_ids >= 0)
+            groups += [("experts", g) for g in micro_batches(row_lengths(enc), self.micro_batch_tokens)]
         self.engine.train()
         stats: dict = {}
         for _ in range(rl.ppo_steps):
-            logits = self.engine(input_ids=all_ids, attention_mask=all_mask).logits
-            ptx = expert_nll(logits[B:, : e_ids.shape[1]], e_ids, e_tokens) if e_ids is not None else None
-            loss, stats = policy_loss(token_logprobs(logits[:B, :T], ids), old_logp, ref_logp, batch["advantages"],
-                                      batch["mask"], rl.clip, rl.kl_coef, ptx, rl.ptx_coef)
-            self._step(loss)
+            stats = {}
+            steps = plan(self.acc, groups)
+            for j, ((kind, g), weight) in enumerate(steps):
+                with self.acc.micro(j == len(steps) - 1):
+                    if kind == "rollouts":
+                        T = max(lengths[i] for i in g)
+                        gi, gm = ids[g, :T].to(self.device), mask[g, :T].to(self.device)
+                        logits = self.engine(input_ids=gi, attention_mask=gm).logits
+                        loss, part = policy_loss(
+                            token_logprobs(logits, gi), old_logp[g, :T].to(self.device),
+                            ref_logp[g, :T].to(self.device), batch["advantages"][g, :T].to(self.device),
+                            batch["mask"][g, :T].to(self.device), rl.clip, rl.kl_coef, normaliser=n_tokens)
+                    else:
+                        sub = select_rows(enc, g)
+                        e_ids = sub.input_ids.to(self.device)
+                        logits = self.engine(input_ids=e_ids, attention_mask=sub.attention_mask.to(self.device)).logits
+                        nll = expert_nll(logits, e_ids, (sub.step_ids >= 0).to(self.device), n_expert)
+                        loss, part = rl.ptx_coef * nll, {"ptx_nll": nll.item(), "policy_loss": rl.ptx_coef * nll.item()}
+                    self.acc.backward(weight * loss)
+                for k, v in part.items():
+                    stats[k] = stats.get(k, 0.0) + weight * v
+            self.acc.step()
         behaviour = batch["old_logp"][batch["mask"]]
         stats["behaviour_logp_gap"] = (old_logp[batch["mask"]] - behaviour).abs().mean().item()
         return stats
@@ -254,7 +280,7 @@ class PolicyLearner(_Learner):
 
         with self._gathered():
             if self.rank == 0:
-                save_policy(self.module, self.tokenizer, path)
+                save_policy(self.module, self.tokenizer, path)  # adapters merged, and kept under adapter/
 
 
 @ray.remote
@@ -262,15 +288,21 @@ class RewardLearner(_Learner):
     """Holds the reward model (trained) and the frozen pi_old of the AIRL logit."""
 
     def __init__(self, reward_path: str, pi_old_path: str, *, reward: RewardConfig, learner: LearnerConfig,
-                 group: RankSpec = RankSpec()):
+                 total_steps: int = 0, model: ModelConfig | None = None, group: RankSpec = RankSpec()):
         from transformers import AutoModelForCausalLM
 
         from dense_irl.models.reward_model import RewardModel
+        from dense_irl.models.training import ADAPTER_DIR, load_trainable, prepare_for_training
 
+        model_cfg = model or ModelConfig()
         self.rm = RewardModel.from_pretrained(reward_path)
+        if model_cfg.lora_r > 0 and (Path(reward_path) / ADAPTER_DIR).is_dir():  # the adapters that trained
+            self.rm.backbone = load_trainable(reward_path, model_cfg)
+        else:
+            self.rm.backbone = prepare_for_training(self.rm.backbone, model_cfg)
         self.pi_old = AutoModelForCausalLM.from_pretrained(pi_old_path).eval().requires_grad_(False)
         self.reward_cfg = reward
-        self._setup(self.rm, reward.lr, reward.warmup_steps, learner, group)
+        self._setup(self.rm, reward, total_steps, learner, group, model_cfg)
         self.pi_old.to(self.device)
         # log pi_old per step of every chain seen since pi_old last changed: an iteration's reward steps draw
         # the same experts again and again, and pi_old stays fixed between weight pushes.
@@ -287,8 +319,9 @@ class RewardLearner(_Learner):
             logp = cached_step_logprobs(self.pi_old, self.rm.tokenizer, batch.chains(), cfg.max_length,
                                         cfg.separator, self.pi_old_cache)
         self.rm.train()
-        loss, metrics = reward_loss(self.rm, batch, self.reward_cfg, pi_old_logp=logp, forward=self.engine)
-        self._step(loss)
+        _, metrics = reward_loss(self.rm, batch, self.reward_cfg, pi_old_logp=logp, forward=self.engine, acc=self.acc,
+                                 max_tokens=self.micro_batch_tokens)
+        metrics["grad_norm"] = self.acc.step()
         return metrics
 
     def update_pi_old(self, state_dict: dict) -> None:

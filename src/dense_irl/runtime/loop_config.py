@@ -56,6 +56,8 @@ class LoopConfig:
     def check(self) -> None:
         """Raise one clear error for the first value that cannot run (the loader checks names and types)."""
         self.data.check()
+        self.model.check()
+        self.sft.check()
         self.reward.check()
         self.rl.check()
         if self.reward_backbone and not (Path(self.reward_backbone).expanduser() / "config.json").is_file():

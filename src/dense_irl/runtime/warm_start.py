@@ -36,8 +36,8 @@ def warm_start(drv) -> tuple[Path, Path]:
     learner_cfg = replace(cfg.learner, num_workers=1, threads=cfg.learner.sft_threads or cfg.learner.threads)
     learner = PolicyLearner.options(num_cpus=cfg.learner.num_cpus_per_worker,
                                     num_gpus=cfg.learner.num_gpus_per_worker).remote(
-        str(init / "policy"), learner=learner_cfg, layout=drv.layout, lr=cfg.sft.lr,
-        group=RankSpec(master=f"127.0.0.1:{free_port()}"))
+        str(init / "policy"), learner=learner_cfg, layout=drv.layout, opt=cfg.sft, total_steps=cfg.sft.max_steps,
+        model=cfg.model, group=RankSpec(master=f"127.0.0.1:{free_port()}"))
     done = train_sft(lambda chains: ray.get(learner.sft_step.remote(chains)), drv.train, cfg.sft, seed=cfg.seed,
                      log=drv.log, log_every=cfg.log_every)
     drv.state["sft_steps"] = done["steps"]
