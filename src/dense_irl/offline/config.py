@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from dense_irl.algo.config import RewardConfig, SFTConfig
+from dense_irl.algo.optim import check_schedule
 from dense_irl.data.demos import DataConfig
 from dense_irl.errors import ConfigError
 from dense_irl.models.factory import ModelConfig
@@ -33,6 +34,7 @@ class OfflineRewardConfig(RewardConfig):
 
     def check(self) -> None:
         super().check()
+        check_schedule("reward", self, self.max_steps)
         if not self.negatives_per_expert > 0:
             raise ConfigError(f"reward.negatives_per_expert must be > 0, got {self.negatives_per_expert}")
         if self.negative_pool < 0:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dense_irl.algo.config import RewardConfig, RLConfig, SFTConfig
+from dense_irl.algo.optim import check_schedule
 from dense_irl.data.demos import DataConfig
 from dense_irl.errors import ConfigError, MissingFileError
 from dense_irl.models.factory import ModelConfig
@@ -60,6 +61,8 @@ class LoopConfig:
         self.sft.check()
         self.reward.check()
         self.rl.check()
+        check_schedule("reward", self.reward, self.iterations * self.reward_steps)
+        check_schedule("rl", self.rl, self.iterations * self.rl.ppo_steps)
         if self.reward_backbone and not (Path(self.reward_backbone).expanduser() / "config.json").is_file():
             raise MissingFileError(f"reward_backbone: no HF model folder at {self.reward_backbone} "
                                    "(expected config.json)")
