@@ -164,3 +164,67 @@ def test_unsupported_head_size_is_a_clear_error(ray_session, tmp_path):
     worker = RolloutWorker.options(num_cpus=0.5).remote(str(tmp_path / "policy"), cfg=RolloutConfig(engine="vllm"))
     with pytest.raises(ray.exceptions.RayActorError, match="attention head size 16"):
         ray.get(worker.ping.remote())
+
+
+@pytest.fixture(scope="module")
+def qwen2_world(tmp_path_factory):
+    """A policy whose tokenizer merges punctuation with newlines (Qwen2's pre-tokenizer): see
+    tests/test_chain_layout_tokenizer_on_cpu.py, which checks the other paths with it."""
+    from test_chain_layout_tokenizer_on_cpu import build_world
+
+    return build_world(tmp_path_factory.mktemp("qwen2_style"))
+
+
+def test_vllm_engine_continues_from_the_layout_with_a_qwen2_style_tokenizer(ray_session, qwen2_world):
+    """vLLM runs on ``prompt_ids`` (pieces apart, not ``prompt + SEP`` in one piece); PPO trains on its samples,
+    each token with its own step, and the learner's log-probs of them are vLLM's; greedy chains are HFEngine's."""
+    ray = ray_session
+    import torch
+    from test_chain_layout_tokenizer_on_cpu import SEP
+    from transformers import AutoModelForCausalLM
+
+    from dense_irl.algo.batches import Experience
+    from dense_irl.data.layout import prompt_ids, split_steps, token_steps
+    from dense_irl.models.chains import token_logprobs
+    from dense_irl.runtime.rollout import RolloutConfig, RolloutWorker
+
+    world, tok = qwen2_world, qwen2_world.tok
+    prompts = [d.prompt for d in world.demos]
+    for p in prompts:  # the premise: one piece would give other ids
+        assert prompt_ids(tok, p, SEP) != [tok.bos_token_id] + tok(p + SEP, add_special_tokens=False)["input_ids"]
+    vllm = RolloutWorker.options(num_cpus=0.5).remote(world.path, cfg=RolloutConfig(engine="vllm"), seed=0)
+    hf = RolloutWorker.options(num_cpus=0.5).remote(world.path, cfg=RolloutConfig(engine="hf"), seed=0)
+    groups = ray.get(vllm.generate.remote(prompts, 3, RolloutConfig(temperature=1.0, max_new_tokens=40), SEP, 0))
+    flat = [r for g in groups for r in g]
+    for p, group in zip(prompts, groups):
+        for r in group:
+            assert r.prompt == p and r.prompt_ids == prompt_ids(tok, p, SEP)  # what vLLM says it ran on
+            assert r.steps == split_steps(r.completion, SEP) and len(r.token_ids) == len(r.logprobs)
+            assert r.finished == (r.token_ids[-1] == tok.eos_token_id)
+    merged = {tok(t, add_special_tokens=False)["input_ids"][0] for t in ("." + SEP, "?" + SEP)}
+    assert any(set(r.token_ids) & merged for r in flat) and any(len(r.steps) >= 3 for r in flat)
+
+    advantages = [[100.0 * i + k for k in range(len(r.steps))] for i, r in enumerate(flat)]
+    batch = Experience(flat, advantages).tensors(tok, SEP, "cpu")
+    model = AutoModelForCausalLM.from_pretrained(world.path).eval()
+    with torch.no_grad():
+        logp = token_logprobs(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                              batch["input_ids"])
+    for b, (r, adv) in enumerate(zip(flat, advantages)):
+        n, m = len(r.prompt_ids), len(r.token_ids)
+        assert batch["input_ids"][b, : n + m].tolist() == r.prompt_ids + r.token_ids
+        assert batch["mask"][b].nonzero()[:, 0].tolist() == list(range(n, n + m))
+        steps_of = token_steps(tok, r.token_ids, SEP)
+        assert batch["advantages"][b, n : n + m].tolist() == [adv[min(k, len(adv) - 1)] if adv else 0.0
+                                                              for k in steps_of]
+        for k, step in enumerate(r.steps):
+            text = tok.decode([t for t, s in zip(r.token_ids, steps_of) if s == k], skip_special_tokens=True)
+            assert text.strip() == step
+        assert logp[b, n : n + m].tolist() == pytest.approx(r.logprobs, abs=1e-4)
+
+    greedy = RolloutConfig(temperature=0.0, max_new_tokens=24)
+    v, h = ray.get([vllm.generate.remote(prompts, 1, greedy, SEP), hf.generate.remote(prompts, 1, greedy, SEP)])
+    assert [g[0].prompt_ids for g in v] == [g[0].prompt_ids for g in h]
+    assert [g[0].token_ids for g in v] == [g[0].token_ids for g in h]
+    for a in (vllm, hf):
+        ray.kill(a)

@@ -8,8 +8,12 @@ where ``|`` marks span boundaries: a step's span is its own tokens plus the sepa
 closes it, because "this step ends here" is part of the step (``12 + 5 = 1`` and ``12 + 5 = 17`` differ
 only in where the step stops). Each piece is tokenised on its own and the ids concatenated, so spans are
 exact for any tokenizer, and :func:`prompt_ids` is the head every path shares: the ids a rollout continues
-from are the ids SFT, the reward model, PPO and the scoring server see. Truncation drops whole steps from
-the end and says how many were kept: labels are cut with the tokens, never shifted.
+from are the ids SFT, the reward model, PPO and the scoring server see. Tokenising ``prompt + SEP`` in one
+piece would not do: Qwen2 / Llama-3 pre-tokenizers merge punctuation with a following newline (``"?\n"``
+is one token), so the ids would depend on how the text was cut. A prompt given with its separator already
+appended (as text-level clients send it) is the same chain: trailing separators are the boundary, not
+prompt text. Truncation drops whole steps from the end and says how many were kept: labels are cut with
+the tokens, never shifted.
 """
 
 from __future__ import annotations
@@ -57,20 +61,43 @@ def _special(tokenizer, name: str) -> list[int]:
     return [tid] if tid is not None else []
 
 
+def _strip_separators(text: str, separator: str) -> str:
+    while separator and text.endswith(separator):
+        text = text[: -len(separator)]
+    return text
+
+
 def prompt_ids(tokenizer, prompt: str, separator: str) -> list[int]:
-    """The token ids a chain's steps follow: ``<s> prompt SEP``, prompt and separator tokenised apart."""
-    return _special(tokenizer, "bos") + _ids(tokenizer, prompt) + _ids(tokenizer, separator)
+    """The token ids a chain's steps follow: ``<s> prompt SEP``, prompt and separator tokenised apart.
+
+    Separators that end ``prompt`` are dropped first: ``prompt + SEP`` is the same chain head as ``prompt``.
+    """
+    head = _ids(tokenizer, _strip_separators(prompt, separator))
+    return _special(tokenizer, "bos") + head + _ids(tokenizer, separator)
+
+
+def _step_pieces(tokenizer, steps: list[str], separator: str) -> list[list[int]]:
+    """Each step's ids and its closing ``SEP`` (``</s>`` for the last), tokenised apart."""
+    sep, eos = _ids(tokenizer, separator), _special(tokenizer, "eos")
+    return [_ids(tokenizer, step) + (eos if k == len(steps) - 1 else sep) for k, step in enumerate(steps)]
+
+
+def chain_length(tokenizer, chain: Chain, separator: str) -> int:
+    """How many tokens the layout gives ``chain`` before any truncation (a limit on requests counts these)."""
+    prompt, steps = chain
+    pieces = _step_pieces(tokenizer, steps, separator)
+    return len(prompt_ids(tokenizer, prompt, separator)) + sum(map(len, pieces))
 
 
 def encode_chains(tokenizer, chains: list[Chain], max_length: int, separator: str = "\n") -> EncodedBatch:
     """Tokenise ``chains`` into one padded batch; see the module docstring for the layout."""
     if not chains:
         raise ValueError("encode_chains got no chains")
-    sep, bos, eos = _ids(tokenizer, separator), _special(tokenizer, "bos"), _special(tokenizer, "eos")
+    bos = _special(tokenizer, "bos")
     rows, spans_all = [], []
     for prompt, steps in chains:
         ids = prompt_ids(tokenizer, prompt, separator)
-        pieces = [_ids(tokenizer, step) + (eos if k == len(steps) - 1 else sep) for k, step in enumerate(steps)]
+        pieces = _step_pieces(tokenizer, steps, separator)
         # An over-long prompt loses its beginning (not its steps) so the first step still fits.
         room = max_length - min(len(pieces[0]) if pieces else 0, max_length // 2)
         if len(ids) > room:

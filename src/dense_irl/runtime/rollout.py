@@ -103,14 +103,15 @@ class HFEngine:
             )
             new = gen.sequences[:, width:]
             logps = self.model.compute_transition_scores(gen.sequences, gen.scores, normalize_logits=True)
-            for row, (i, _) in enumerate(chunk):
+            for row, (i, head) in enumerate(chunk):
                 ids = new[row].tolist()
                 end = ids.index(tok.eos_token_id) + 1 if tok.eos_token_id in ids else len(ids)
                 text = tok.decode(ids[:end], skip_special_tokens=True)
                 out[i].append(Rollout(
                     prompt=prompts[i], completion=text, steps=split_steps(text, separator), token_ids=ids[:end],
                     logprobs=logps[row, :end].float().tolist(),
-                    finished=end < len(ids) or (len(ids) > 0 and ids[end - 1] == tok.eos_token_id)))
+                    finished=end < len(ids) or (len(ids) > 0 and ids[end - 1] == tok.eos_token_id),
+                    prompt_ids=head))
         return out
 
     def update_weights(self, state_dict: dict) -> None:
@@ -198,16 +199,19 @@ class VLLMEngine:
             stop_token_ids=[tok.eos_token_id],
             seed=None if seed is None else seed + j,
         ) for j in range(len(prompts))]
-        inputs = [TokensPrompt(prompt_token_ids=prompt_ids(tok, p, separator)) for p in prompts]
+        heads = [prompt_ids(tok, p, separator) for p in prompts]
+        inputs = [TokensPrompt(prompt_token_ids=head) for head in heads]
         out = []
-        for prompt, res in zip(prompts, self.llm.generate(inputs, params, use_tqdm=False)):
+        for prompt, head, res in zip(prompts, heads, self.llm.generate(inputs, params, use_tqdm=False)):
+            # The ids vLLM ran on, so that Experience.tensors checks them against the learner's layout.
+            ran_on = list(res.prompt_token_ids) if res.prompt_token_ids is not None else head
             group = []
             for c in res.outputs:
                 ids = list(c.token_ids)  # ends with </s> when the chain finished, as in HFEngine
                 text = tok.decode(ids, skip_special_tokens=True)
                 group.append(Rollout(prompt=prompt, completion=text, steps=split_steps(text, separator),
                                      token_ids=ids, logprobs=[lp[t].logprob for t, lp in zip(ids, c.logprobs)],
-                                     finished=c.finish_reason == "stop"))
+                                     finished=c.finish_reason == "stop", prompt_ids=ran_on))
             out.append([replace(c) for c in group for _ in range(n)] if greedy else group)
         return out
 

@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 
-from dense_irl.data.layout import split_steps
+from dense_irl.data.layout import chain_length, split_steps
 from dense_irl.errors import ConfigError, MissingFileError
 from dense_irl.models.reward_model import ChainScore, RewardModel
 from dense_irl.serving.schemas import (
@@ -58,8 +58,10 @@ from dense_irl.serving.schemas import (
 
 TOKEN_ENV = "DENSE_IRL_TOKEN"
 APP_NAME = "dense-irl"
-# Special-token text an OpenRLHF query may end with (decoded with skip_special_tokens=False).
+# Special-token text an OpenRLHF query may end with (decoded with skip_special_tokens=False), and may start
+# with when no prompt is given (left padding, <s>): not text of a step.
 END_MARKERS = ("</s>", "<pad>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
+START_MARKERS = ("<s>", "<pad>", "<|endoftext|>", "<|begin_of_text|>")
 logger = logging.getLogger("ray.serve")
 
 
@@ -77,6 +79,56 @@ def score_sorted(
     for i, s in zip(order, scores):
         out[i] = s
     return out
+
+
+# ---------------------------------------------------------------------------- the chains a request scores
+# Framework-free, so a test can check token for token that the server scores the chain layout that rollouts,
+# SFT and the learners use (``data.layout``): the chains go to ``RewardModel.score`` -> ``encode_chains``.
+
+
+def item_chain(item: ChainIn, separator: str, where: str = "the chain") -> tuple[str, list[str]]:
+    """The chain ``/v1/score`` scores for one item: its ``steps`` as given, or its ``text`` split by
+    ``data.layout.split_steps`` on ``step_separator`` (default ``separator``, the checkpoint's), the split
+    that rollouts and text demonstrations get."""
+    if item.steps is not None:
+        return item.prompt, list(item.steps)
+    sep = item.step_separator or separator
+    steps = split_steps(item.text, sep)
+    if not steps:
+        raise HTTPException(422, f"{where}: 'text' has no non-empty step when split on {sep!r}")
+    return item.prompt, steps
+
+
+def _strip_markers(text: str, markers: set[str], at_end: bool) -> str:
+    """``text`` without whitespace and any run of ``markers`` at its end (``at_end``) or its start."""
+    text = text.rstrip() if at_end else text.lstrip()
+    while True:
+        hit = next((m for m in markers if (text.endswith(m) if at_end else text.startswith(m))), None)
+        if hit is None:
+            return text
+        text = (text[: -len(hit)].rstrip()) if at_end else text[len(hit) :].lstrip()
+
+
+def query_chains(body: GetRewardRequest, tokenizer, separator: str) -> list[tuple[str, list[str]]]:
+    """The chains ``/get_reward`` scores: each query after its prompt, without the special-token text a decode
+    with special tokens leaves around it, split by ``split_steps`` on the checkpoint's ``separator``."""
+    ends = {*END_MARKERS, tokenizer.eos_token, tokenizer.pad_token} - {None, ""}
+    starts = {*START_MARKERS, tokenizer.bos_token, tokenizer.pad_token} - {None, ""}
+    chains = []
+    for i, query in enumerate(body.query):
+        prompt = body.prompts[i] if body.prompts else ""
+        at = query.find(prompt) if prompt else 0
+        if at < 0:
+            raise HTTPException(
+                422, f"query[{i}] does not contain prompts[{i}]: query must be prompt + response"
+            )
+        response = query[at + len(prompt) :]
+        if not prompt:
+            response = _strip_markers(response, starts, at_end=False)
+        response = _strip_markers(response, ends, at_end=True)
+        # An empty response is still scored: as a chain that stops at once.
+        chains.append((prompt, split_steps(response, separator) or [""]))
+    return chains
 
 
 # ---------------------------------------------------------------------------- the FastAPI app
@@ -236,12 +288,14 @@ class RewardScorer:
         chars = len(prompt) + sum(map(len, steps))
         if chars > a.max_chars:
             raise _too_large(f"{where} has {chars} characters, over the limit max_chars={a.max_chars}")
-        # A token covers at least one byte (plus a possible word-start marker per piece), so short chains
-        # skip the tokenizer.
-        if sum(len(x.encode()) + 1 for x in (prompt, *steps)) <= a.max_tokens:
+        # The tokens of the chain layout (data.layout: <s>, prompt, steps, separators, </s>). A token covers at
+        # least one byte (plus a possible word-start marker per piece), so short chains skip the tokenizer.
+        rm = self._live.rm
+        per_sep = len(rm.config.separator.encode()) + 1
+        bound = sum(len(x.encode()) + 1 for x in (prompt, *steps)) + (len(steps) + 1) * per_sep + 1
+        if bound <= a.max_tokens:
             return
-        ids = self._live.rm.tokenizer([prompt, *steps], add_special_tokens=False)["input_ids"]
-        tokens = sum(map(len, ids))
+        tokens = chain_length(rm.tokenizer, (prompt, steps), rm.config.separator)
         if tokens > a.max_tokens:
             raise _too_large(f"{where} has {tokens} tokens, over the limit max_tokens={a.max_tokens}")
 
@@ -266,43 +320,22 @@ class RewardScorer:
         chains = []
         for i, item in enumerate(items):
             where = f"items[{i}]" if isinstance(body, BatchIn) else "the chain"
-            chains.append((item.prompt, self._steps(item, where)))
-            self._check(item.prompt, chains[-1][1], where)
+            chains.append(item_chain(item, self._live.rm.config.separator, where))
+            self._check(*chains[-1], where)
         results = [chain_result(s, v, len(c[1])) for (s, v), c in zip(await self._score_all(chains), chains)]
         # Built from plain floats and ints: skip FastAPI's response re-validation (response_model documents it).
         return JSONResponse({"items": results} if isinstance(body, BatchIn) else results[0])
 
-    def _steps(self, item: ChainIn, where: str) -> list[str]:
-        if item.steps is not None:
-            return item.steps
-        sep = item.step_separator or self._live.rm.config.separator
-        steps = split_steps(item.text, sep)
-        if not steps:
-            raise HTTPException(422, f"{where}: 'text' has no non-empty step when split on {sep!r}")
-        return steps
-
     @api.post("/get_reward", response_model=GetRewardResponse, summary="OpenRLHF remote reward model")
     async def get_reward(self, body: GetRewardRequest) -> dict:
-        """``query[i]`` is prompt + response: the response (after ``prompts[i]``, end tokens stripped) is
-        split into steps with the checkpoint's separator; reward = the configured aggregate of the step
+        """``query[i]`` is prompt + response: the response (after ``prompts[i]``, end tokens stripped; start
+        tokens too when no prompt is given) is split into steps with the checkpoint's separator; reward = the configured aggregate of the step
         rewards (default ``sum``, the task reward); ``scores`` = ``rewards``."""
         self._check_count(len(body.query), "queries")
-        live, chains = self._live, []
-        ends = {*END_MARKERS, live.rm.tokenizer.eos_token, live.rm.tokenizer.pad_token} - {None, ""}
-        for i, query in enumerate(body.query):
-            prompt = body.prompts[i] if body.prompts else ""
-            at = query.find(prompt) if prompt else 0
-            if at < 0:
-                raise HTTPException(
-                    422, f"query[{i}] does not contain prompts[{i}]: query must be prompt + response"
-                )
-            response = query[at + len(prompt) :].rstrip()
-            while any(response.endswith(e) for e in ends):
-                response = next(response[: -len(e)] for e in ends if response.endswith(e)).rstrip()
-            # An empty response is still scored: as a chain that stops at once.
-            steps = split_steps(response, live.rm.config.separator) or [""]
+        rm = self._live.rm
+        chains = query_chains(body, rm.tokenizer, rm.config.separator)
+        for i, (prompt, steps) in enumerate(chains):
             self._check(prompt, steps, f"query[{i}]")
-            chains.append((prompt, steps))
         scored = [s for s, _ in await self._score_all(chains)]
         rewards = [aggregate(s.step_rewards, self.args.reward_aggregate) for s in scored]
         return {
