@@ -13,7 +13,9 @@ piece would not do: Qwen2 / Llama-3 pre-tokenizers merge punctuation with a foll
 is one token), so the ids would depend on how the text was cut. A prompt given with its separator already
 appended (as text-level clients send it) is the same chain: trailing separators are the boundary, not
 prompt text. Truncation drops whole steps from the end and says how many were kept: labels are cut with
-the tokens, never shifted.
+the tokens, never shifted. With ``model.chat_template: true`` the head ``<s> prompt SEP`` is the tokenizer's
+chat template for one user turn (``chat_prompt_ids``), flagged in the tokenizer's saved config so that
+every path that loads the tokenizer applies it.
 """
 
 from __future__ import annotations
@@ -72,8 +74,25 @@ def prompt_ids(tokenizer, prompt: str, separator: str) -> list[int]:
 
     Separators that end ``prompt`` are dropped first: ``prompt + SEP`` is the same chain head as ``prompt``.
     """
+    if uses_chat_template(tokenizer):
+        return chat_prompt_ids(tokenizer, _strip_separators(prompt, separator))
     head = _ids(tokenizer, _strip_separators(prompt, separator))
     return _special(tokenizer, "bos") + head + _ids(tokenizer, separator)
+
+
+CHAT_FLAG = "dense_irl_chat_template"  # saved in tokenizer_config.json: every path that loads the tokenizer sees it
+
+
+def uses_chat_template(tokenizer) -> bool:
+    """True when the chain head is the tokenizer's chat template (``model.chat_template: true``)."""
+    return bool(getattr(tokenizer, "init_kwargs", {}).get(CHAT_FLAG))
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The chat template's head for one user turn, up to the assistant's turn (the steps follow it)."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def _step_pieces(tokenizer, steps: list[str], separator: str) -> list[list[int]]:

@@ -24,6 +24,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from dense_irl.data.layout import CHAT_FLAG
 from dense_irl.errors import ConfigError, MissingFileError
 from dense_irl.io import atomic_dir
 
@@ -55,6 +56,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward: memory for ~30% more compute
     precision: str = "auto"  # autocast: "auto" (bf16 on CUDA, fp32 on CPU), "bf16" or "fp32"
     device: str = "auto"  # in-process training (train-reward): "auto" (CUDA if present), "cpu" or "cuda"
+    # Chains start with the tokenizer's chat template for one user turn (instruct models), not "<s> prompt SEP".
+    chat_template: bool = False
 
     def check(self) -> None:
         """Raise a ConfigError naming the first option with a bad value."""
@@ -148,6 +151,15 @@ def smollm2_folder(cache_dir: str) -> Path:
 
 def load_policy(cfg: ModelConfig, texts: list[str] | None = None, seed: int = 0):
     """Build ``(model, tokenizer)`` for ``cfg``; ``texts`` trains the tiny preset's tokenizer."""
+    model, tokenizer = _load(cfg, texts, seed)
+    if cfg.chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"model.chat_template is true but the tokenizer of {cfg.name!r} has no chat template")
+        tokenizer.init_kwargs[CHAT_FLAG] = True  # saved with the tokenizer: every later path applies it
+    return model, tokenizer
+
+
+def _load(cfg: ModelConfig, texts: list[str] | None, seed: int):
     dtype = getattr(torch, cfg.dtype)
     if cfg.name == "tiny":
         model, tokenizer = build_tiny(cfg, texts or [], seed)
