@@ -14,10 +14,12 @@ from dense_irl.errors import DataError
 from dense_irl.eval.bon import evaluate_bon, load_bon, majority_pick
 from dense_irl.eval.localisation import (
     calibrate_threshold,
+    count_truncated,
     evaluate_localisation,
     first_error,
     load_processbench_rows,
     processbench_metrics,
+    with_layout,
 )
 from dense_irl.eval.report import (
     bon_markdown,
@@ -130,8 +132,29 @@ def test_calibrate_threshold_matches_brute_force_and_is_fast():
 def test_calibrate_threshold_needs_both_classes():
     with pytest.raises(ValueError, match="both erroneous and correct"):
         calibrate_threshold([[1.0], [2.0]], [-1, -1])
-    with pytest.raises(ValueError, match="label 3 but only 2 step scores"):
-        calibrate_threshold([[1.0, 2.0], [1.0]], [3, -1])
+    # Told the chain has only 2 steps, a label 3 beyond its 2 scores is a scorer bug, not truncation.
+    with pytest.raises(ValueError, match="label 3 but only 2 step scores for 2 steps"):
+        calibrate_threshold([[1.0, 2.0], [1.0]], [3, -1], n_steps=[2, 1])
+
+
+def test_calibrate_threshold_breaks_f1_ties_by_accuracy():
+    # A rule that sees none of these errors (every step 0): F1 is 0 at every threshold. Flagging every first
+    # step would be right on the label-0 chain only (accuracies 0.5 + 0); judging all correct gets 0 + 1.
+    scores, labels = [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]], [1, 0, -1]
+    t = calibrate_threshold(scores, labels)
+    assert [first_error(s, t) for s in scores] == [-1, -1, -1]
+
+
+def test_calibrate_threshold_counts_a_cut_off_error_as_unreachable():
+    # Chain 0 is truncated (2 of 5 steps scored) and its error (step 3) was cut off: no threshold can be
+    # right on it, so the best F1 is that of the other chains with chain 0 a miss, and nothing raises.
+    scores, labels = [[1.0, 1.0], [1.0, -1.0], [1.0, 1.0]], [3, 1, -1]
+    t = calibrate_threshold(scores, labels, n_steps=[5, 2, 2])
+    assert t == calibrate_threshold(scores, labels)  # without n_steps: the same rule
+    m = processbench_metrics([first_error(s, t) for s in scores], labels)
+    assert -1.0 < t <= 1.0 and m["error_acc"] == 0.5 and m["correct_acc"] == 1.0
+    # A correct chain of which no step fit counts as judged correct.
+    assert calibrate_threshold([[], [0.5, -2.0]], [-1, 1], n_steps=[3, 2]) > -2.0
 
 
 def _pb_rows():
@@ -174,13 +197,120 @@ def test_evaluate_localisation_with_marker_scorer(tmp_path):
 
 
 def test_evaluate_localisation_rejects_bad_scorer_output():
-    def short(chains):
-        return [s[:-1] for s in marker_scorer(chains)]
+    def long(chains):
+        return [s + [1.0] for s in marker_scorer(chains)]
 
-    with pytest.raises(ValueError, match="gave 2 scores for chain 0 with 3 steps"):
-        evaluate_localisation(short, _pb_rows())
+    with pytest.raises(ValueError, match="gave 4 scores for chain 0 with 3 steps"):
+        evaluate_localisation(long, _pb_rows())
     with pytest.raises(ValueError, match="NaN"):
         evaluate_localisation(lambda c: [[float("nan")] * len(s) for _, s in c], _pb_rows())
+
+
+def _keep(n):
+    """A scorer that behaves like a model with a short max_length: the marker scores of the first n steps."""
+    return lambda chains: [s[:n] for s in marker_scorer(chains)]
+
+
+def test_truncated_chain_is_scored_on_the_steps_that_fit_and_counted():
+    rows = _pb_rows() + [
+        # The error (step 3) lies past the 2 steps that fit: it cannot be found, the chain is predicted -1.
+        {"problem": "p5", "steps": ["a", "b", "c", "d WRONG"], "label": 3, "error_type": "calc"},
+        # The error lies inside the kept steps: found as usual although the chain is truncated.
+        {"problem": "p6", "steps": ["a WRONG", "b", "c", "d"], "label": 0, "error_type": "calc"},
+    ]
+    rep = evaluate_localisation(_keep(2), rows, batch_size=3)  # the issue's case: 7 scores for 9 steps
+    assert [len(s) for s in rep["step_scores"]] == [2, 2, 2, 2, 1, 2, 2]
+    assert rep["preds"] == [1, -1, -1, 0, -1, -1, 0]
+    assert rep["n_truncated"] == 5 and rep["n_error_cut"] == 1  # p0, p1, p2, p5, p6 cut; p5's error with them
+    assert rep["n_truncated_calibration"] is None
+    assert "scored on the leading steps that fit" in rep["truncation_rule"]
+    m = processbench_metrics(rep["preds"], rep["labels"])
+    assert rep["f1"] == m["f1"] and rep["n_missed"] == 2  # p2 (its marker was cut) and p5
+
+    cal = [
+        {"problem": "q0", "steps": ["x", "y", "z WRONG"], "label": 2},  # error cut off in calibration too
+        {"problem": "q1", "steps": ["x WRONG", "y"], "label": 0},
+        {"problem": "q2", "steps": ["x", "y", "z"], "label": -1},
+    ]
+    rep = evaluate_localisation(_keep(2), rows, calibration_rows=cal)
+    assert rep["n_truncated_calibration"] == 2 and rep["n_truncated"] == 5
+    assert -1.0 < rep["threshold"] <= 1.0
+    md = localisation_markdown(rep)
+    assert "| threshold | n_truncated |" in md
+    assert "5 evaluated and 2 calibration chains were longer than max_length (1 with their first error" in md
+
+
+def _layout_scorer(tok, max_length, calls):
+    """A real scorer with a real tokenizer: +1 for every step that fits in max_length (the chain layout)."""
+    from dense_irl.data.layout import encode_chains
+
+    def score(chains):
+        calls.append(len(chains))
+        enc = encode_chains(tok, chains, max_length)
+        return [[1.0] * n for n in enc.n_steps]
+
+    return with_layout(score, tok, max_length)
+
+
+@pytest.fixture(scope="module")
+def small_tok():
+    from dense_irl.models.factory import train_tokenizer
+
+    return train_tokenizer(["a b c d e f g h 12 + 3 = 15", "the answer is 7", "x y z"] * 10, 300)
+
+
+def test_lengths_are_checked_before_any_compute(small_tok, capsys):
+    calls: list[int] = []
+    rows = [
+        {"problem": "p", "steps": ["a b c", "d e f g h " * 6, "the answer is 7"], "label": 1},
+        {"problem": "q", "steps": ["x y z", "the answer is 7"], "label": -1},
+        {"problem": "r", "steps": ["x y z"] * 12, "label": 11},
+    ]
+    fn = _layout_scorer(small_tok, 40, calls)
+    assert count_truncated(fn, [(r["problem"], r["steps"]) for r in rows]) == 2
+    assert count_truncated(marker_scorer, [("p", ["a"])]) is None  # tokenizer unknown: not counted up front
+
+    seen: list[str] = []
+
+    def watched(chains):
+        seen.append(capsys.readouterr().err)  # what was printed before the first forward pass
+        return fn(chains)
+
+    with_layout(watched, small_tok, 40)
+    rep = evaluate_localisation(watched, rows, name="tiny-rm")
+    assert "note: tiny-rm: 2 of 3 evaluated chains are longer than max_length 40 tokens" in seen[0]
+    assert rep["n_truncated"] == 2 and calls  # the up-front count is what scoring found
+    assert rep["preds"] == [-1, -1, -1]
+    capsys.readouterr()
+    evaluate_localisation(fn, rows[1:2])  # nothing cut: nothing printed
+    assert capsys.readouterr().err == ""
+
+
+def test_compare_counts_every_scorers_truncation_before_any_runs(small_tok, capsys):
+    from dense_irl.eval import compare
+
+    rows = [
+        {"problem": "p", "steps": ["a b c"] * 10, "label": 9},
+        {"problem": "q", "steps": ["x y z", "the answer is 7"], "label": -1},
+    ]
+    cal = [{"problem": "c", "steps": ["a b c"] * 10, "label": 2},
+           {"problem": "d", "steps": ["x"], "label": -1}]
+    order: list[str] = []
+
+    def tracked(name, max_length):
+        inner = _layout_scorer(small_tok, max_length, [])
+
+        def score(chains):
+            order.append(f"{name} scores; notes so far: {capsys.readouterr().err.count('note:')}")
+            return inner(chains)
+
+        return with_layout(score, small_tok, max_length)
+
+    reps = compare.compare_localisation({"a": tracked("a", 30), "b": tracked("b", 20)}, rows, cal)
+    assert order[0] == "a scores; notes so far: 2"  # both scorers' notes came before a's first call
+    assert reps["a"]["n_truncated"] == 1 and reps["b"]["n_truncated_calibration"] == 1
+    table = compare.localisation_rows(reps)
+    assert table[0]["n_truncated"] == 1 and table[1]["n_truncated_calibration"] == 1
 
 
 @pytest.mark.parametrize(
@@ -239,6 +369,23 @@ def test_evaluate_bon_exact_accuracies(tmp_path):
     assert rep == evaluate_bon(numeric_scorer, problems)  # seeded: reproducible
     with pytest.raises(ValueError, match="unknown aggregation"):
         evaluate_bon(numeric_scorer, problems, aggregations=("max",))
+
+
+def test_bon_truncated_candidates_are_aggregated_over_the_steps_that_fit(tmp_path):
+    problems = load_bon(write_jsonl(tmp_path / "bon.jsonl", _bon_rows()))
+
+    def first_step_only(chains):  # a short max_length: only the first step fits (none for a 3-step chain)
+        return [[] if len(s) == 3 else [float(s[0])] for _, s in chains]
+
+    rep = evaluate_bon(first_step_only, problems)
+    # A: scores 1, 5, -1 -> c1 (wrong) for every aggregation. B: c0 has no step scored, ranks last -> c1
+    # (wrong). C: all tied at 2 -> 1/3.
+    for agg in ("min", "last", "sum", "mean"):
+        assert rep["accuracy"][agg] == pytest.approx((0 + 0 + 1 / 3) / 3)
+    assert (rep["n_candidates"], rep["n_truncated"], rep["n_unscored"]) == (8, 5, 1)
+    assert "aggregated over the steps that fit" in rep["truncation_rule"]
+    assert "5 of 8 candidates were longer than max_length" in bon_markdown(rep)
+    assert evaluate_bon(numeric_scorer, problems)["n_truncated"] == 0
 
 
 def test_answer_normalisation_and_majority():
@@ -347,3 +494,46 @@ def test_plot_step_rewards_writes_png(tmp_path):
         plot_step_rewards(["a", "b", "c"], [1.0, 2.0], tmp_path / "bad.png")
     with pytest.raises(ValueError, match="first_error_label 5"):
         plot_step_rewards(["a"], [1.0], tmp_path / "bad.png", first_error_label=5)
+
+
+# ---------------------------------------------------------------- the CLI on chains longer than max_length
+
+
+def test_cli_eval_on_chains_longer_than_max_length_is_not_fatal(tmp_path, capsys):
+    """The issue's failure (`score_fn gave 7 scores for chain 310 with 9 steps`): `dense-irl eval` with a
+    model whose max_length cuts chains now scores them on the steps that fit, counts them, says so up front."""
+    from dataclasses import replace
+
+    from dense_irl.cli import main
+    from dense_irl.data.perturb import make_processbench, write_processbench
+    from dense_irl.data.synthetic import SyntheticConfig, generate
+    from dense_irl.models.factory import ModelConfig, build_tiny, save_policy
+    from dense_irl.models.reward_model import RewardModel, RewardModelConfig
+
+    syn = SyntheticConfig(n_problems=40, seed=5, min_steps=3, max_steps=4)
+    demos = generate(syn)
+    tiny = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_length=48)
+    model, tok = build_tiny(tiny, [d.prompt for d in demos] + [s for d in demos for s in d.steps])
+    RewardModel(model, tok, RewardModelConfig(max_length=48)).save_pretrained(tmp_path / "rm")
+    save_policy(model, tok, tmp_path / "policy")
+    write_processbench(make_processbench(demos, seed=1), tmp_path / "pb.jsonl")
+    write_processbench(make_processbench(generate(replace(syn, seed=6)), seed=2), tmp_path / "cal.jsonl")
+
+    code = main(["eval", "localisation", "--reward-model", str(tmp_path / "rm"), "--data", str(tmp_path / "pb.jsonl"),
+                 "--calibration", str(tmp_path / "cal.jsonl"), "--policy", str(tmp_path / "policy"),
+                 "--out", str(tmp_path / "rep.json"), "--plots", "3"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    rep = json.loads((tmp_path / "rep.json").read_text())
+    assert rep["reward_model"]["n_truncated"] > 0 and rep["policy_logprob"]["n_truncated_calibration"] > 0
+    assert rep["chance"]["n_truncated"] == 0  # no tokenizer, nothing cut
+    assert "note: reward_model:" in err and "longer than max_length 48 tokens" in err
+    assert "n_truncated" in out and (tmp_path / "plots" / "chain_0.png").read_bytes()[:8] == PNG_MAGIC
+
+    bon = [{"problem": d.prompt, "candidates": [{"steps": d.steps, "is_correct": True},
+                                                 {"steps": d.steps[:1], "is_correct": False}]} for d in demos[:5]]
+    write_jsonl(tmp_path / "bon.jsonl", bon)
+    code = main(["eval", "bon", "--reward-model", str(tmp_path / "rm"), "--data", str(tmp_path / "bon.jsonl"),
+                 "--out", str(tmp_path / "bon.json")])
+    assert code == 0
+    assert json.loads((tmp_path / "bon.json").read_text())["reward_model"]["n_truncated"] > 0

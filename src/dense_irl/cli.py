@@ -75,23 +75,30 @@ def _eval(args) -> None:
         calib = load_processbench_rows(args.calibration) if args.calibration else None
         if calib:
             scorers["chance"] = compare.chance_scorer()
-        reports = compare.compare_localisation(scorers, rows, calib, None if calib else rm.config.threshold)
+        # Truncated chains are counted for every scorer before any runs, then scored on the steps that fit.
+        reports = compare.compare_localisation(scorers, rows, calib, None if calib else rm.config.threshold,
+                                               progress=True)
         md = "\n\n".join(report.localisation_markdown(r, f"Localisation: {name}") for name, r in reports.items())
         md = report.markdown_table(compare.localisation_rows(reports)) + "\n\n" + md
         if args.plots:
             main = reports["reward_model"]
             out_dir = Path(args.out or "localisation.json").with_suffix("").parent / "plots"
             for i, row in enumerate(rows[: args.plots]):
-                report.plot_step_rewards(row["steps"], main["step_scores"][i], out_dir / f"chain_{i}.png",
-                                         title=row["problem"][:80], threshold=main["threshold"],
-                                         first_error_label=row["label"])
+                scores = main["step_scores"][i]
+                if not scores:
+                    continue  # not even the first step fit in max_length
+                cut = len(scores) < len(row["steps"])
+                report.plot_step_rewards(row["steps"][: len(scores)], scores, out_dir / f"chain_{i}.png",
+                                         title=row["problem"][:80] + (" [truncated]" if cut else ""),
+                                         threshold=main["threshold"],
+                                         first_error_label=row["label"] if row["label"] < len(scores) else None)
         result = {name: {k: v for k, v in r.items() if k not in ("step_scores", "preds", "labels")}
                   for name, r in reports.items()}
     else:
         from dense_irl.eval.bon import load_bon
 
         problems = load_bon(args.data)
-        reports = compare.compare_bon(scorers, problems)
+        reports = compare.compare_bon(scorers, problems, progress=True)
         md = "\n\n".join(report.bon_markdown(r, f"Best-of-N: {name}") for name, r in reports.items())
         result = reports
     print(md)

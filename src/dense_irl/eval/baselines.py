@@ -23,34 +23,37 @@ from dense_irl.algo.experience import perturbed_negatives
 from dense_irl.algo.optim import Optimizer
 from dense_irl.algo.sft import budget
 from dense_irl.data.layout import encode_chains, sum_by_step
+from dense_irl.eval.localisation import with_layout
 from dense_irl.models.chains import token_logprobs
 
 
-def _batches(demos, kinds, batch_size: int, minutes: float, max_steps: int, seed: int):
-    """Yield (chains, labels): half experts (1), half perturbed experts (0), until time or steps run out."""
+def _batches(demos, kinds, batch_size: int, minutes: float, max_steps: int, seed: int, progress: str | None = None):
+    """Yield (chains, labels): half experts (1), half perturbed experts (0), until time or steps run out.
+    ``progress``: the label of a tqdm bar over the steps (None: none)."""
     rng = random.Random(seed)
-    for _ in budget(None, max_steps, minutes):
+    for _ in budget(progress, max_steps, minutes):
         experts = rng.sample(demos, min(batch_size // 2, len(demos)))
         negatives = perturbed_negatives(experts, kinds, rng)
         chains = [(d.prompt, d.steps) for d in experts] + [(n.prompt, n.steps) for n in negatives]
         yield chains, torch.tensor([1.0] * len(experts) + [0.0] * len(negatives))
 
 
-def _score_fn(step_values, tokenizer, max_length: int, separator: str, steps: int):
+def _score_fn(step_values, tokenizer, max_length: int, separator: str, steps: int, batch_size: int = 64):
     """A ScoreFn (chains -> per-step scores) from ``step_values(encoded batch) -> (B, S)``; ``.steps``: the
-    training steps taken."""
+    training steps taken. A chain longer than ``max_length`` is scored on the steps that fit; the scorer
+    carries its layout (``localisation.with_layout``) so evaluations count those chains up front."""
 
     @torch.no_grad()
     def score(chains):
         out = []
-        for i in range(0, len(chains), 64):
-            enc = encode_chains(tokenizer, chains[i : i + 64], max_length, separator)
+        for i in range(0, len(chains), batch_size):
+            enc = encode_chains(tokenizer, chains[i : i + batch_size], max_length, separator)
             v = step_values(enc)
             out += [v[b, : enc.n_steps[b]].tolist() for b in range(len(enc.n_steps))]
         return out
 
     score.steps = steps
-    return score
+    return with_layout(score, tokenizer, max_length, separator)
 
 
 def _step_logratio(pi, ref, enc) -> torch.Tensor:
@@ -64,19 +67,25 @@ def _step_logratio(pi, ref, enc) -> torch.Tensor:
 
 def train_implicit_prm(sft_policy, tokenizer, demos, kinds, *, beta: float = 0.05, lr: float = 5e-4,
                        batch_size: int = 32, minutes: float = 0.0, max_steps: int = 300,
-                       max_length: int = 256, separator: str = "\n", seed: int = 0):
-    """Train an implicit PRM from ``sft_policy`` (also its frozen reference); returns its ScoreFn."""
+                       max_length: int = 256, separator: str = "\n", seed: int = 0, progress: str | None = None,
+                       score_batch_size: int = 64):
+    """Train an implicit PRM from ``sft_policy`` (also its frozen reference); returns its ScoreFn, which also
+    carries ``.model`` (the trained pi), ``.reference`` and ``.beta``: its step score is ``beta *`` (pi's step
+    log-prob - the reference's), so a caller that already has the reference's step log-probs can reuse them."""
     pi, ref = copy.deepcopy(sft_policy).train(), copy.deepcopy(sft_policy).eval().requires_grad_(False)
     opt = Optimizer(pi.parameters(), lr)
     steps = 0
-    for chains, labels in _batches(demos, kinds, batch_size, minutes, max_steps, seed):
+    for chains, labels in _batches(demos, kinds, batch_size, minutes, max_steps, seed, progress):
         steps += 1
         enc = encode_chains(tokenizer, chains, max_length, separator)
         logit = beta * (_step_logratio(pi, ref, enc) * enc.step_mask).sum(1)
         loss = nn.functional.binary_cross_entropy_with_logits(logit, labels)
         opt.step(loss)
     pi.eval()
-    return _score_fn(lambda enc: beta * _step_logratio(pi, ref, enc), tokenizer, max_length, separator, steps)
+    score = _score_fn(lambda enc: beta * _step_logratio(pi, ref, enc), tokenizer, max_length, separator, steps,
+                      score_batch_size)
+    score.model, score.reference, score.beta = pi, ref, beta
+    return score
 
 
 class OutcomeRewardModel(nn.Module):
@@ -96,12 +105,12 @@ class OutcomeRewardModel(nn.Module):
 
 def train_orm(sft_policy, tokenizer, demos, kinds, *, lr: float = 5e-4, batch_size: int = 32,
               minutes: float = 0.0, max_steps: int = 300, max_length: int = 256, separator: str = "\n",
-              seed: int = 0):
+              seed: int = 0, progress: str | None = None, score_batch_size: int = 64):
     """Train an outcome reward model from the SFT backbone; returns its ScoreFn (prefix values)."""
     orm = OutcomeRewardModel(copy.deepcopy(sft_policy)).train()
     opt = Optimizer(orm.parameters(), lr)
     steps = 0
-    for chains, labels in _batches(demos, kinds, batch_size, minutes, max_steps, seed):
+    for chains, labels in _batches(demos, kinds, batch_size, minutes, max_steps, seed, progress):
         steps += 1
         enc = encode_chains(tokenizer, chains, max_length, separator)
         values = orm(enc)
@@ -109,4 +118,6 @@ def train_orm(sft_policy, tokenizer, demos, kinds, *, lr: float = 5e-4, batch_si
         loss = nn.functional.binary_cross_entropy_with_logits(last, labels)
         opt.step(loss)
     orm.eval()
-    return _score_fn(orm, tokenizer, max_length, separator, steps)
+    score = _score_fn(orm, tokenizer, max_length, separator, steps, score_batch_size)
+    score.model = orm
+    return score

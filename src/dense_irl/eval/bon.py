@@ -3,6 +3,10 @@
 Input is a list of problems ``{problem, candidates: [{steps, is_correct, answer}]}``, read from
 GSM8K's ``example_model_solutions.jsonl`` (four model solutions per test question, each marked
 correct or not) or from a generic JSONL of that same shape.
+
+A candidate longer than the scorer's ``max_length`` is scored on the leading steps that fit and its
+aggregate is taken over those steps (``last`` is then the last scored step); one with no step scored at
+all ranks below every scored candidate. Such candidates are counted (``n_truncated``), never fatal.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dense_irl.data.answers import normalise_answer
 from dense_irl.data.layout import split_steps
 from dense_irl.data.readers import jsonl_rows
 from dense_irl.errors import ConfigError, DataError, MissingFileError
-from dense_irl.eval.localisation import ScoreFn, score_in_batches
+from dense_irl.eval.localisation import ScoreFn, check_lengths, n_truncated, score_in_batches
 
 AGGREGATIONS = {
     "min": lambda s: min(s),
@@ -28,6 +32,14 @@ GSM8K_META_KEYS = ("question", "ground_truth")
 TIE_RULE = (
     "ties among the top-scoring candidates count as a uniform random pick among them (exact expectation)"
 )
+BON_TRUNCATION_RULE = (
+    "a candidate longer than max_length is aggregated over the steps that fit; one with no step scored ranks last"
+)
+
+
+def aggregate(agg: str, scores: list[float]) -> float:
+    """A candidate's score under aggregation ``agg`` of its (scored) step scores; -inf when none was scored."""
+    return AGGREGATIONS[agg](scores) if scores else -np.inf
 
 
 def _answer_of(steps: list[str]) -> str | None:
@@ -144,6 +156,9 @@ def evaluate_bon(
     aggregations: tuple[str, ...] = ("min", "last", "sum", "mean"),
     seed: int = 0,
     batch_size: int = 64,
+    name: str = "scorer",
+    check: bool = True,
+    progress: str | None = None,
 ) -> dict:
     """Best-of-N accuracy of reranking by aggregated step scores, with baselines.
 
@@ -152,7 +167,10 @@ def evaluate_bon(
     ``random`` (expected accuracy of a uniform pick = mean fraction correct, exact), ``majority``
     (vote over normalised answers, see :func:`majority_pick`) and ``oracle`` (any candidate
     correct). Returns ``accuracy`` and ``ci95`` (bootstrap over problems, seeded by ``seed``) per
-    method, ``n`` problems, ``N`` mean candidates per problem (``N_min``, ``N_max``).
+    method, ``n`` problems, ``N`` mean candidates per problem (``N_min``, ``N_max``), and
+    ``n_truncated`` candidates scored on fewer steps than they have (:data:`BON_TRUNCATION_RULE`;
+    ``n_unscored`` of them had no step scored). With ``check`` and a scorer that knows its tokenizer
+    (``localisation.with_layout``) the lengths are checked before any compute, with a one-line note.
     """
     bad = [a for a in aggregations if a not in AGGREGATIONS]
     if bad:
@@ -168,17 +186,18 @@ def evaluate_bon(
                 raise ValueError(f"problem {i} has a candidate with no steps")
             chains.append((p["problem"], list(c["steps"])))
             owner.append(i)
-    scores = score_in_batches(score_fn, chains, batch_size)
+    if check:
+        check_lengths(score_fn, {"candidate": chains}, name)
+    scores = score_in_batches(score_fn, chains, batch_size, progress)
     per_problem: list[list[list[float]]] = [[] for _ in problems]
     for i, s in zip(owner, scores):
         per_problem[i].append(s)
 
     hits: dict[str, np.ndarray] = {}
     for agg in aggregations:
-        f = AGGREGATIONS[agg]
         h = []
         for p, cand_scores in zip(problems, per_problem):
-            v = np.array([f(s) for s in cand_scores])
+            v = np.array([aggregate(agg, s) for s in cand_scores])
             top = np.flatnonzero(v == v.max())
             h.append(np.mean([p["candidates"][j]["is_correct"] for j in top]))
         hits[agg] = np.array(h, dtype=np.float64)
@@ -201,4 +220,8 @@ def evaluate_bon(
         "N_max": max(sizes),
         "tie_rule": TIE_RULE,
         "seed": seed,
+        "n_candidates": len(chains),
+        "n_truncated": n_truncated(chains, scores),
+        "n_unscored": sum(not s for s in scores),
+        "truncation_rule": BON_TRUNCATION_RULE,
     }

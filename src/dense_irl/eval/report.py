@@ -43,14 +43,19 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
 
 def localisation_markdown(report: dict, title: str = "Error localisation (ProcessBench)") -> str:
     """Summary of an :func:`~dense_irl.eval.localisation.evaluate_localisation` report."""
-    main = {
-        k: report.get(k) for k in ("n", "n_error", "n_correct", "error_acc", "correct_acc", "f1", "threshold")
-    }
+    keys = ("n", "n_error", "n_correct", "error_acc", "correct_acc", "f1", "threshold", "n_truncated")
+    main = {k: report.get(k) for k in keys}
     parts = [
         f"## {title}\n",
         f"Threshold rule: {report.get('threshold_rule', '-')}.\n",
         markdown_table([main]),
     ]
+    if report.get("n_truncated") or report.get("n_truncated_calibration"):
+        parts.append(
+            f"\n{report.get('n_truncated')} evaluated and {report.get('n_truncated_calibration') or 0} calibration "
+            f"chains were longer than max_length ({report.get('n_error_cut', 0)} with their first error cut off): "
+            f"{report.get('truncation_rule', 'scored on the steps that fit')}.\n"
+        )
     if report.get("n_error"):
         misses = {k: report.get(k) for k in ("n_early", "n_late", "n_missed")}
         parts += ["\nErroneous chains by where the prediction fell:\n", markdown_table([misses])]
@@ -76,6 +81,9 @@ def bon_markdown(report: dict, title: str = "Best-of-N reranking") -> str:
         f"Reward-model rows pick the candidate with the highest aggregated step score; "
         f"{report.get('tie_rule', '')}.\n"
     )
+    if report.get("n_truncated"):
+        head += (f"\n{report['n_truncated']} of {report.get('n_candidates', '-')} candidates were longer than "
+                 f"max_length: {report.get('truncation_rule', 'aggregated over the steps that fit')}.\n")
     return head + "\n" + markdown_table(rows)
 
 

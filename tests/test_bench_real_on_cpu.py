@@ -1,0 +1,99 @@
+"""bench/real_data.py end to end on a tiny offline run trained here on GSM8K (small steps, small sizes)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GSM8K = ROOT.parent / "shared/data/gsm8k"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+pytestmark = pytest.mark.skipif(
+    not all((GSM8K / f).is_file() for f in ("train.jsonl", "test.jsonl", "example_model_solutions.jsonl")),
+    reason=f"GSM8K data absent at {GSM8K}",
+)
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("real_data_bench", ROOT / "bench" / "real_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A `train-reward` run of a (smaller than tiny) model on 150 GSM8K train demos: 3 SFT + 2 IRL steps,
+    max_length 128 (so that many chains are longer than max_length)."""
+    from dense_irl.config import load_config
+    from dense_irl.offline.config import TrainRewardConfig
+    from dense_irl.offline.train import train_reward_model
+
+    out = tmp_path_factory.mktemp("tiny_gsm8k_run")
+    cfg = load_config(TrainRewardConfig, "offline_tiny", [
+        f"--data.train={GSM8K / 'train.jsonl'}", "--data.format=gsm8k", "--data.max_demos=150",
+        "--data.calibration_chains=30", "--model.max_length=128", "--model.hidden_size=32", "--model.num_layers=1",
+        "--model.num_heads=2", "--model.intermediate_size=64", "--sft.max_steps=3", "--sft.batch_size=4",
+        "--reward.max_steps=2", "--reward.batch_size=4", f"--output_dir={out}", "--log_every=0"])
+    train_reward_model(cfg)
+    return out
+
+
+def test_bench_real_data_on_a_tiny_run(tiny_run, tmp_path, capsys):
+    bench = _bench()
+    md_path, png = tmp_path / "results" / "real_data.md", tmp_path / "results" / "real_data_steps.png"
+    result = bench.main([
+        "--run", str(tiny_run), "--test", str(GSM8K / "test.jsonl"), "--train", str(GSM8K / "train.jsonl"),
+        "--bon", str(GSM8K / "example_model_solutions.jsonl"), "--n-test", "12", "--n-calib", "16",
+        "--n-bon", "3", "--baseline-steps", "1", "--baseline-batch", "4", "--batch-size", "16",
+        "--out", str(md_path), "--png", str(png)])
+    err = capsys.readouterr().err
+
+    md = md_path.read_text()
+    assert md.startswith("# Real models on real reasoning")
+    assert "Command: `python bench/real_data.py --run" in md and "Wall time:" in md and "Date:" in md
+    for section in ("## 1. Error localisation", "Accuracy on erroneous chains, per error type", "## 2. Best-of-4",
+                    "## 3. The reward's dependence on step length", "Pearson correlation", "## 4. Chains longer",
+                    "## 5. Time"):
+        assert section in md, section
+    for row in ("IRL reward model (summed step reward)", "untrained base LM", "SFT policy: step log-prob",
+                "implicit PRM", "outcome-only RM", "| chance |", "calculator-note check",
+                "| min | reward model", "| last | reward model", "| sum | reward model", "| mean | reward model",
+                "| random | baseline", "| majority | baseline", "| oracle | baseline", "per-token mean of the step",
+                "the checkpoint's calibrated readout"):
+        assert row in md, row
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert json.loads(md_path.with_suffix(".json").read_text())["sizes"]["test"] == 12
+
+    # The run's own calibration split is recovered (data.train is the same file), and the sizes hold.
+    assert result["split"] == "recovered"
+    sizes = result["sizes"]
+    assert (sizes["test"], sizes["calibration"], sizes["bon_problems"], sizes["bon_candidates"]) == (12, 16, 3, 12)
+    assert sizes["test_erroneous"] + sizes["test_correct"] == 12 and sizes["baseline_train_demos"] == 120
+    # Truncation at max_length 128: counted before compute, the same count found by scoring, never fatal.
+    loc = result["localisation"]
+    upfront = result["truncation"]["counted_before_compute"]
+    assert loc["irl_reward_model"]["n_truncated"] > 0
+    for name in ("irl_reward_model", "base_lm_logprob", "sft_logprob", "implicit_prm", "outcome_rm"):
+        assert upfront[name]["test"] == loc[name]["n_truncated"], name
+        assert upfront[name]["calibration"] == loc[name]["n_truncated_calibration"], name
+    assert "note: irl_reward_model:" in err and "longer than max_length 128 tokens" in err
+    assert loc["calc_notes"]["n_truncated"] == 0 and loc["chance"]["n_truncated"] == 0
+    assert result["best_of_4"]["reward_model"]["n_truncated"] == upfront["irl_reward_model"]["Best-of-4 candidate"]
+    for r in loc.values():
+        assert r["f1"] is None or 0.0 <= r["f1"] <= 1.0
+    r = result["length"]["pearson_correct_chains"]["irl_reward_model"]["r"]
+    assert r is None or -1.0 <= r <= 1.0
+
+
+def test_bench_real_data_skips_baselines(tiny_run, tmp_path):
+    result = _bench().main([
+        "--run", str(tiny_run), "--test", str(GSM8K / "test.jsonl"), "--train", str(GSM8K / "train.jsonl"),
+        "--bon", str(GSM8K / "example_model_solutions.jsonl"), "--n-test", "6", "--n-calib", "8", "--n-bon", "1",
+        "--skip-baselines", "--out", str(tmp_path / "r.md"), "--png", str(tmp_path / "r.png")])
+    assert "implicit_prm" not in result["localisation"] and result["baselines"] is None
+    assert "skipped (--skip-baselines)" in (tmp_path / "r.md").read_text()
