@@ -73,9 +73,8 @@ def run_offline_demo(out: str, config: str | None = None, overrides: list[str] |
     }
     reports = compare.compare_localisation(scorers, test_rows, calib_rows, rm.config.threshold)
     for i, row in enumerate(test_rows[:6]):
-        report.plot_step_rewards(row["steps"], reports["reward_model"]["step_scores"][i],
-                                 out_dir / "plots" / f"chain_{i}.png", title=row["problem"][:80],
-                                 threshold=rm.config.threshold, first_error_label=row["label"])
+        report.plot_chain(row, reports["reward_model"]["step_scores"][i], out_dir / "plots" / f"chain_{i}.png",
+                          rm.config.threshold)
     table = compare.localisation_rows(reports)
     result = {
         "localisation": {k: {kk: vv for kk, vv in r.items() if kk not in ("step_scores", "preds", "labels")}

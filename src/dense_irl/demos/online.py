@@ -134,9 +134,8 @@ def run_online_demo(out: str, config: str | None = None, overrides: list[str] | 
     }
     loc = compare.compare_localisation(scorers, test_rows, calib_rows)
     for i, row in enumerate(test_rows[:6]):
-        report.plot_step_rewards(row["steps"], loc["irl_reward_model"]["step_scores"][i],
-                                 out_dir / "plots" / f"chain_{i}.png", title=row["problem"][:80],
-                                 threshold=loc["irl_reward_model"]["threshold"], first_error_label=row["label"])
+        report.plot_chain(row, loc["irl_reward_model"]["step_scores"][i], out_dir / "plots" / f"chain_{i}.png",
+                          loc["irl_reward_model"]["threshold"])
 
     # 3. Policy accuracy after SFT and after IRL: greedy, and the mean over bon_n samples at temperature 1 (what
     # the policy update optimises, and a far less noisy measure of it: bon_n x as many answers). Best-of-N of

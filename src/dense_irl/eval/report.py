@@ -87,6 +87,17 @@ def bon_markdown(report: dict, title: str = "Best-of-N reranking") -> str:
     return head + "\n" + markdown_table(rows)
 
 
+def plot_chain(row: dict, scores: list[float], path: str | Path, threshold: float | None) -> bool:
+    """:func:`plot_step_rewards` of a ProcessBench row, on the steps that were scored (a truncated chain is
+    titled so, its cut-off error left unmarked); False when not even its first step was scored."""
+    if not scores:
+        return False
+    cut = len(scores) < len(row["steps"])
+    plot_step_rewards(row["steps"][: len(scores)], scores, path, title=row["problem"][:80] + (" [truncated]" if cut else ""),
+                      threshold=threshold, first_error_label=row["label"] if row["label"] < len(scores) else None)
+    return True
+
+
 def plot_step_rewards(
     steps: list[str],
     rewards: list[float],

@@ -117,9 +117,10 @@ def calibrate_readout(rm: RewardModel, cal_rows: list[dict], weights: list[float
     their parameters scales their reward), so the checkpoint scores by one fixed rule. Returns ``w``.
     """
     chains, labels = [(r["problem"], r["steps"]) for r in cal_rows], [r["label"] for r in cal_rows]
+    n_steps = [len(r["steps"]) for r in cal_rows]  # a chain cut at max_length is scored on the steps that fit
     terms, best = rm.config.terms, (None, 1.0, 0.0)
     if terms != "lm+heads" or list(weights) == [1.0]:
-        rm.config.threshold = calibrate_threshold([s.step_rewards for s in rm.score(chains)], labels)
+        rm.config.threshold = calibrate_threshold([s.step_rewards for s in rm.score(chains)], labels, n_steps)
         rm.config.threshold_rule = f"maximises F1 on {len(cal_rows)} held-out calibration chains"
         return 1.0
     parts = {}
@@ -129,7 +130,7 @@ def calibrate_readout(rm: RewardModel, cal_rows: list[dict], weights: list[float
     rm.config.terms = terms
     for w in weights:
         scores = [[a + w * b for a, b in zip(lm, hd)] for lm, hd in zip(parts["lm"], parts["heads"])]
-        t = calibrate_threshold(scores, labels)
+        t = calibrate_threshold(scores, labels, n_steps)
         f1 = processbench_metrics([first_error(s, t) for s in scores], labels)["f1"]
         if best[0] is None or f1 > best[0]:
             best = (f1, w, t)

@@ -258,7 +258,8 @@ class Driver:
         rows = make_processbench(self.eval_demos, kinds=self.cfg.data.perturbations, seed=self.cfg.seed + 11)
         half = len(rows) // 2
         scores = self._lead(self.reward, "score", [(r["problem"], r["steps"]) for r in rows])
-        thr = calibrate_threshold(scores[:half], [r["label"] for r in rows[:half]]) if half >= 2 else 0.0
+        thr = calibrate_threshold(scores[:half], [r["label"] for r in rows[:half]],
+                                  [len(r["steps"]) for r in rows[:half]]) if half >= 2 else 0.0
         m = processbench_metrics([first_error(s, thr) for s in scores[half:]], [r["label"] for r in rows[half:]])
         if half >= 2:  # the checkpoints (and a server loading them) then flag first errors by this threshold
             rule = (f"maximises F1 on {half} held-out perturbed chains (calibration demos) at iteration "
