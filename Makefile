@@ -47,15 +47,18 @@ test-vllm:
 test-gpu: setup
 	bash scripts/gpu_smoke.sh
 
-# bench/real_data.py on a trained offline run (default: the offline_gsm8k_smollm2 preset's output_dir): the reward
+# bench/real_data.py on a trained offline run (BENCH_RUN; trained first with BENCH_PRESET when absent): the reward
 # model against its baselines on GSM8K test chains, Best-of-4, step-length dependence; writes
 # bench/results/real_data.md (+ .json) and real_data_steps.png. About 15-20 min on 2 cores for SmolLM2-135M.
 # Sizes and other flags through BENCH_ARGS, e.g. make bench-real BENCH_ARGS="--n-test 60 --skip-baselines".
-BENCH_RUN  ?= runs/gsm8k_smollm2
+BENCH_RUN  ?= runs/gsm8k_smollm2_cpu
+BENCH_PRESET ?= gsm8k_smollm2_cpu
 GSM8K      ?= ../shared/data/gsm8k
 BENCH_ARGS ?=
 .PHONY: bench-real
 bench-real: setup
+	test -f $(BENCH_RUN)/reward_model/reward_config.json || $(VENV)/bin/dense-irl train-reward \
+		--config $(BENCH_PRESET) --data.train=$(GSM8K)/train.jsonl --output_dir=$(BENCH_RUN)
 	$(PY) bench/real_data.py --run $(BENCH_RUN) --test $(GSM8K)/test.jsonl --train $(GSM8K)/train.jsonl \
 		--bon $(GSM8K)/example_model_solutions.jsonl $(BENCH_ARGS)
 
