@@ -30,7 +30,7 @@ class SFTConfig:
 
     def check(self) -> None:
         """Raise a ConfigError naming the first option with a bad value."""
-        check_schedule("sft", self, self.max_steps if self.max_steps > 0 else None)
+        check_schedule("sft", self, self.max_steps)
         if self.batch_size < 1 or self.max_steps < 0:
             raise ConfigError(f"sft.batch_size must be >= 1 and sft.max_steps >= 0, got {self.batch_size} and "
                               f"{self.max_steps}")

@@ -114,21 +114,24 @@ def negative_loss_mask(step_mask: torch.Tensor, n_experts: int, shared: list[int
     return mask
 
 
-def _reward_groups(enc, n_experts: int, cfg: RewardConfig, max_tokens: int) -> list[tuple[list[int], bool]]:
+def _reward_groups(enc, n_experts: int, cfg: RewardConfig, max_tokens: int, uniform: bool = False
+                   ) -> list[tuple[list[int], bool]]:
     """Micro-batches of a reward step and whether each backpropagates into the backbone: experts with the iq
     terms or a discriminator that trains the backbone; negatives only with the latter (else they run without
-    the backbone's graph, in micro-batches of their own)."""
+    the backbone's graph, in micro-batches of their own). ``uniform``: every micro-batch keeps the backbone's
+    graph (DeepSpeed across ranks reduces gradient buckets per micro-batch, which must match on every rank;
+    detached rewards still keep the discriminator out of the backbone)."""
     lengths = row_lengths(enc)
     iq = cfg.objective in ("iq", "airl+iq") and (cfg.lm_weight > 0 or cfg.td_weight > 0)
     discriminator = cfg.objective in ("airl", "airl+iq")
     experts, negatives = list(range(n_experts)), list(range(n_experts, len(lengths)))
     if not discriminator:
         negatives = []  # the iq terms see experts only
-    if cfg.disc_backbone_grad and discriminator:
+    if (cfg.disc_backbone_grad or uniform) and discriminator:
         rows = experts + negatives
         return [([rows[i] for i in g], True) for g in micro_batches([lengths[r] for r in rows], max_tokens)]
     out = []
-    for rows, grad in ((experts, iq), (negatives, False)):
+    for rows, grad in ((experts, iq or uniform), (negatives, False)):
         out += [([rows[i] for i in g], grad) for g in micro_batches([lengths[r] for r in rows], max_tokens)]
     return out
 
@@ -160,7 +163,7 @@ def reward_loss(rm, batch: RewardBatch, cfg: RewardConfig, *, pi_old=None,
     expert_tokens = (enc.step_ids >= 0) & (is_expert[:, None] > 0)
     norms = level_counts(loss_mask, cfg.paragraph_steps)
     n_tokens = nll_count(expert_tokens)
-    groups = plan(acc, _reward_groups(enc, n, cfg, max_tokens))
+    groups = plan(acc, _reward_groups(enc, n, cfg, max_tokens, uniform=acc is not None and acc.across_ranks()))
     total: torch.Tensor | float = 0.0
     sums = {"reward_expert": [0.0, 0], "reward_negative": [0.0, 0]}
     parts: dict[str, float] = {}
@@ -184,19 +187,19 @@ def reward_loss(rm, batch: RewardBatch, cfg: RewardConfig, *, pi_old=None,
                                 cfg.paragraph_steps, norms)
                 part = part + bce["total"]
                 for k, v in bce.items():
-                    parts[f"bce_{k}"] = parts.get(f"bce_{k}", 0.0) + v.item()
+                    parts[f"bce_{k}"] = parts.get(f"bce_{k}", 0.0) + weight * v.item()
             e_tok = expert_tokens[idx, :T].to(dev)
             if iq and cfg.lm_weight > 0 and bool(e_tok.any()):
                 nll = expert_nll(out["logits"], ids, e_tok, n_tokens)
                 part = part + cfg.lm_weight * nll
-                parts["expert_nll"] = parts.get("expert_nll", 0.0) + nll.item()
+                parts["expert_nll"] = parts.get("expert_nll", 0.0) + weight * nll.item()
             if iq and cfg.td_weight > 0 and bool(e_tok.any()):
                 q_taken = out["logits"][:, :-1].gather(-1, ids[:, 1:, None])[..., 0].float()
                 td = td_penalty(q_taken - cfg.gamma * token_logsumexp(out["logits"][:, 1:]), e_tok[:, 1:], n_tokens)
                 part = part + cfg.td_weight * td
-                parts["td"] = parts.get("td", 0.0) + td.item()
+                parts["td"] = parts.get("td", 0.0) + weight * td.item()
             with torch.no_grad():  # (a repeated micro-batch, weight 0, is not counted twice)
-                r, sm = out["step_rewards"], sub.step_mask.to(dev) & (weight > 0)
+                r, sm, mask = out["step_rewards"], sub.step_mask.to(dev) & (weight > 0), mask & (weight > 0)
                 ex = is_expert[idx].to(dev) > 0
                 for key, sel in (("reward_expert", sm & ex[:, None]), ("reward_negative", mask & ~ex[:, None])):
                     sums[key][0] += float(r[sel].sum())

@@ -79,6 +79,11 @@ class Accumulator:
                 stack.enter_context(self.engine.no_sync())
             yield
 
+    def across_ranks(self) -> bool:
+        """True for a DeepSpeed engine over several ranks (every micro-batch must touch the same parameters)."""
+        dist = torch.distributed
+        return self.backend == "deepspeed" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
     def backward(self, loss: torch.Tensor) -> None:
         """Add ``loss``'s gradient (already divided by the whole batch's count)."""
         self.micro_steps += 1

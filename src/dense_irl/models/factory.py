@@ -64,6 +64,9 @@ class ModelConfig:
         if self.lora_r < 0 or self.trainable_layers < 0:
             raise ConfigError(f"model.lora_r and model.trainable_layers must be >= 0 (0: off), got {self.lora_r} "
                               f"and {self.trainable_layers}")
+        if self.lora_r > 0 and not (self.lora_alpha > 0 and 0 <= self.lora_dropout < 1 and self.lora_targets.strip()):
+            raise ConfigError(f"model.lora_alpha must be > 0, model.lora_dropout in [0, 1) and model.lora_targets "
+                              f"non-empty; got {self.lora_alpha}, {self.lora_dropout}, {self.lora_targets!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"model.precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dense_irl.errors import CheckpointError
+from dense_irl.errors import CheckpointError, ConfigError
 
 ADAPTER_DIR = "adapter"
 
@@ -39,8 +39,11 @@ def is_adapted(model) -> bool:
 def prepare_for_training(model, cfg):
     """Apply ``cfg`` (a ``ModelConfig``): LoRA on the top ``trainable_layers`` (all when 0) or, without LoRA,
     freeze all but the top ``trainable_layers``; then gradient checkpointing. Returns the model to train."""
-    layers = decoder_layers(model)
-    top = list(range(len(layers)))[-cfg.trainable_layers :] if cfg.trainable_layers else None
+    layers = decoder_layers(model) if cfg.trainable_layers else None
+    if layers is not None and cfg.trainable_layers > len(layers):
+        raise ConfigError(f"model.trainable_layers is {cfg.trainable_layers} but the model has {len(layers)} decoder "
+                          "layers (0 trains all)")
+    top = list(range(len(layers)))[-cfg.trainable_layers :] if layers is not None else None
     if cfg.lora_r > 0 and not is_adapted(model):
         from peft import LoraConfig, get_peft_model
 
@@ -51,6 +54,9 @@ def prepare_for_training(model, cfg):
         else:  # peft takes a layer subset only with module names: every linear layer of a decoder block
             targets = sorted({n.rsplit(".", 1)[-1] for n, m in layers[0].named_modules()
                               if isinstance(m, torch.nn.Linear)})
+            if not targets:
+                raise ConfigError(f"model.trainable_layers with LoRA: no torch.nn.Linear in the decoder layers of "
+                                  f"{type(model).__name__}; name the modules in model.lora_targets")
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                                  target_modules=targets, layers_to_transform=top))
     elif cfg.lora_r == 0 and top is not None:
@@ -65,6 +71,9 @@ def prepare_for_training(model, cfg):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if top is not None and hasattr(model, "disable_input_require_grads"):
+            # non-reentrant checkpoints need no grad at the inputs: keep the backward above the frozen layers
+            model.disable_input_require_grads()
         model.config.use_cache = False
     return model
 

@@ -185,7 +185,8 @@ def train_reward_model(cfg: TrainRewardConfig) -> dict:
     if cfg.reward.init == "sft":
         backbone = copy.deepcopy(policy)
     else:
-        backbone = prepare_for_training(type(merged(policy))(merged(policy).config).to(device), cfg.model)
+        plain = merged(policy)
+        backbone = prepare_for_training(type(plain)(plain.config).to(device), cfg.model)
     rm = RewardModel(backbone, tokenizer, reward_model_config(cfg.reward, layout.separator, layout.max_length))
     rm.to(device)
     pi_old = merged(policy).requires_grad_(False)

@@ -102,6 +102,8 @@ class _Learner:
                 "zero_optimization": {"stage": cfg.zero_stage},
                 "optimizer": {"type": "AdamW", "params": {"lr": opt.lr, "weight_decay": 0.0, "torch_adam": True}},
             }
+            if amp is not None:  # the engine switches an outer autocast off unless its config enables it
+                ds_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
             self.engine, _, _, _ = deepspeed.initialize(
                 model=model, model_parameters=params, config=ds_config,
                 lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, schedule))
@@ -216,10 +218,11 @@ class PolicyLearner(_Learner):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         lengths = mask.sum(1).tolist()
         n_tokens = float(batch["mask"].sum())
-        groups = [("rollouts", g) for g in micro_batches(lengths, self.micro_batch_tokens)]
+        groups = [(g, "rollouts") for g in micro_batches(lengths, self.micro_batch_tokens)]
         old_logp, ref_logp = torch.zeros(ids.shape), torch.zeros(ids.shape)
-        with torch.no_grad():
-            for _, g in groups:
+        self.module.eval()  # no dropout in the old policy's log-probs
+        with torch.no_grad():  # (every rank runs as many passes: ZeRO-3 gathers parameters in each)
+            for (g, _), _w in plan(self.acc, groups):
                 T, dev = max(lengths[i] for i in g), self.device
                 with self.acc.micro(True):  # (autocast only: nothing is backpropagated here)
                     gi, gm = ids[g, :T].to(dev), mask[g, :T].to(dev)
@@ -229,13 +232,13 @@ class PolicyLearner(_Learner):
         if rl.ptx_coef > 0 and experience.experts:
             enc = encode_chains(self.tokenizer, experience.experts, self.layout.max_length, self.layout.separator)
             n_expert = nll_count(enc.step_ids >= 0)
-            groups += [("experts", g) for g in micro_batches(row_lengths(enc), self.micro_batch_tokens)]
+            groups += [(g, "experts") for g in micro_batches(row_lengths(enc), self.micro_batch_tokens)]
         self.engine.train()
         stats: dict = {}
         for _ in range(rl.ppo_steps):
             stats = {}
             steps = plan(self.acc, groups)
-            for j, ((kind, g), weight) in enumerate(steps):
+            for j, ((g, kind), weight) in enumerate(steps):
                 with self.acc.micro(j == len(steps) - 1):
                     if kind == "rollouts":
                         T = max(lengths[i] for i in g)
