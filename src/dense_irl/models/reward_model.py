@@ -122,16 +122,25 @@ class RewardModel(nn.Module):
                 "hidden": hidden, "h_before": h_before, "h_after": h_after}
 
     @torch.no_grad()
-    def score(self, chains: list[Chain], batch_size: int = 32) -> list[ChainScore]:
-        """Score every step of every chain (one forward pass per batch, never one per prefix)."""
+    def score(self, chains: list[Chain], batch_size: int = 32, progress: str | None = None) -> list[ChainScore]:
+        """Score every step of every chain (one forward pass per batch, never one per prefix).
+
+        Chains are batched by length (less padding) and returned in the order given; ``progress`` labels a
+        progress bar over the chains (None: none)."""
+        from tqdm import tqdm
+
         self.eval()
-        out: list[ChainScore] = []
-        for i in range(0, len(chains), batch_size):
-            enc = encode_chains(self.tokenizer, chains[i : i + batch_size], self.config.max_length,
-                                self.config.separator)
-            step_r = self(enc)["step_rewards"].float().cpu()
-            for b, n in enumerate(enc.n_steps):
-                out.append(self._chain_score(step_r[b, :n].tolist()))
+        order = sorted(range(len(chains)), key=lambda i: len(chains[i][0]) + sum(len(s) for s in chains[i][1]))
+        out: list[ChainScore | None] = [None] * len(chains)
+        with tqdm(total=len(chains), desc=progress, unit="chain", disable=progress is None, mininterval=2) as bar:
+            for i in range(0, len(order), batch_size):
+                idx = order[i : i + batch_size]
+                enc = encode_chains(self.tokenizer, [chains[j] for j in idx], self.config.max_length,
+                                    self.config.separator)
+                step_r = self(enc)["step_rewards"].float().cpu()
+                for b, n in enumerate(enc.n_steps):
+                    out[idx[b]] = self._chain_score(step_r[b, :n].tolist())
+                bar.update(len(idx))
         return out
 
     def _chain_score(self, rewards: list[float]) -> ChainScore:

@@ -120,13 +120,14 @@ def calibrate_readout(rm: RewardModel, cal_rows: list[dict], weights: list[float
     n_steps = [len(r["steps"]) for r in cal_rows]  # a chain cut at max_length is scored on the steps that fit
     terms, best = rm.config.terms, (None, 1.0, 0.0)
     if terms != "lm+heads" or list(weights) == [1.0]:
-        rm.config.threshold = calibrate_threshold([s.step_rewards for s in rm.score(chains)], labels, n_steps)
+        scores = [s.step_rewards for s in rm.score(chains, progress="calibrate")]
+        rm.config.threshold = calibrate_threshold(scores, labels, n_steps)
         rm.config.threshold_rule = f"maximises F1 on {len(cal_rows)} held-out calibration chains"
         return 1.0
     parts = {}
     for part in ("lm", "heads"):
         rm.config.terms = part
-        parts[part] = [s.step_rewards for s in rm.score(chains)]
+        parts[part] = [s.step_rewards for s in rm.score(chains, progress=f"calibrate ({part})")]
     rm.config.terms = terms
     for w in weights:
         scores = [[a + w * b for a, b in zip(lm, hd)] for lm, hd in zip(parts["lm"], parts["heads"])]
