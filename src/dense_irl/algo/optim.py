@@ -43,8 +43,8 @@ def lr_lambda(warmup_steps: int = 0, schedule: str = "constant", total_steps: in
 def check_schedule(prefix: str, cfg, total_steps: int | None = None) -> None:
     """ConfigError naming ``prefix.<key>`` for a bad lr / warm-up / schedule / micro-batch option of ``cfg``
     (``total_steps``: the steps the schedule spans, where known)."""
-    if cfg.lr <= 0:
-        raise ConfigError(f"{prefix}.lr must be > 0, got {cfg.lr}")
+    if cfg.lr < 0:
+        raise ConfigError(f"{prefix}.lr must be >= 0 (0 freezes the model), got {cfg.lr}")
     if cfg.warmup_steps < 0:
         raise ConfigError(f"{prefix}.warmup_steps must be >= 0 (0: no warm-up), got {cfg.warmup_steps}")
     if cfg.lr_schedule not in SCHEDULES:
