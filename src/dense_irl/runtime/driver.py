@@ -258,10 +258,12 @@ class Driver:
         rows = make_processbench(self.eval_demos, kinds=self.cfg.data.perturbations, seed=self.cfg.seed + 11)
         half = len(rows) // 2
         scores = self._lead(self.reward, "score", [(r["problem"], r["steps"]) for r in rows])
-        thr = calibrate_threshold(scores[:half], [r["label"] for r in rows[:half]],
-                                  [len(r["steps"]) for r in rows[:half]]) if half >= 2 else 0.0
+        cal_labels = [r["label"] for r in rows[:half]]
+        # Calibration needs erroneous and correct chains; a few eval prompts may give only one kind.
+        calibrate = half >= 2 and min(cal_labels) < 0 <= max(cal_labels)
+        thr = calibrate_threshold(scores[:half], cal_labels, [len(r["steps"]) for r in rows[:half]]) if calibrate else 0.0
         m = processbench_metrics([first_error(s, thr) for s in scores[half:]], [r["label"] for r in rows[half:]])
-        if half >= 2:  # the checkpoints (and a server loading them) then flag first errors by this threshold
+        if calibrate:  # the checkpoints (and a server loading them) then flag first errors by this threshold
             rule = (f"maximises F1 on {half} held-out perturbed chains (calibration demos) at iteration "
                     f"{self.state['iteration']}")
             ray.get([r.set_threshold.remote(thr, rule) for r in self.reward])
