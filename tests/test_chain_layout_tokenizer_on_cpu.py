@@ -310,7 +310,7 @@ def test_reward_learner_scores_and_trains_on_the_layout(world, rollouts, reward_
 def test_http_app_scores_the_layout(world, rollouts, reward_path, monkeypatch):
     """What the scoring server parses from requests and scores: the chains and rows every other path uses."""
     from dense_irl.models.reward_model import RewardModel
-    from dense_irl.serving.app import item_chain, query_chains, score_sorted
+    from dense_irl.serving.requests import item_chain, query_chains
     from dense_irl.serving.schemas import ChainIn, GetRewardRequest
 
     tok = world.tok
@@ -338,7 +338,7 @@ def test_http_app_scores_the_layout(world, rollouts, reward_path, monkeypatch):
     seen: list[list[int]] = []
     _spy_forward(monkeypatch, rm.backbone, seen)
     chains = as_text + sep_prompt + from_query + from_query_sep
-    score_sorted(rm, chains, forward_batch_size=4)
+    rm.score(chains, 4)
     want = [layout_row(tok, p, s) for p, s in experts * 2 + [(r.prompt, r.steps) for r in samples] * 2]
     assert sorted(seen) == sorted(want)
     assert all(layout_row(tok, r.prompt, r.steps)[: len(r.prompt_ids)] == r.prompt_ids for r in samples)
