@@ -1,7 +1,8 @@
 """Benchmark (not a test): a trained reward model against its baselines on real GSM8K reasoning, in one run.
 
     python bench/real_data.py --run RUN_DIR [--base-model NAME] [--test FILE] [--train FILE] [--bon FILE]
-        [--n-test 80] [--n-calib 60] [--n-bon 20] [--baseline-steps 4] [--batch-size 8] [--threads 0]
+        [--n-test 80] [--n-calib 60] [--n-bon 20] [--baseline-steps 12] [--baseline-batch 8] [--baseline-lr 1e-4]
+        [--batch-size 8] [--threads 0]
         [--skip-baselines] [--out bench/results/real_data.md] [--png bench/results/real_data_steps.png]
 
 ``RUN_DIR`` is what ``dense-irl train-reward`` writes (``reward_model/``, ``sft_policy/``, ``summary.json``,
@@ -17,19 +18,19 @@ report says so):
    policy on the run's train demonstrations; ``--skip-baselines`` leaves them out), chance, and the GSM8K
    calculator-note check (``data.calc_notes``) as its own row, never mixed into the learned reward;
 2. Best-of-4 on ``example_model_solutions.jsonl`` (first ``--n-bon`` questions) by every aggregation of the
-   reward model's step rewards, against random pick, majority vote and oracle, with 95% bootstrap intervals;
-3. the reward's dependence on step length: F1 of the summed step reward, of its per-token mean and of the
-   checkpoint's calibrated readout as shipped (its stored threshold), and the Pearson correlation of each
-   scorer's step score with the step's length in tokens on correct chains;
+   reward model's step scores (the checkpoint's readout), against random pick, majority vote and oracle, with
+   95% bootstrap intervals;
+3. the reward's dependence on step length: F1 of the summed step reward, of its per-token mean, of the
+   discriminator logit (``reward.readout: logit``) and of the checkpoint's readout as shipped (its stored
+   threshold), and the Pearson correlation of each with the step's length in tokens on correct chains;
 4. chains longer than ``max_length`` per scorer: counted before any compute, scored on the steps that fit.
 
 Writes ``--out`` (Markdown: the command, date, sizes and wall time at the top, one table per section), its
 JSON sibling and ``--png`` (step rewards along a few test chains, correct vs perturbed, the error marked).
-The defaults are sized for SmolLM2-135M (max_length 512) on a 2-core CPU. The model work is about
+The defaults are sized for SmolLM2-135M (max_length 448) on a 2-core CPU. The model work is about
 5 x (n_test + n_calib) + 4 x n_bon chain forward passes, plus about 7 x baseline_steps x baseline batch for
-the baselines' training: about 1000 with the defaults and the preset's reward.batch_size of 8, so about
-17 minutes at 1 chain/s. On 2026-12-01 this machine scored 0.3-0.45 SmolLM2 chains/s while another SmolLM2
-training shared its 2 cores (so about an hour); every phase has a progress bar with its ETA.
+the baselines' training: about 1500 with the defaults, so about 25 minutes at 1 chain/s; every phase has a
+progress bar with its ETA.
 """
 
 from __future__ import annotations
@@ -54,19 +55,23 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULTS = {"n_test": 80, "n_calib": 60, "n_bon": 20, "baseline_steps": 4, "batch_size": 8}
+DEFAULTS = {"n_test": 80, "n_calib": 60, "n_bon": 20, "baseline_steps": 12, "baseline_batch": 8, "baseline_lr": 1e-4,
+            "batch_size": 8}
 PLOT_KINDS = ("wrong_result", "flipped_operator", "dropped_step")  # the chains drawn in the PNG, if present
 LOCALISATION_TITLES = {
-    "irl_reward_model": "IRL reward model (summed step reward)",
+    "irl_reward_model": "IRL reward model (the checkpoint's readout)",
     "base_lm_logprob": "untrained base LM: step log-prob",
     "sft_logprob": "SFT policy: step log-prob",
     "implicit_prm": "implicit PRM `beta*log(pi/pi_ref)`",
     "outcome_rm": "outcome-only RM (value after each step)",
     "chance": "chance",
     "calc_notes": "calculator-note check (rule, not learned)",
-    "irl_reward_model: per-token mean": "IRL reward model, per-token mean",
-    "irl_reward_model: checkpoint readout": "IRL reward model, the checkpoint's readout",
+    "irl_reward_model: sum": "IRL reward model, summed step reward",
+    "irl_reward_model: mean": "IRL reward model, per-token mean",
+    "irl_reward_model: logit": "IRL reward model, discriminator logit",
 }
+READOUT_TITLES = {"sum": "summed step reward R_k", "mean": "per-token mean of R_k",
+                  "logit": "discriminator logit R_k - alpha log pi"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,9 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n-bon", type=int, default=DEFAULTS["n_bon"], help="Best-of-4 questions (4 candidates each)")
     ap.add_argument("--baseline-steps", type=int, default=DEFAULTS["baseline_steps"],
                     help="training steps of the implicit PRM and of the outcome RM each")
-    ap.add_argument("--baseline-batch", type=int, default=0,
-                    help="chains per baseline step, half experts (default: the run's reward.batch_size)")
-    ap.add_argument("--baseline-lr", type=float, default=0.0, help="baselines' lr (default: the run's reward.lr)")
+    ap.add_argument("--baseline-batch", type=int, default=DEFAULTS["baseline_batch"],
+                    help="experts per baseline step (each with its perturbed negative)")
+    ap.add_argument("--baseline-lr", type=float, default=DEFAULTS["baseline_lr"],
+                    help="baselines' lr (they fine-tune every weight of a copy of the SFT policy)")
     ap.add_argument("--skip-baselines", action="store_true", help="leave out the implicit PRM and the outcome RM")
     ap.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="chains per scoring pass")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -180,39 +186,36 @@ def run_sorted(fn, chains, batch_size: int, desc: str) -> list:
 
 
 def rm_outputs(rm, chains, batch_size: int, desc: str) -> list[dict]:
-    """Per chain: the summed step rewards, each step's length in tokens (its span, the closing separator
-    included), and the checkpoint's own ``score`` readout, all from one forward pass per batch."""
+    """Per chain, from one forward pass per batch: the step rewards ``R_k`` (``sum``), their per-token mean,
+    the discriminator logits ``R_k - alpha log pi(step k)`` (``logit``), the checkpoint's own readout
+    (``shipped``: what ``RewardModel.score`` serves, one of the two) and each step's length in tokens (its span,
+    the closing separator included)."""
     import torch
 
     from dense_irl.data.layout import encode_chains
 
     cfg = rm.config
+    shipped = "logit" if cfg.readout == "logit" else "sum"
 
     @torch.no_grad()
     def fn(batch):
         rm.eval()
         enc = encode_chains(rm.tokenizer, batch, cfg.max_length, cfg.separator)
-        step_r = rm(enc)["step_rewards"].float().cpu()
+        cfg.readout = "logit"  # this pass serves both readouts: the reward and the logit
+        try:
+            out = rm(enc)
+        finally:
+            cfg.readout = "logit" if shipped == "logit" else "reward"
+        step_r, logit = out["step_rewards"].float().cpu(), out["step_scores"].float().cpu()
         ntok = (enc.step_end - enc.step_start + 1).clamp(min=1)
-        return [{"sum": step_r[b, :n].tolist(), "tokens": ntok[b, :n].tolist()} for b, n in enumerate(enc.n_steps)]
+        return [{"sum": step_r[b, :n].tolist(), "logit": logit[b, :n].tolist(), "tokens": ntok[b, :n].tolist()}
+                for b, n in enumerate(enc.n_steps)]
 
     out = run_sorted(fn, chains, batch_size, desc)
-    # The checkpoint's readout is RewardModel.score; where it is the summed reward (checked on a few chains),
-    # it is not run again.
-    probe = list(range(min(4, len(chains))))
-    shipped = [s.step_rewards for s in rm.score([chains[i] for i in probe], batch_size)]
-    same = all(np.allclose(a, out[i]["sum"], atol=1e-4, rtol=1e-4) for i, a in zip(probe, shipped))
-    if same:
-        for o in out:
-            o["shipped"] = o["sum"]
-    else:
-        scores = run_sorted(lambda b: [s.step_rewards for s in rm.score(b, len(b))], chains, batch_size,
-                            f"{desc} (checkpoint readout)")
-        for o, s in zip(out, scores):
-            o["shipped"] = s
     for o in out:
         o["mean"] = [r / t for r, t in zip(o["sum"], o["tokens"])]
-    return out, same
+        o["shipped"] = o[shipped]
+    return out
 
 
 def logprob_outputs(model, tok, chains, max_length: int, separator: str, batch_size: int, desc: str):
@@ -407,13 +410,12 @@ def main(argv: list[str] | None = None) -> dict:
     scores: dict[str, dict] = {}
     bs = args.batch_size
     chains = loc_chains + cal_chains
-    rm_out, shipped_is_sum = rm_outputs(rm, chains + bon_chains + plot_chains, bs, "IRL reward model")
+    rm_out = rm_outputs(rm, chains + bon_chains + plot_chains, bs, "IRL reward model")
     rm_loc = rm_out[: len(chains)]
     rm_bon = rm_out[len(chains) : len(chains) + len(bon_chains)]
     rm_plot = rm_out[len(chains) + len(bon_chains) :]
-    scores["irl_reward_model"] = keyed(chains, [o["sum"] for o in rm_loc])
-    length_scores = {"per_token_mean": keyed(chains, [o["mean"] for o in rm_loc]),
-                     "shipped": keyed(chains, [o["shipped"] for o in rm_loc])}
+    scores["irl_reward_model"] = keyed(chains, [o["shipped"] for o in rm_loc])
+    length_scores = {k: keyed(chains, [o[k] for o in rm_loc]) for k in ("sum", "mean", "logit", "shipped")}
     t = lap("score: IRL reward model", t)
     scores["base_lm_logprob"] = keyed(chains, logprob_outputs(base, base_tok, chains, max_len, sep, bs, "base LM"))
     del base
@@ -425,7 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 4. the baselines: trained from the SFT policy on the run's train demonstrations, scored, dropped
     baseline_setup = None
     if not args.skip_baselines:
-        kw = dict(batch_size=args.baseline_batch or cfg.reward.batch_size, lr=args.baseline_lr or cfg.reward.lr,
+        kw = dict(batch_size=args.baseline_batch, lr=args.baseline_lr,
                   max_steps=args.baseline_steps, max_length=max_len, separator=sep, seed=cfg.seed)
         kinds = list(cfg.data.perturbations)
         baseline_setup = {k: kw[k] for k in ("batch_size", "lr", "max_steps")} | {"steps_taken": {}}
@@ -455,9 +457,8 @@ def main(argv: list[str] | None = None) -> dict:
         loc[name] = evaluate_localisation(lookup(table), test_rows, calibration_rows=cal_rows, name=name,
                                           check=False)
         loc[name]["f1_ci95"] = f1_interval(loc[name]["preds"], loc[name]["labels"])
-    length_loc = {"sum": loc["irl_reward_model"]}
-    length_loc["per_token_mean"] = evaluate_localisation(lookup(length_scores["per_token_mean"]), test_rows,
-                                                         calibration_rows=cal_rows, check=False)
+    length_loc = {k: evaluate_localisation(lookup(length_scores[k]), test_rows, calibration_rows=cal_rows, check=False)
+                  for k in ("sum", "mean", "logit")}
     length_loc["shipped"] = evaluate_localisation(lookup(length_scores["shipped"]), test_rows,
                                                   threshold=rm.config.threshold, check=False)
     for r in length_loc.values():
@@ -465,8 +466,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 6. Best-of-4 (the reward model's step rewards, every aggregation; the per-token mean and the
     # calculator-note rule as extra rows)
-    bon_table = keyed(bon_chains, [o["sum"] for o in rm_bon])
+    bon_table = keyed(bon_chains, [o["shipped"] for o in rm_bon])
     bon = evaluate_bon(lookup(bon_table), problems, aggregations=tuple(AGGREGATIONS), check=False)
+    other = "sum" if rm.config.readout == "logit" else "logit"  # the readout the checkpoint does not serve
+    bon_other = evaluate_bon(lookup(keyed(bon_chains, [o[other] for o in rm_bon])), problems,
+                             aggregations=("min", "sum"), check=False)
     bon_mean = evaluate_bon(lookup(keyed(bon_chains, [o["mean"] for o in rm_bon])), problems,
                             aggregations=("min", "sum"), check=False)
     bon_calc = evaluate_bon(lookup(keyed(bon_chains, calc_note_scores(bon_chains))), problems,
@@ -476,9 +480,7 @@ def main(argv: list[str] | None = None) -> dict:
     correct = [i for i, r in enumerate(test_rows) if r["label"] == -1]
     tokens = [rm_loc[i]["tokens"] for i in correct]
     corr = {}
-    extra = [("irl_reward_model: per-token mean", length_scores["per_token_mean"])]
-    if not shipped_is_sum:
-        extra.append(("irl_reward_model: checkpoint readout", length_scores["shipped"]))
+    extra = [(f"irl_reward_model: {k}", length_scores[k]) for k in ("sum", "mean", "logit")]
     for name, table in [*scores.items(), *extra]:
         if name in ("chance", "calc_notes"):
             continue
@@ -489,8 +491,8 @@ def main(argv: list[str] | None = None) -> dict:
     fig_pairs = []
     for (row, steps), plot_o, test_i in zip(pairs, rm_plot, [test_rows.index(r) for r, _ in pairs]):
         fig_pairs.append({"id": row["id"], "kind": row["error_type"],
-                          "correct": {"rewards": plot_o["sum"], "label": -1, "n_steps": len(steps)},
-                          "perturbed": {"rewards": rm_loc[test_i]["sum"], "label": row["label"],
+                          "correct": {"rewards": plot_o["shipped"], "label": -1, "n_steps": len(steps)},
+                          "perturbed": {"rewards": rm_loc[test_i]["shipped"], "label": row["label"],
                                         "n_steps": len(row["steps"])}})
     if fig_pairs:
         plot_pairs(fig_pairs, thr, Path(args.png))
@@ -506,7 +508,7 @@ def main(argv: list[str] | None = None) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "wall_s": wall, "timing_s": timing,
         "run": {"dir": str(run), "model": cfg.model.name, "max_length": max_len, "objective": cfg.reward.objective,
-                "terms": rm.config.terms, "stored_threshold": rm.config.threshold,
+                "terms": rm.config.terms, "readout": rm.config.readout, "stored_threshold": rm.config.threshold,
                 "threshold_rule": rm.config.threshold_rule,
                 **{k: summary.get(k) for k in ("sft_steps", "reward_steps", "n_train", "n_calibration")}},
         "base_model": base_name, "split": split,
@@ -518,11 +520,12 @@ def main(argv: list[str] | None = None) -> dict:
         "length": {"localisation": {k: {kk: vv for kk, vv in r.items() if kk not in strip}
                                     for k, r in length_loc.items()},
                    "pearson_correct_chains": {k: {"r": v[0], "steps": v[1]} for k, v in corr.items()},
-                   "shipped_readout_is_sum": shipped_is_sum},
-        "best_of_4": {"reward_model": bon, "reward_model_per_token_mean": bon_mean, "calc_notes": bon_calc},
+                   "shipped_readout": rm.config.readout},
+        "best_of_4": {"reward_model": bon, f"reward_model_{other}": bon_other, "reward_model_per_token_mean": bon_mean,
+                      "calc_notes": bon_calc},
         "truncation": {"counted_before_compute": upfront},
     }
-    md = render(result, args, loc, length_loc, bon, bon_mean, bon_calc, corr, upfront)
+    md = render(result, args, loc, length_loc, bon, {other: bon_other, "mean": bon_mean}, bon_calc, corr, upfront)
     out = Path(args.out)
     report.write_report(result, out.with_suffix(".json"), md)
     print(md)
@@ -530,11 +533,12 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def render(result, args, loc, length_loc, bon, bon_mean, bon_calc, corr, upfront) -> str:
+def render(result, args, loc, length_loc, bon, bon_extra, bon_calc, corr, upfront) -> str:
     """The Markdown report: header, then one table per section."""
     from dense_irl.eval.report import markdown_table
 
     run, sizes = result["run"], result["sizes"]
+    shipped = "logit" if run["readout"] == "logit" else "sum"
     lines = [
         "# Real models on real reasoning: GSM8K (`bench/real_data.py`)\n",
         f"Command: `{result['command']}`\n",
@@ -542,7 +546,8 @@ def render(result, args, loc, length_loc, bon, bon_mean, bon_calc, corr, upfront
         f"{platform.machine()}, {os.cpu_count()} CPUs, torch {__import__('torch').__version__} with "
         f"{__import__('torch').get_num_threads()} threads.\n",
         f"Run: `{run['dir']}`: model `{run['model']}` (max_length {run['max_length']}), {run['sft_steps']} SFT steps, "
-        f"{run['reward_steps']} IRL steps (`{run['objective']}`, readout `{run['terms']}`), {run['n_train']} train "
+        f"{run['reward_steps']} IRL steps (`{run['objective']}`, terms `{run['terms']}`, readout `{run['readout']}`), "
+        f"{run['n_train']} train "
         f"demonstrations. Untrained base LM: `{result['base_model']}`.\n",
         f"Test: the first {sizes['test']} rows of `dense-irl data perturb {args.test}` (seed {args.seed}): "
         f"{sizes['test_erroneous']} with one injected error, {sizes['test_correct']} correct. Thresholds: every "
@@ -592,9 +597,10 @@ def render(result, args, loc, length_loc, bon, bon_mean, bon_calc, corr, upfront
     # 2. Best-of-4
     bon_rows = []
     for method, acc in bon["accuracy"].items():
-        kind = "reward model, summed step rewards" if method in bon["aggregations"] else "baseline"
+        kind = f"reward model, {READOUT_TITLES[shipped]}" if method in bon["aggregations"] else "baseline"
         bon_rows.append({"method": method, "picked by": kind, "accuracy": acc, "95% CI": _ci(bon["ci95"][method])})
-    for label, rep in (("reward model, per-token mean", bon_mean), ("calculator-note rule", bon_calc)):
+    extra = [(f"reward model, {READOUT_TITLES[k]}", r) for k, r in bon_extra.items()]
+    for label, rep in (*extra, ("calculator-note rule", bon_calc)):
         for agg in rep["aggregations"]:
             bon_rows.append({"method": agg, "picked by": label, "accuracy": rep["accuracy"][agg],
                              "95% CI": _ci(rep["ci95"][agg])})
@@ -607,24 +613,23 @@ def render(result, args, loc, length_loc, bon, bon_mean, bon_calc, corr, upfront
 
     # 3. step length
     len_rows = []
-    names = {"sum": "summed step reward (the default)", "per_token_mean": "per-token mean of the step reward",
-             "shipped": "the checkpoint's calibrated readout, its stored threshold"}
-    corr_of = {"sum": corr.get("irl_reward_model"), "per_token_mean": corr.get("irl_reward_model: per-token mean"),
-               "shipped": corr.get("irl_reward_model") if result["length"]["shipped_readout_is_sum"]
-               else corr.get("irl_reward_model: checkpoint readout")}
+    names = {k: READOUT_TITLES[k] + (" (the checkpoint's)" if k == shipped else "") for k in ("sum", "mean", "logit")}
+    names["shipped"] = "the checkpoint's readout at its stored threshold"
+    corr_of = {k: corr.get(f"irl_reward_model: {k}") for k in ("sum", "mean", "logit")}
+    corr_of["shipped"] = corr_of[shipped]
     for k, r in length_loc.items():
         c = corr_of[k]
         len_rows.append({"readout": names[k], "F1": r["f1"], "F1 95% CI": _ci(r["f1_ci95"]),
                          "acc. erroneous": r["error_acc"], "acc. correct": r["correct_acc"],
                          "threshold": r["threshold"], "Pearson r (reward, tokens)": c[0] if c else None})
     corr_rows = [{"scorer": LOCALISATION_TITLES.get(k, k), "Pearson r": v[0], "steps": v[1]} for k, v in corr.items()]
-    same = result["length"]["shipped_readout_is_sum"]
     lines += ["\n## 3. The reward's dependence on step length\n",
-              f"Readouts of the IRL reward model. Summed and per-token mean are calibrated on the calibration "
-              f"chains; the checkpoint's readout is scored by `RewardModel.score` at the threshold stored at "
-              f"training ({result['run']['threshold_rule']})"
-              + ("; this checkpoint's readout is the summed step reward, so only its threshold differs." if same
-                 else ".") + " Step length: the step's tokens, its closing separator included.\n",
+              "Readouts of the IRL reward model: the step reward `R_k` (summed over the step's tokens, with the "
+              "potential shaping), its per-token mean, and the discriminator logit `R_k - alpha log pi(step k)` "
+              "(AIRL's policy reward, the step's plain log-probability left out). Each is calibrated on the "
+              "calibration chains; the last row is the checkpoint's readout as `RewardModel.score` serves it, at "
+              f"the threshold stored at training ({result['run']['threshold_rule']}). Step length: the step's "
+              "tokens, its closing separator included.\n",
               markdown_table(len_rows),
               "\nPearson correlation of each scorer's step score with the step's length in tokens, over every "
               "step of the correct test chains:\n", markdown_table(corr_rows)]

@@ -38,7 +38,10 @@ def tiny_run(tmp_path_factory) -> Path:
         f"--data.train={GSM8K / 'train.jsonl'}", "--data.format=gsm8k", "--data.max_demos=150",
         "--data.calibration_chains=30", "--model.max_length=128", "--model.hidden_size=32", "--model.num_layers=1",
         "--model.num_heads=2", "--model.intermediate_size=64", "--sft.max_steps=3", "--sft.batch_size=4",
-        "--reward.max_steps=2", "--reward.batch_size=4", f"--output_dir={out}", "--log_every=0"])
+        "--reward.max_steps=2", "--reward.batch_size=4", f"--output_dir={out}", "--log_every=0",
+        # the CPU preset's recipe: heads only, on cached features, served as the discriminator logit
+        "--reward.lm_weight=0", "--reward.td_weight=0", "--reward.continue_sft_optimizer=false",
+        "--reward.readout=logit", "--reward.head_norm=true", "--reward.expert_pool=16"])
     train_reward_model(cfg)
     return out
 
@@ -60,11 +63,12 @@ def test_bench_real_data_on_a_tiny_run(tiny_run, tmp_path, capsys):
                     "## 3. The reward's dependence on step length", "Pearson correlation", "## 4. Chains longer",
                     "## 5. Time"):
         assert section in md, section
-    for row in ("IRL reward model (summed step reward)", "untrained base LM", "SFT policy: step log-prob",
+    for row in ("IRL reward model (the checkpoint's readout)", "untrained base LM", "SFT policy: step log-prob",
                 "implicit PRM", "outcome-only RM", "| chance |", "calculator-note check",
                 "| min | reward model", "| last | reward model", "| sum | reward model", "| mean | reward model",
-                "| random | baseline", "| majority | baseline", "| oracle | baseline", "per-token mean of the step",
-                "the checkpoint's calibrated readout"):
+                "| random | baseline", "| majority | baseline", "| oracle | baseline", "| summed step reward R_k |",
+                "| per-token mean of R_k |", "| discriminator logit R_k - alpha log pi (the checkpoint's) |",
+                "the checkpoint's readout at its stored threshold"):
         assert row in md, row
     assert png.read_bytes()[:8] == PNG_MAGIC
     assert json.loads(md_path.with_suffix(".json").read_text())["sizes"]["test"] == 12

@@ -132,6 +132,31 @@ def test_token_temperature_scales_each_token_logprob(policy, demos):
         assert a == pytest.approx(b, abs=1e-4)
 
 
+def test_logit_readout_is_the_reward_minus_the_step_logprob(policy, demos, tmp_path):
+    model, tok = policy
+    chains = [(d.prompt, d.steps) for d in demos[:3]]
+    lp = step_logprobs(model, tok, chains, 256)
+    rm = _rm(policy, terms="lm+heads", alpha=0.5, token_temperature=True)
+    torch.manual_seed(1)
+    for head in (rm.g_head, rm.h_head, rm.t_head):
+        torch.nn.init.normal_(head.weight, std=0.3)
+    reward = [s.step_rewards for s in rm.score(chains)]
+    rm.config.readout = "logit"
+    logit = [s.step_rewards for s in rm.score(chains)]
+    for r, g, b in zip(reward, logit, lp):
+        assert g == pytest.approx([x - 0.5 * y for x, y in zip(r, b)], abs=1e-4)
+    # With the lm term alone and temperature 1 the logit is 0 at every step; heads alone, the heads' reward.
+    rm.config.terms, rm.config.token_temperature = "lm", False
+    assert all(x == pytest.approx(0.0, abs=1e-4) for s in rm.score(chains) for x in s.step_rewards)
+    rm.config.terms, rm.config.token_temperature = "lm+heads", True
+    rm.save_pretrained(tmp_path / "rm")
+    loaded = RewardModel.from_pretrained(tmp_path / "rm")
+    assert loaded.config.readout == "logit"
+    assert [s.step_rewards for s in loaded.score(chains)][0] == pytest.approx(logit[0], abs=1e-4)
+    with pytest.raises(ValueError, match="readout must be one of"):
+        RewardModel(model, tok, RewardModelConfig(readout="mean"))
+
+
 def test_save_load_round_trip(policy, demos, tmp_path):
     rm = _rm(policy, version="v7", threshold=-1.25, token_temperature=True)
     torch.nn.init.normal_(rm.t_head.weight, std=0.5)

@@ -13,9 +13,10 @@ import torch
 from dense_irl.algo.batches import Negative, RewardBatch
 from dense_irl.algo.config import SFTConfig, reward_model_config
 from dense_irl.algo.experience import perturbed_negatives, shared_prefix
+from dense_irl.algo.frozen_features import FrozenFeatures
 from dense_irl.algo.losses import reward_loss
 from dense_irl.algo.sft import LocalSFT, train_sft
-from dense_irl.data.layout import ChainLayout
+from dense_irl.data.layout import ChainLayout, encode_chains
 from dense_irl.data.perturb import KINDS, make_processbench
 from dense_irl.data.synthetic import SyntheticConfig, generate
 from dense_irl.models.chains import step_logprobs
@@ -200,14 +201,74 @@ def test_discriminator_without_backbone_grad_trains_only_the_heads(policy, demos
     assert any(p.grad is not None and p.grad.any() for p in rm.backbone.parameters())
 
 
+def test_a_frozen_backbone_is_pi_old_and_only_the_heads_train(policy, demos):
+    cfg = RewardConfig(disc_backbone_grad=False, lm_weight=0.0, td_weight=0.0, continue_sft_optimizer=False,
+                       max_steps=3, batch_size=6)
+    assert cfg.backbone_frozen() and not RewardConfig().backbone_frozen()
+    rm = _rm(policy, cfg)
+    rm.eval()
+    batch = RewardBatch([(d.prompt, d.steps) for d in demos[:6]],
+                        perturbed_negatives(demos[:6], list(KINDS), random.Random(0)))
+    # The backbone is still the policy: its own log-probs stand in for pi_old's, from the same pass.
+    own, _ = reward_loss(rm, batch, cfg, pi_old_is_backbone=True)
+    run, _ = reward_loss(rm, batch, cfg, pi_old=policy[0])
+    assert torch.allclose(own, run, atol=1e-5)
+    # Its outputs, cached once per chain (float32 here: exact), give the same loss, and the gradient reaches the heads.
+    features = FrozenFeatures(rm, dtype=torch.float32)
+    cached, _ = reward_loss(rm, batch, cfg, forward=features, pi_old_is_backbone=True, max_tokens=400)
+    assert torch.allclose(own, cached, atol=1e-5)
+    computed = features.tokens_computed
+    assert computed == int(encode_chains(rm.tokenizer, batch.chains(), 256, "\n").attention_mask.sum())
+    reward_loss(rm, batch, cfg, forward=features, pi_old_is_backbone=True)[0].backward()
+    assert features.tokens_computed == computed  # the second pass ran no backbone
+    assert rm.t_head.weight.grad.abs().sum() > 0 and rm.g_head.weight.grad.abs().sum() > 0
+    rm.backbone.requires_grad_(False)
+    backbone, heads = [p.clone() for p in rm.backbone.parameters()], rm.g_head.weight.clone()
+    assert train_reward(rm, None, demos, cfg, list(KINDS), lambda m: None) == 3
+    assert all(torch.equal(a, b) for a, b in zip(backbone, rm.backbone.parameters()))
+    assert not torch.equal(heads, rm.g_head.weight)
+
+
+def test_the_frozen_recipe_end_to_end(tmp_path, demos):
+    """SFT, then heads only on cached features of a middle layer, standardised, served as the logit readout."""
+    from dense_irl.config import load_config
+    from dense_irl.models.factory import load_policy as load
+
+    cfg = load_config(TrainRewardConfig, None, [
+        f"--output_dir={tmp_path / 'run'}", "--data.synthetic.n_problems=60", "--data.calibration_chains=10",
+        "--model.hidden_size=32", "--model.num_layers=2", "--model.num_heads=2", "--model.intermediate_size=64",
+        "--sft.max_steps=2", "--sft.batch_size=4", "--reward.max_steps=6", "--reward.batch_size=4",
+        "--reward.lm_weight=0", "--reward.td_weight=0", "--reward.continue_sft_optimizer=false",
+        "--reward.readout=logit", "--reward.head_norm=true", "--reward.head_layer=1", "--reward.expert_pool=8",
+        "--reward.negative_pool=1", "--log_every=0"])
+    summary = train_reward_model(cfg)
+    assert summary["reward_steps"] == 6
+    rm = RewardModel.from_pretrained(tmp_path / "run" / "reward_model")
+    assert rm.config.readout == "logit" and rm.config.head_layer == 1
+    assert not torch.equal(rm.head_scale, torch.ones_like(rm.head_scale))  # fitted, saved and loaded
+    sft, _ = load(replace(cfg.model, name=str(tmp_path / "run" / "sft_policy")))
+    # Nothing trained the backbone: the reward model's is the SFT policy's.
+    assert all(torch.equal(a, b) for a, b in zip(sft.state_dict().values(), rm.backbone.state_dict().values()))
+
+
+def test_continue_sft_optimizer_with_a_frozen_backbone_is_refused(tmp_path):
+    cfg = TrainRewardConfig(output_dir=str(tmp_path / "run"),
+                            reward=RewardConfig(disc_backbone_grad=False, lm_weight=0.0, td_weight=0.0))
+    with pytest.raises(ValueError, match="nothing trains the backbone here"):
+        train_reward_model(cfg)
+
+
 @pytest.mark.parametrize(("key", "value", "msg"), [
     ("negatives_per_expert", 0.0, "reward.negatives_per_expert"),
     ("negative_pool", -1, "reward.negative_pool"),
+    ("expert_pool", -1, "reward.expert_pool"),
     ("warmup_steps", -1, "reward.warmup_steps"),
     ("readout_weights", [], "reward.readout_weights"),
     ("readout_weights", [1.0, -2.0], "reward.readout_weights"),
     ("token_temperature", True, "reward.token_temperature scales the lm term"),
     ("mask_expert_prefix", False, "reward.divergence_only needs reward.mask_expert_prefix"),
+    ("readout", "mean", "reward.readout must be one of"),
+    ("head_norm", True, "reward.head_norm fits the heads' input"),
 ])
 def test_bad_option_values_are_named(tmp_path, key, value, msg):
     cfg = TrainRewardConfig(output_dir=str(tmp_path / "out"))

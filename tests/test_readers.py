@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dense_irl.data.calc_notes import CalcNote, check_calc_note, eval_calc_expr, parse_calc_notes
+from dense_irl.data.perturb import chain_steps
 from dense_irl.data.readers import (
     FORMATS,
     convert,
@@ -134,10 +135,13 @@ def test_read_gsm8k(tmp_path):
     assert first.steps == [
         "Natalia sold 48/2 = <<48/2=24>>24 clips in May.",
         "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.",
+        "The answer is 72.",  # the answer step: the chain perturbations and ProcessBench rows are built from
     ]
-    assert first.meta["calc_notes"] == [[["48/2", "24"]], [["48+24", "72"]]]
+    assert chain_steps(first) == first.steps
+    assert first.meta["calc_notes"] == [[["48/2", "24"]], [["48+24", "72"]], []]
     third = demos[2]
-    assert third.answer == "1800" and len(third.steps) == 2  # commas gone, blank lines dropped
+    assert third.answer == "1800" and len(third.steps) == 3  # commas gone, blank lines dropped
+    assert third.steps[-1] == "The answer is 1800."
     assert demos[3].id == "q-7"
 
 
@@ -414,7 +418,7 @@ def test_load_demonstrations_errors(tmp_path):
 def test_gsm8k_custom_separator(tmp_path):
     path = write_lines(tmp_path / "g.jsonl", [{"question": "q", "answer": "a. b.\nc.\n#### 1"}])
     demos, _ = load_demonstrations(path, step_separator=". ")
-    assert demos[0].steps == ["a", "b.\nc."]
+    assert demos[0].steps == ["a", "b.\nc.", "The answer is 1."]
 
 
 def test_convert_round_trip(tmp_path):

@@ -66,9 +66,17 @@ class RewardConfig:
     disc_backbone_grad: bool = True
     # A learned per-token temperature on the lm term (see RewardModel): where surprise means an error (airl+iq).
     token_temperature: bool = True
+    # What the checkpoint serves: "reward" (the step reward R_k) or "logit" (R_k - alpha * log pi(step k), the
+    # AIRL discriminator logit, free of the step's length; models.reward_model).
+    readout: str = "reward"
+    head_layer: int = -1  # which hidden states the g/h/temperature heads read (-1: the last layer's)
 
     def check(self) -> None:
         """Raise a ConfigError naming the first option with a bad value."""
+        from dense_irl.models.reward_model import READOUTS
+
+        if self.readout not in READOUTS:
+            raise ConfigError(f"reward.readout must be one of {list(READOUTS)}, got {self.readout!r}")
         if self.alpha <= 0:
             raise ConfigError(f"reward.alpha must be > 0 (the max-ent temperature divides the reward), got {self.alpha}")
         check_schedule("reward", self)
@@ -129,5 +137,6 @@ def reward_model_config(cfg: RewardConfig, separator: str, max_length: int):
     return RewardModelConfig(
         terms={"airl": "heads", "iq": "lm", "airl+iq": "lm+heads"}[cfg.objective], potential=not cfg.gail,
         gamma=cfg.gamma, alpha=cfg.alpha, separator=separator, max_length=max_length,
-        paragraph_steps=cfg.paragraph_steps, token_temperature=cfg.token_temperature,
+        paragraph_steps=cfg.paragraph_steps, token_temperature=cfg.token_temperature, readout=cfg.readout,
+        head_layer=cfg.head_layer,
     )

@@ -138,11 +138,13 @@ def _reward_groups(enc, n_experts: int, cfg: RewardConfig, max_tokens: int, unif
 
 def reward_loss(rm, batch: RewardBatch, cfg: RewardConfig, *, pi_old=None,
                 pi_old_logp: list[list[float]] | None = None, forward=None, acc=None,
-                max_tokens: int = 0) -> tuple[torch.Tensor, dict]:
+                max_tokens: int = 0, pi_old_is_backbone: bool = False) -> tuple[torch.Tensor, dict]:
     """The reward objective on one batch: the discriminator (``airl``) and/or the iq terms (``iq``).
 
     ``pi_old`` is the frozen policy of the AIRL logit (it shares the reward backbone's tokenizer); or
     ``pi_old_logp``, log pi_old of every step of every chain (experts then negatives) when already known.
+    ``pi_old_is_backbone``: the reward backbone is pi_old (it does not train in this phase), so log pi_old
+    comes from the same forward pass, detached, and pi_old never runs.
     ``forward`` is what runs the model (a DDP / DeepSpeed wrapper of ``rm``), ``rm`` itself by default.
     The batch runs in micro-batches of at most ``max_tokens`` padded tokens (0: one pass). With ``acc`` (an
     ``algo.microbatch.Accumulator``) each micro-batch's loss is backpropagated there and the loss returned is
@@ -173,12 +175,16 @@ def reward_loss(rm, batch: RewardBatch, cfg: RewardConfig, *, pi_old=None,
         S, T = sub.step_mask.shape[1], sub.input_ids.shape[1]
         with acc.micro(j == len(groups) - 1) if acc is not None else contextlib.nullcontext():
             out = (forward or rm)(sub, detach_backbone=not cfg.disc_backbone_grad, backbone_grad=backbone_grad)
-            dev = out["logits"].device
+            dev = out["step_rewards"].device
             ids, mask = sub.input_ids.to(dev), loss_mask[idx, :S].to(dev)
             part = torch.zeros((), device=dev)
             if discriminator:
                 lp = pol_logp[idx, :S].to(dev) if pol_logp is not None else None
-                if lp is None and not cfg.gail:
+                if lp is None and not cfg.gail and pi_old_is_backbone:
+                    tok_lp = out.get("token_logp")
+                    tok_lp = token_logprobs(out["logits"], ids) if tok_lp is None else tok_lp
+                    lp = sum_by_step(tok_lp.detach(), sub.step_ids.to(dev), S)
+                elif lp is None and not cfg.gail:
                     with torch.no_grad():
                         pol_logits = pi_old(input_ids=ids, attention_mask=sub.attention_mask.to(dev)).logits
                         lp = sum_by_step(token_logprobs(pol_logits, ids), sub.step_ids.to(dev), S)

@@ -26,6 +26,7 @@ from dense_irl.io import write_jsonl
 
 FORMATS = ("auto", "gsm8k", "math", "trl", "processbench", "plain", "parquet")
 _GSM8K_FINAL_RE = re.compile(r"^####(.*)$", re.MULTILINE)
+ANSWER_STEP = "The answer is {}."  # a GSM8K chain's last step (data.perturb.chain_steps writes the same)
 
 MakeDemo = Callable[[dict, Path, int], Demonstration]
 
@@ -153,9 +154,13 @@ def _check_sep(sep: str) -> str:
 
 
 def read_gsm8k(path: str | Path, skip_bad: bool = False, step_separator: str = "\n"):
-    """Read GSM8K JSONL ``{question, answer}``; steps are the non-empty lines before ``#### answer``.
+    """Read GSM8K JSONL ``{question, answer}``; steps are the non-empty lines before ``#### answer``, then
+    ``The answer is N.`` (``ANSWER_STEP``).
 
-    Calculator notes stay in the steps; ``meta["calc_notes"]`` lists ``[expr, result]`` per step.
+    The answer step makes a demonstration the very chain that perturbed negatives and ProcessBench rows are
+    built from (``data.perturb.chain_steps``), and what the verifier reads: without it the experts of reward
+    training never end with a final answer while every negative does. Calculator notes stay in the steps;
+    ``meta["calc_notes"]`` lists ``[expr, result]`` per step.
     """
     sep, stem = _check_sep(step_separator), Path(path).stem
 
@@ -171,6 +176,7 @@ def read_gsm8k(path: str | Path, skip_bad: bool = False, step_separator: str = "
         steps = split_steps(solution[: m.start()], sep)
         if not steps:
             raise DataError(path, lineno, "answer", "no solution steps before the '####' line")
+        steps.append(ANSWER_STEP.format(final))
         notes = [[[n.expr, n.result] for n in parse_calc_notes(s)] for s in steps]
         row_id = _row_id(row, f"gsm8k-{stem}-{lineno}", path, lineno)
         return Demonstration(row_id, question, steps, final, "gsm8k", {"calc_notes": notes})

@@ -1,5 +1,8 @@
 """The step-level reward model: an LM backbone with a token-reward head ``g`` and a potential head ``h``.
 
+The heads read the backbone's hidden states at ``head_layer`` (the last layer's by default; a middle layer's
+holds more of what tells a wrong step from a right one in a small pretrained LM, docs/experiments.md).
+
 One forward pass over a batch of chains gives every token's reward and the reward of every step:
 
     r_t = alpha * tau(s_t, a_t) * log pi_theta(a_t | s_t) * [lm in terms] + g(s_t, a_t) * [heads in terms]
@@ -13,7 +16,13 @@ discriminator learns where a surprising token is evidence of an error (a wrong d
 writer's free choice that experts and negatives share (the wording of a step). ``h(start_k)`` reads the
 state just before the step, ``h(end_k)`` the state after its last token; the terminal potential is 0.
 Paragraph and task rewards sum the step rewards of their span: the shaping telescopes, so the three levels
-agree. Saved in the HF layout: the backbone's ``save_pretrained`` folder plus ``reward_head.safetensors``
+agree.
+
+What a checkpoint serves (``readout``): ``reward``, the step reward ``R_k`` above; or ``logit``, the AIRL
+discriminator logit ``R_k - alpha * log pi_theta(step k)``, which is AIRL's own policy reward ``log D -
+log(1 - D)`` with the backbone read as the policy the discriminator was trained against (offline: the frozen
+SFT policy). ``logit`` leaves out the step's plain log-probability, which grows with the step's length; what
+remains is what the discriminator learned. Saved in the HF layout: the backbone's ``save_pretrained`` folder plus ``reward_head.safetensors``
 and ``reward_config.json``.
 """
 
@@ -35,6 +44,7 @@ from dense_irl.io import atomic_dir
 from dense_irl.models.chains import token_logprobs
 
 CONFIG_FILE = "reward_config.json"
+READOUTS = ("reward", "logit")
 HEAD_FILE = "reward_head.safetensors"
 
 
@@ -50,6 +60,8 @@ class RewardModelConfig:
     max_length: int = 256
     paragraph_steps: int = 2  # a paragraph is this many consecutive steps
     token_temperature: bool = False  # scale each token's log-prob by a learned exp(t(s_t, a_t))
+    readout: str = "reward"  # what score() serves: "reward" (R_k) or "logit" (R_k - alpha * log pi(step k))
+    head_layer: int = -1  # the hidden states the heads read (hidden_states[head_layer]: -1 the last layer's)
     threshold: float = 0.0  # first-error rule: first step whose reward is below this
     threshold_rule: str = "default 0.0"
     version: str = "0"
@@ -73,6 +85,12 @@ class RewardModel(nn.Module):
         super().__init__()
         if config.terms not in ("heads", "lm", "lm+heads"):
             raise ValueError(f"terms must be 'heads', 'lm' or 'lm+heads', got {config.terms!r}")
+        if config.readout not in READOUTS:
+            raise ValueError(f"readout must be one of {list(READOUTS)}, got {config.readout!r}")
+        n_layers = backbone.config.num_hidden_layers
+        if not -(n_layers + 1) <= config.head_layer <= n_layers:
+            raise ValueError(f"head_layer {config.head_layer} is not a layer of a {n_layers}-layer backbone "
+                             f"(its hidden states are numbered 0..{n_layers}, or -1 for the last)")
         self.backbone, self.tokenizer, self.config = backbone, tokenizer, config
         hidden = backbone.config.hidden_size
         self.g_head, self.h_head, self.t_head = nn.Linear(hidden, 1), nn.Linear(hidden, 1), nn.Linear(hidden, 1)
@@ -80,37 +98,71 @@ class RewardModel(nn.Module):
         for head in (self.g_head, self.h_head, self.t_head):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
+        # The heads read (hidden - shift) / scale: the identity unless fitted (fit_head_norm). A pretrained LM's
+        # hidden states have a few dimensions hundreds of times larger than the rest, which a linear head on the
+        # raw states learns slowly or unstably.
+        self.register_buffer("head_shift", torch.zeros(hidden))
+        self.register_buffer("head_scale", torch.ones(hidden))
 
-    def forward(self, enc: EncodedBatch, detach_backbone: bool = False,
-                backbone_grad: bool = True) -> dict[str, torch.Tensor]:
-        """Token rewards (B, T), step rewards (B, S), potentials and LM logits for an encoded batch.
+    @torch.no_grad()
+    def fit_head_norm(self, hidden: torch.Tensor) -> None:
+        """Set the heads' input standardisation from hidden states ``hidden`` (N, H) of the training chains."""
+        hidden = hidden.float()
+        self.head_shift.copy_(hidden.mean(0))
+        self.head_scale.copy_(hidden.std(0).clamp(min=1e-3))
+
+    def backbone_outputs(self, enc: EncodedBatch, backbone_grad: bool = True):
+        """The backbone's pass: ``(hidden states the heads read, LM logits)``, (B, T, H) and (B, T, V)."""
+        device = self.g_head.weight.device
+        with contextlib.nullcontext() if backbone_grad else torch.no_grad():
+            out = self.backbone(input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device),
+                                output_hidden_states=True)
+        return out.hidden_states[self.config.head_layer], out.logits
+
+    def forward(self, enc: EncodedBatch, detach_backbone: bool = False, backbone_grad: bool = True,
+                features: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Token rewards (B, T), step rewards (B, S), the served step scores (B, S, the ``readout``),
+        potentials, the token log-probs and LM logits for an encoded batch.
 
         ``detach_backbone``: the rewards do not backpropagate into the backbone (only into the heads);
         the returned ``logits`` still do. ``backbone_grad`` False: the backbone runs without a graph at all
-        (rows whose loss only trains the heads).
+        (rows whose loss only trains the heads). ``features``: ``(hidden, token log-probs)`` of a frozen backbone
+        computed before (``algo.frozen_features``); the backbone does not run and ``logits`` is None.
         """
         device = self.g_head.weight.device
-        ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
-        step_ids = enc.step_ids.to(device)
-        with contextlib.nullcontext() if backbone_grad else torch.no_grad():
-            out = self.backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        hidden, logits = out.hidden_states[-1], out.logits
-        r_hidden, r_logits = (hidden.detach(), logits.detach()) if detach_backbone else (hidden, logits)
-        S = enc.step_mask.shape[1]
+        ids, step_ids = enc.input_ids.to(device), enc.step_ids.to(device)
+        if features is None:
+            hidden, logits = self.backbone_outputs(enc, backbone_grad)
+            r_hidden, r_logits = (hidden.detach(), logits.detach()) if detach_backbone else (hidden, logits)
+            # log pi_theta per token: the lm term's, and what the logit readout leaves out
+            logp = token_logprobs(r_logits, ids) if "lm" in self.config.terms or self.config.readout == "logit" else None
+        else:
+            logits = None
+            hidden, logp = (f.to(device=device, dtype=torch.float32) for f in features)
+            r_hidden = hidden
+        out = self.rewards(enc, r_hidden, logp)
+        return {**out, "logits": logits, "hidden": hidden, "token_logp": logp}
+
+    def rewards(self, enc: EncodedBatch, hidden: torch.Tensor, logp: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The heads on the backbone's ``hidden`` states and token log-probs ``logp``: token rewards, step
+        rewards, the served step scores and the potentials (the formula of the module docstring)."""
+        device = self.g_head.weight.device
+        step_ids, S = enc.step_ids.to(device), enc.step_mask.shape[1]
         start, end = enc.step_start.to(device), enc.step_end.to(device)
         gamma, terms = self.config.gamma, self.config.terms
-        token_r = torch.zeros(ids.shape, dtype=torch.float32, device=device)  # fp32 sums under autocast
+        hidden = (hidden - self.head_shift.to(hidden.dtype)) / self.head_scale.to(hidden.dtype)
+        token_r = torch.zeros(step_ids.shape, dtype=torch.float32, device=device)  # fp32 sums under autocast
         if "lm" in terms:
-            logp = token_logprobs(r_logits, ids)
+            tempered = logp
             if self.config.token_temperature:  # clamped: a temperature between e^-6 and e^3
-                logp = logp * torch.exp(self.t_head(r_hidden)[..., 0].clamp(-6.0, 3.0))
-            token_r = token_r + self.config.alpha * logp
+                tempered = logp * torch.exp(self.t_head(hidden)[..., 0].clamp(-6.0, 3.0))
+            token_r = token_r + self.config.alpha * tempered
         if "heads" in terms:
-            token_r = token_r + self.g_head(r_hidden)[..., 0]
+            token_r = token_r + self.g_head(hidden)[..., 0]
         step_r = sum_by_step(token_r, step_ids, S)
         h_before = h_after = torch.zeros_like(step_r)
         if "heads" in terms and self.config.potential:
-            h = self.h_head(r_hidden)[..., 0]
+            h = self.h_head(hidden)[..., 0]
             h_before = h.gather(1, (start - 1).clamp(min=0))
             # The state after the chain's last step is terminal: its potential is 0.
             n_steps = torch.tensor(enc.n_steps, device=device)
@@ -118,8 +170,12 @@ class RewardModel(nn.Module):
             h_after = h.gather(1, end).masked_fill(last, 0.0)
             step_r = step_r + gamma * h_after - h_before
         step_r = step_r.masked_fill(~enc.step_mask.to(device), 0.0)
-        return {"token_rewards": token_r, "step_rewards": step_r, "logits": logits,
-                "hidden": hidden, "h_before": h_before, "h_after": h_after}
+        scores = step_r
+        if self.config.readout == "logit":
+            plain = sum_by_step(self.config.alpha * logp, step_ids, S)
+            scores = (step_r - plain).masked_fill(~enc.step_mask.to(device), 0.0)
+        return {"token_rewards": token_r, "step_rewards": step_r, "step_scores": scores,
+                "h_before": h_before, "h_after": h_after}
 
     @torch.no_grad()
     def score(self, chains: list[Chain], batch_size: int = 32, progress: str | None = None) -> list[ChainScore]:
@@ -137,7 +193,7 @@ class RewardModel(nn.Module):
                 idx = order[i : i + batch_size]
                 enc = encode_chains(self.tokenizer, [chains[j] for j in idx], self.config.max_length,
                                     self.config.separator)
-                step_r = self(enc)["step_rewards"].float().cpu()
+                step_r = self(enc)["step_scores"].float().cpu()
                 for b, n in enumerate(enc.n_steps):
                     out[idx[b]] = self._chain_score(step_r[b, :n].tolist())
                 bar.update(len(idx))
@@ -159,6 +215,7 @@ class RewardModel(nn.Module):
             heads = {f"g_head.{k}": v for k, v in self.g_head.state_dict().items()}
             heads |= {f"h_head.{k}": v for k, v in self.h_head.state_dict().items()}
             heads |= {f"t_head.{k}": v for k, v in self.t_head.state_dict().items()}
+            heads |= {"head_norm.shift": self.head_shift, "head_norm.scale": self.head_scale}
             save_file({k: v.contiguous().cpu() for k, v in heads.items()}, str(tmp / HEAD_FILE))
             (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
 
@@ -182,6 +239,9 @@ class RewardModel(nn.Module):
             raise MissingFileError(f"reward model checkpoint {path} is missing {HEAD_FILE}")
         if config.terms not in ("heads", "lm", "lm+heads"):
             raise CheckpointError(f"{path / CONFIG_FILE}: terms must be 'heads', 'lm' or 'lm+heads', got {config.terms!r}")
+        if config.readout not in READOUTS:
+            raise CheckpointError(f"{path / CONFIG_FILE}: readout must be one of {list(READOUTS)}, got "
+                                  f"{config.readout!r}")
         backbone = AutoModelForCausalLM.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = cls(backbone, tokenizer, config)
@@ -190,4 +250,7 @@ class RewardModel(nn.Module):
         model.h_head.load_state_dict({k[7:]: v for k, v in heads.items() if k.startswith("h_head.")})
         if config.token_temperature:
             model.t_head.load_state_dict({k[7:]: v for k, v in heads.items() if k.startswith("t_head.")})
+        if "head_norm.shift" in heads:  # checkpoints before the heads' standardisation have none: the identity
+            model.head_shift.copy_(heads["head_norm.shift"])
+            model.head_scale.copy_(heads["head_norm.scale"])
         return model.to(device).eval()

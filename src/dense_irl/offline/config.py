@@ -24,6 +24,13 @@ class OfflineRewardConfig(RewardConfig):
     minutes: float = 0.0  # a wall-clock cap on top of the steps (0: none)
     negatives_per_expert: float = 1.0  # < 1: a cheaper step; the lm term still sees every expert
     negative_pool: int = 2  # > 0: fixed negatives per expert, pi_old log-probs computed once (0: fresh each step)
+    # > 0: steps draw their experts from the first expert_pool train demonstrations (of a seeded shuffle). With a
+    # frozen backbone each chain runs through it once, so a pool the steps revisit trains the heads for many
+    # epochs on few forward passes (0: every train demonstration).
+    expert_pool: int = 0
+    # With a frozen backbone: standardise the heads' input per dimension by the mean and std of the pool's
+    # expert-token hidden states (RewardModel.fit_head_norm), so one lr suits every dimension.
+    head_norm: bool = False
     readout_weights: list[float] = field(default_factory=lambda: [1.0])  # heads' weight, calibrated
     # The backbone learns from the iq terms (expert NLL + chi^2) alone; the discriminator trains the heads on its
     # features. Its gradient in the backbone cost arithmetic offline (docs/experiments.md).
@@ -32,11 +39,23 @@ class OfflineRewardConfig(RewardConfig):
     # the expert-NLL term learns as fast as SFT trained on would; the heads start fresh at reward.lr.
     continue_sft_optimizer: bool = True
 
+    def backbone_frozen(self) -> bool:
+        """Whether nothing in this phase trains the backbone (no expert NLL or TD term, no discriminator
+        gradient): then, warm-started from SFT, the backbone is pi_old itself and only the heads train."""
+        iq = self.objective in ("iq", "airl+iq") and (self.lm_weight > 0 or self.td_weight > 0)
+        return self.init == "sft" and not iq and not self.disc_backbone_grad
+
     def check(self) -> None:
         super().check()
         check_schedule("reward", self, self.max_steps)
         if not self.negatives_per_expert > 0:
             raise ConfigError(f"reward.negatives_per_expert must be > 0, got {self.negatives_per_expert}")
+        if self.head_norm and not self.backbone_frozen():
+            raise ConfigError("reward.head_norm fits the heads' input on cached features of a frozen backbone: it needs "
+                              "reward.lm_weight: 0, reward.td_weight: 0, reward.disc_backbone_grad: false, "
+                              "reward.init: sft")
+        if self.expert_pool < 0:
+            raise ConfigError(f"reward.expert_pool must be >= 0 (0: every train demonstration), got {self.expert_pool}")
         if self.negative_pool < 0:
             raise ConfigError(f"reward.negative_pool must be >= 0 (0: fresh negatives each step), got "
                               f"{self.negative_pool}")
@@ -64,6 +83,10 @@ class TrainRewardConfig:
         self.model.check()
         self.sft.check()
         self.reward.check()
+        if self.reward.continue_sft_optimizer and self.reward.backbone_frozen():
+            raise ConfigError("reward.continue_sft_optimizer continues the backbone's optimiser, but nothing trains the "
+                              "backbone here (reward.lm_weight and reward.td_weight are 0, reward.disc_backbone_grad is "
+                              "false); set reward.continue_sft_optimizer: false")
         if self.reward.continue_sft_optimizer and not (self.sft.max_steps > 0 and self.reward.init == "sft"):
             raise ConfigError("reward.continue_sft_optimizer needs an SFT warm start in this run (sft.max_steps > 0, "
                               "reward.init: sft); or set reward.continue_sft_optimizer: false")

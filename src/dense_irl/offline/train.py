@@ -23,13 +23,14 @@ import torch
 from dense_irl.algo.batches import RewardBatch
 from dense_irl.algo.config import reward_model_config
 from dense_irl.algo.experience import perturbed_negatives, split_demos
+from dense_irl.algo.frozen_features import FrozenFeatures
 from dense_irl.algo.losses import reward_loss
-from dense_irl.algo.microbatch import Accumulator
+from dense_irl.algo.microbatch import Accumulator, micro_batches, row_lengths, select_rows
 from dense_irl.algo.optim import Optimizer
 from dense_irl.algo.sft import LocalSFT, budget, train_sft
 from dense_irl.config import save_config
 from dense_irl.data.demos import load_data
-from dense_irl.data.layout import ChainLayout
+from dense_irl.data.layout import ChainLayout, encode_chains
 from dense_irl.data.perturb import make_processbench
 from dense_irl.errors import ConfigError
 from dense_irl.eval.localisation import calibrate_threshold, first_error, processbench_metrics
@@ -73,33 +74,51 @@ def train_reward(rm: RewardModel, pi_old, demos, cfg: OfflineRewardConfig, kinds
     """Reward steps on ``rm``: experts vs perturbed experts; returns the steps taken.
 
     With ``cfg.negative_pool`` > 0 each expert has that many fixed negatives, drawn once, and pi_old's step
-    log-probs of every chain are computed the first time it is seen, then reused.
+    log-probs of every chain are computed the first time it is seen, then reused. With a frozen backbone
+    (``cfg.backbone_frozen()``) ``pi_old`` is None: the backbone is pi_old, each chain runs through it once
+    (``algo.frozen_features``) and the heads train on its cached outputs; ``cfg.expert_pool`` bounds the
+    experts the steps draw from, so that they revisit cached chains.
     """
-    opt = reward_optimizer(rm, cfg, sft)
-    acc = Accumulator(rm, opt, autocast_dtype=autocast_dtype, device_type=rm.g_head.weight.device.type)
+    frozen = pi_old is None
     rng = random.Random(1)
     pool: dict[int, list] = {}
+
+    def fixed_negatives(i: int) -> list:
+        if i not in pool:
+            pool[i] = [perturbed_negatives([demos[i]], kinds, rng) for _ in range(cfg.negative_pool)]
+        return pool[i]
+
+    experts = list(range(min(cfg.expert_pool, len(demos)) if cfg.expert_pool > 0 else len(demos)))
+    features = FrozenFeatures(rm) if frozen else None
+    t0 = time.monotonic()
+    if frozen:  # every chain of the pool through the backbone once, before the (fast) heads steps
+        for i in experts if cfg.negative_pool > 0 else []:
+            fixed_negatives(i)
+        deadline = t0 + 0.9 * 60 * cfg.minutes if cfg.minutes > 0 else None
+        experts = cache_features(features, rm, demos, experts, pool, cfg.micro_batch_tokens, deadline)
+        if cfg.head_norm:
+            rm.fit_head_norm(features.expert_hidden([(demos[i].prompt, demos[i].steps) for i in experts]))
+    opt = reward_optimizer(rm, cfg, sft)
+    acc = Accumulator(rm, opt, autocast_dtype=autocast_dtype, device_type=rm.g_head.weight.device.type)
     cache: dict = {}
+    minutes = max(0.01, cfg.minutes - (time.monotonic() - t0) / 60) if cfg.minutes > 0 else 0.0  # what is left
     steps, tokens, t0 = 0, 0, time.monotonic()
-    for step, bar in budget("reward", cfg.max_steps, cfg.minutes):
+    for step, bar in budget("reward", cfg.max_steps, minutes):
         steps = step + 1
         rm.train()
-        picked = rng.sample(range(len(demos)), min(cfg.batch_size, len(demos)))
+        picked = rng.sample(experts, min(cfg.batch_size, len(experts)))
         neg_from = picked[: max(1, round(len(picked) * cfg.negatives_per_expert))]
         if cfg.negative_pool > 0:
-            for i in neg_from:
-                if i not in pool:
-                    pool[i] = [perturbed_negatives([demos[i]], kinds, rng) for _ in range(cfg.negative_pool)]
-            negatives = [n for i in neg_from for n in rng.choice(pool[i])]
+            negatives = [n for i in neg_from for n in rng.choice(fixed_negatives(i))]
         else:
             negatives = perturbed_negatives([demos[i] for i in neg_from], kinds, rng)
         batch = RewardBatch([(demos[i].prompt, demos[i].steps) for i in picked], negatives)
         logp = None
-        if cfg.negative_pool > 0 and not cfg.gail and cfg.objective != "iq":  # pi_old is frozen offline: each chain is run through it once
+        if cfg.negative_pool > 0 and not cfg.gail and cfg.objective != "iq" and not frozen:  # pi_old runs once a chain
             logp = cached_step_logprobs(pi_old, rm.tokenizer, batch.chains(), rm.config.max_length,
                                         rm.config.separator, cache)
-        _, metrics = reward_loss(rm, batch, cfg, pi_old=pi_old, pi_old_logp=logp, acc=acc,
-                                 max_tokens=cfg.micro_batch_tokens)
+        _, metrics = reward_loss(rm, batch, cfg, pi_old=pi_old, pi_old_logp=logp, acc=acc, forward=features,
+                                 max_tokens=cfg.micro_batch_tokens, pi_old_is_backbone=frozen)
         metrics["grad_norm"] = acc.step()
         tokens += metrics["tokens"]
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens / max(1e-9, time.monotonic() - t0):.0f}",
@@ -107,6 +126,37 @@ def train_reward(rm: RewardModel, pi_old, demos, cfg: OfflineRewardConfig, kinds
         if log_every and step % log_every == 0:
             log({"phase": "reward", "step": step, **metrics})
     return steps
+
+
+def cache_features(features: FrozenFeatures, rm: RewardModel, demos, experts: list[int], pool: dict,
+                   max_tokens: int, deadline: float | None) -> list[int]:
+    """Run each expert of ``experts`` and its fixed negatives (``pool``) through the frozen backbone once,
+    longest first, with a progress bar; returns the experts whose chains all ran before ``deadline``."""
+    from tqdm import tqdm
+
+    chains = {i: [(demos[i].prompt, demos[i].steps)] + [(n.prompt, n.steps) for ns in pool.get(i, []) for n in ns]
+              for i in experts}
+    flat = [c for i in experts for c in chains[i]]
+    enc = encode_chains(rm.tokenizer, flat, rm.config.max_length, rm.config.separator)
+    groups = micro_batches(row_lengths(enc), max_tokens or int(enc.attention_mask.numel()))
+    done = 0
+    with tqdm(total=int(enc.attention_mask.sum()), desc="reward features", unit="tok", unit_scale=True,
+              mininterval=2) as bar:
+        for rows in groups:
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            before = features.tokens_computed
+            features(select_rows(enc, rows))
+            bar.update(features.tokens_computed - before)
+            done += 1
+    if done < len(groups):
+        missing = {tuple(enc.input_ids[r, : int(enc.attention_mask[r].sum())].tolist())
+                   for rows in groups[done:] for r in rows}
+        keep = [i for i in experts if not any(k in missing for k in features.keys_of(chains[i]))]
+        print(f"note: reward.minutes: the frozen backbone's features cover {len(keep)} of {len(experts)} experts "
+              "(the rest left out of the heads' steps)")
+        return keep
+    return experts
 
 
 def calibrate_readout(rm: RewardModel, cal_rows: list[dict], weights: list[float]) -> float:
@@ -124,11 +174,11 @@ def calibrate_readout(rm: RewardModel, cal_rows: list[dict], weights: list[float
         rm.config.threshold = calibrate_threshold(scores, labels, n_steps)
         rm.config.threshold_rule = f"maximises F1 on {len(cal_rows)} held-out calibration chains"
         return 1.0
-    parts = {}
-    for part in ("lm", "heads"):
-        rm.config.terms = part
+    parts, readout = {}, rm.config.readout
+    for part in ("lm", "heads"):  # the logit readout's -log pi term goes with the lm part only
+        rm.config.terms, rm.config.readout = part, readout if part == "lm" else "reward"
         parts[part] = [s.step_rewards for s in rm.score(chains, progress=f"calibrate ({part})")]
-    rm.config.terms = terms
+    rm.config.terms, rm.config.readout = terms, readout
     for w in weights:
         scores = [[a + w * b for a, b in zip(lm, hd)] for lm, hd in zip(parts["lm"], parts["heads"])]
         t = calibrate_threshold(scores, labels, n_steps)
@@ -190,7 +240,11 @@ def train_reward_model(cfg: TrainRewardConfig) -> dict:
         backbone = prepare_for_training(type(plain)(plain.config).to(device), cfg.model)
     rm = RewardModel(backbone, tokenizer, reward_model_config(cfg.reward, layout.separator, layout.max_length))
     rm.to(device)
-    pi_old = merged(policy).requires_grad_(False)
+    if cfg.reward.backbone_frozen():  # only the heads train: pi_old is the backbone, no second copy
+        rm.backbone.requires_grad_(False)
+        pi_old = None
+    else:
+        pi_old = merged(policy).requires_grad_(False)
     del policy
     t = time.monotonic()
     warm = (sft_state, cfg.sft.lr) if sft_state is not None and cfg.reward.init == "sft" else None
