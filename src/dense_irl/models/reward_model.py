@@ -130,7 +130,7 @@ class RewardModel(nn.Module):
         computed before (``algo.frozen_features``); the backbone does not run and ``logits`` is None.
         """
         device = self.g_head.weight.device
-        ids, step_ids = enc.input_ids.to(device), enc.step_ids.to(device)
+        ids = enc.input_ids.to(device)
         if features is None:
             hidden, logits = self.backbone_outputs(enc, backbone_grad)
             r_hidden, r_logits = (hidden.detach(), logits.detach()) if detach_backbone else (hidden, logits)
