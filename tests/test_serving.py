@@ -6,6 +6,7 @@ Two apps share one Serve instance: ``dense-irl`` at / (1 replica, small limits) 
 
 import copy
 import json
+import math
 import socket
 import threading
 import time
@@ -199,6 +200,42 @@ def test_get_reward_openrlhf_contract(server, checkpoints):
     assert r.status_code == 200 and r.json()["extra_logs"]["steps_scored"] == [1.0]
     r = c.post("/get_reward", json={"query": ["unrelated text"], "prompts": [PROMPT]})
     assert r.status_code == 422 and "prompts[0]" in r.json()["detail"]
+
+
+def test_vllm_pooling_and_classify_wire_format(server, checkpoints):
+    """The bodies a client of a vLLM-served PRM sends (Qwen2.5-Math-PRM's step tags, chat messages, verl's
+    /classify), answered in vLLM's response and error shapes."""
+    c = server["client"]
+    _, models = checkpoints
+    rm = models["1"]
+    want = _direct(models, "1", [(PROMPT, STEPS)])[0]
+    text = PROMPT + "\n" + "<extra_0>".join(STEPS) + "<extra_0>"
+    r = c.post("/pooling", json={"model": "dense-irl", "input": text, "task": "token_classify"})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["object"] == "list" and got["model"] == "dense-irl" and got["id"].startswith("pool-")
+    rows = got["data"][0]["data"]
+    assert got["data"][0]["object"] == "pooling" and len(rows) == len(STEPS)
+    z = [s - rm.config.threshold for s in want.step_rewards]
+    assert [row[1] for row in rows] == pytest.approx([1 / (1 + math.exp(-x)) for x in z], abs=1e-4)
+    assert got["usage"]["prompt_tokens"] == got["usage"]["total_tokens"] > 0
+    # Chat style and raw logits give the same steps.
+    msgs = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "\n".join(STEPS)}]
+    r = c.post("/pooling", json={"messages": msgs, "use_activation": False})
+    assert [row[1] for row in r.json()["data"][0]["data"]] == pytest.approx(z, abs=1e-4)
+    # verl's reward loop: POST /classify {model, input, use_activation: false}, reads data[-1].probs[-1].
+    r = c.post("/classify", json={"model": "rm", "input": PROMPT + "\n" + "\n".join(STEPS), "use_activation": False})
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][-1]["probs"][-1] == pytest.approx(want.task_reward, abs=1e-4)
+    assert r.json()["data"][0]["num_classes"] == 1 and r.json()["id"].startswith("classify-")
+    # Errors in vLLM's shape, naming the problem; the server goes on.
+    r = c.post("/pooling", json={"input": "x", "task": "embed"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "BadRequestError" and "task" in r.json()["error"]["message"]
+    r = c.post("/classify", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = c.post("/classify", json={"input": [PROMPT + "\nstep"] * 5})
+    assert r.status_code == 413 and "max_chains" in r.json()["error"]["message"]
+    assert c.get("/health").status_code == 200
 
 
 def test_concurrent_requests_are_batched(server):

@@ -146,7 +146,7 @@ def _serve(args) -> None:
 
     serve_forever({"reward_model": args.reward_model, "num_replicas": args.replicas, "num_cpus": args.num_cpus,
                    "num_gpus": args.num_gpus, "token": args.token, "max_batch_size": args.max_batch_size,
-                   "reward_aggregate": args.reward_aggregate}, args.host, args.port)
+                   "reward_aggregate": args.reward_aggregate, "step_tag": args.step_tag}, args.host, args.port)
 
 
 def _score(args) -> None:
@@ -238,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (> 0: the model runs on cuda)")
     sv.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' (default: env DENSE_IRL_TOKEN)")
     sv.add_argument("--max-batch-size", type=int, default=32, help="chains gathered per batch")
-    sv.add_argument("--reward-aggregate", choices=["sum", "min", "last"], default="sum", help="/get_reward's reward")
+    sv.add_argument("--reward-aggregate", choices=["sum", "min", "last"], default="sum",
+                    help="/get_reward's and /classify's reward")
+    sv.add_argument("--step-tag", default="<extra_0>", help="/pooling, /classify: the marker that ends each step")
     sc = sub.add_parser("score", help="score chains with a running 'dense-irl serve'")
     sc.add_argument("--url", default="http://127.0.0.1:8000")
     sc.add_argument("--token", default=None, help="default: env DENSE_IRL_TOKEN")

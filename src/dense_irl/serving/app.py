@@ -2,6 +2,8 @@
 
     POST /v1/score      one chain {prompt, steps | text [, step_separator]} or {"items": [...]}
     POST /get_reward    OpenRLHF's remote reward model contract {query, prompts, labels}
+    POST /pooling       vLLM's pooling API (task token_classify): one [p_wrong, p_right] row per step
+    POST /classify      vLLM's classify API: one score per input (verl's reward loop); serving/vllm_api.py
     GET  /health        liveness and the live checkpoint version (never needs the token)
     GET  /v1/models     which checkpoint (path, version) is live
     POST /admin/reload  {"reward_model": PATH}: load another checkpoint into every replica
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Body, FastAPI, HTTPException
+from fastapi import Body, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -38,6 +40,8 @@ from ray import serve
 from dense_irl.data.layout import chain_length
 from dense_irl.errors import ConfigError, MissingFileError
 from dense_irl.models.reward_model import ChainScore, RewardModel
+from dense_irl.serving import vllm_api
+from dense_irl.serving.model_source import ModelSource
 from dense_irl.serving.requests import item_chain, query_chains
 from dense_irl.serving.schemas import (
     BatchIn,
@@ -88,41 +92,6 @@ def _too_large(message: str) -> HTTPException:
 
 
 # ---------------------------------------------------------------------------- deployments
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0}, logging_config={"enable_access_log": False})
-class ModelSource:
-    """The checkpoint every replica should serve after admin reloads: a path and a counter.
-
-    Replicas poll it, reporting the counter value they serve, so an admin reload can wait until every
-    replica heard from in the last ``window_s`` seconds serves the new checkpoint.
-    """
-
-    def __init__(self, path: str, window_s: float = 30.0):
-        self.path, self.config_path, self.seq, self.window_s = path, path, 0, window_s
-        self.replicas: dict[str, tuple[int, float]] = {}  # replica id -> (seq served, last poll)
-
-    def get(self, replica: str | None = None, served: int = 0) -> tuple[str, int]:
-        if replica is not None:
-            self.replicas[replica] = (served, time.monotonic())
-        return self.path, self.seq
-
-    def progress(self, seq: int) -> tuple[int, int]:
-        """(replicas serving ``seq`` or later, replicas still behind) among the recently seen."""
-        now = time.monotonic()
-        recent = [s for s, t in self.replicas.values() if now - t < self.window_s]
-        return sum(s >= seq for s in recent), sum(s < seq for s in recent)
-
-    def publish(self, path: str) -> tuple[str, int]:
-        self.path, self.seq = path, self.seq + 1
-        return self.path, self.seq
-
-    def publish_config(self, path: str) -> tuple[str, int]:
-        # Every replica reports the same user_config change; only the first moves the counter.
-        if path != self.config_path:
-            self.config_path = self.path = path
-            self.seq += 1
-        return self.path, self.seq
 
 
 @dataclass(frozen=True)
@@ -278,6 +247,47 @@ class RewardScorer:
                 "steps_scored": [float(s.steps_scored) for s in scored],
             },
         }
+
+    async def _vllm(self, request: Request, model: type) -> tuple[Any, list[ChainScore], float, int]:
+        """Parse and score a vLLM-shaped request: ``(body, scores, threshold, prompt tokens)``."""
+        try:
+            raw = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise vllm_api.VLLMError(f"the body is not valid JSON: {e}") from None
+        body = vllm_api.parse(model, raw)
+        rm = self._live.rm
+        chains = vllm_api.request_chains(body, rm.tokenizer, rm.config.separator, self.args.step_tag)
+        self._check_count(len(chains), "inputs")
+        for i, chain in enumerate(chains):
+            self._check(*chain, f"input[{i}]")
+        scored = [s for s, _ in await self._score_all(chains)]
+        tokens = sum(chain_length(rm.tokenizer, c, rm.config.separator) for c in chains)
+        return body, scored, rm.config.threshold, tokens
+
+    async def _vllm_route(self, request: Request, model: type, respond) -> JSONResponse:
+        try:
+            return JSONResponse(respond(*await self._vllm(request, model)))
+        except vllm_api.VLLMError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        except HTTPException as e:  # a limit (413) or a bad chain (422), in vLLM's error shape
+            err = vllm_api.VLLMError(str(e.detail), e.status_code, "BadRequestError")
+            return JSONResponse(err.body(), status_code=e.status_code)
+
+    @api.post("/pooling", summary="vLLM pooling API (token_classify): [p_wrong, p_right] per step")
+    async def pooling(self, request: Request) -> JSONResponse:
+        def respond(body, scored, threshold, tokens):
+            rows = [vllm_api.step_rows(s.step_rewards, threshold, body.activated()) for s in scored]
+            return vllm_api.pooling_response(body.model or self._live.path, rows, tokens)
+
+        return await self._vllm_route(request, vllm_api.PoolingIn, respond)
+
+    @api.post("/classify", summary="vLLM classify API: one score per input (the step scores' aggregate)")
+    async def classify(self, request: Request) -> JSONResponse:
+        def respond(body, scored, threshold, tokens):
+            values = [aggregate(s.step_rewards, self.args.reward_aggregate) for s in scored]
+            return vllm_api.classify_response(body.model or self._live.path, values, body.activated(), tokens)
+
+        return await self._vllm_route(request, vllm_api.ClassifyIn, respond)
 
     @api.get("/health", response_model=Health, summary="Liveness (open without the token)")
     async def health(self) -> dict:

@@ -39,6 +39,8 @@ class ServeArgs(BaseModel):
     reward_aggregate: Literal["sum", "min", "last"] = Field(
         "sum", description="/get_reward reward: task reward (sum of steps), worst step, or last step"
     )
+    step_tag: str = Field("<extra_0>", description="/pooling and /classify: the marker after each step (as "
+                          "Qwen2.5-Math-PRM's); texts without it split on the checkpoint's separator")
     poll_s: float = Field(1.0, gt=0, description="how often replicas check for an admin reload")
     reload_wait_s: float = Field(60.0, ge=0, description="how long an admin reload waits for all replicas")
     # request limits (each answered with 413 naming the limit)
