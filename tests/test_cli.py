@@ -94,6 +94,33 @@ def test_eval_bon_generic_file(trained, tmp_path, capsys):
     assert rep["accuracy"]["oracle"] == 1.0 and rep["accuracy"]["random"] == 0.5
 
 
+def test_label_writes_trl_and_processbench_rows_that_load_back(trained, tmp_path, capsys):
+    from dense_irl.data.readers import load_demonstrations
+    from dense_irl.models.reward_model import RewardModel
+
+    _run(capsys, "data", "synth", tmp_path / "chains.parquet", "--n", 12, "--seed", 7)
+    rm = RewardModel.from_pretrained(trained / "reward_model")
+    for fmt in ("trl", "processbench"):
+        out = tmp_path / f"labels_{fmt}.jsonl"
+        code, printed, err = _run(capsys, "label", tmp_path / "chains.parquet", out, "--reward-model",
+                                  trained / "reward_model", "--as", fmt)
+        assert code == 0, err
+        assert json.loads(printed)["chains"] == 12
+        demos, _ = load_demonstrations(out, fmt=fmt)  # our own readers take them back
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        source, _ = load_demonstrations(tmp_path / "chains.parquet")
+        scores = rm.score([(d.prompt, d.steps) for d in source])
+        for d, row, s in zip(demos, rows, scores):
+            assert row["step_scores"] == pytest.approx(s.step_rewards, abs=1e-5)
+            if fmt == "trl":
+                assert d.meta["labels"] == [x >= rm.config.threshold for x in s.step_rewards]
+            else:
+                assert d.meta["label"] == s.first_error and row["final_answer_correct"] == (s.first_error == -1)
+    code, _, err = _run(capsys, "label", tmp_path / "chains.parquet", tmp_path / "x.csv", "--reward-model",
+                        trained / "reward_model")
+    assert code == 2 and "give a .jsonl path" in err
+
+
 def test_unknown_config_key_is_one_clear_error(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("reward:\n  objectve: airl\n")

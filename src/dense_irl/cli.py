@@ -149,6 +149,13 @@ def _serve(args) -> None:
                    "reward_aggregate": args.reward_aggregate, "step_tag": args.step_tag}, args.host, args.port)
 
 
+def _label(args) -> None:
+    from dense_irl.eval.label import label_file
+
+    print(json.dumps(label_file(args.reward_model, args.input, args.output, args.as_format, args.format,
+                                args.step_separator, args.batch_size, args.skip_bad), indent=2))
+
+
 def _score(args) -> None:
     from dense_irl.serving.client import score_command
 
@@ -229,6 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--calibration", default=None, help="held-out ProcessBench JSONL to set thresholds")
             e.add_argument("--plots", type=int, default=0, help="plot the step rewards of the first N chains")
 
+    lb = sub.add_parser("label", help="step labels from a reward model: chains in, TRL stepwise or ProcessBench out")
+    lb.add_argument("input", help="chains (any supported format)")
+    lb.add_argument("output", help="labelled rows (.jsonl)")
+    lb.add_argument("--reward-model", required=True)
+    lb.add_argument("--as", dest="as_format", choices=["trl", "processbench"], default="trl",
+                    help="trl: {prompt, completions, labels}; processbench: {problem, steps, label, ...}")
+    lb.add_argument("--format", default="auto", help="the input's format")
+    lb.add_argument("--step-separator", default=None)
+    lb.add_argument("--batch-size", type=int, default=32, help="chains per forward pass")
+    lb.add_argument("--skip-bad", action="store_true", help="skip and count bad input rows instead of stopping")
+
     sv = sub.add_parser("serve", help="serve a reward model over HTTP (Ray Serve; endpoints in the README)")
     sv.add_argument("--reward-model", required=True, help="reward model checkpoint folder")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
@@ -292,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             _serve(args)
         elif args.cmd == "score":
             _score(args)
+        elif args.cmd == "label":
+            _label(args)
         elif args.cmd == "demo":
             _demo(args, overrides)
     except UserError as e:
