@@ -63,14 +63,19 @@ class FrozenFeatures:
             self.cache[keys[b]] = (hidden[j, :n].to("cpu", self.dtype), logp[j, :n].float().cpu())
             self.tokens_computed += n
 
-    def __call__(self, enc: EncodedBatch, detach_backbone: bool = True, backbone_grad: bool = False) -> dict:
-        if not detach_backbone or backbone_grad:
-            raise ValueError("FrozenFeatures serves a frozen backbone: call it with detach_backbone=True and "
-                             "backbone_grad=False (reward.disc_backbone_grad false, no iq terms)")
+    def fill(self, enc: EncodedBatch) -> list[tuple[int, ...]]:
+        """Run the rows of ``enc`` not cached yet through the backbone; returns every row's cache key."""
         keys = self._keys(enc)
         missing = [b for b, k in enumerate(keys) if k not in self.cache]
         if missing:
             self._fill(enc, missing, keys)
+        return keys
+
+    def __call__(self, enc: EncodedBatch, detach_backbone: bool = True, backbone_grad: bool = False) -> dict:
+        if not detach_backbone or backbone_grad:
+            raise ValueError("FrozenFeatures serves a frozen backbone: call it with detach_backbone=True and "
+                             "backbone_grad=False (reward.disc_backbone_grad false, no iq terms)")
+        keys = self.fill(enc)
         B, T = enc.input_ids.shape
         H = self.cache[keys[0]][0].shape[-1]
         hidden, logp = torch.zeros(B, T, H), torch.zeros(B, T)

@@ -95,7 +95,7 @@ def train_reward(rm: RewardModel, pi_old, demos, cfg: OfflineRewardConfig, kinds
         for i in experts if cfg.negative_pool > 0 else []:
             fixed_negatives(i)
         deadline = t0 + 0.9 * 60 * cfg.minutes if cfg.minutes > 0 else None
-        experts = cache_features(features, rm, demos, experts, pool, cfg.micro_batch_tokens, deadline)
+        experts = cache_features(features, rm, demos, experts, pool, cfg.micro_batch_tokens, deadline, autocast_dtype)
         if cfg.head_norm:
             rm.fit_head_norm(features.expert_hidden([(demos[i].prompt, demos[i].steps) for i in experts]))
     opt = reward_optimizer(rm, cfg, sft)
@@ -129,9 +129,12 @@ def train_reward(rm: RewardModel, pi_old, demos, cfg: OfflineRewardConfig, kinds
 
 
 def cache_features(features: FrozenFeatures, rm: RewardModel, demos, experts: list[int], pool: dict,
-                   max_tokens: int, deadline: float | None) -> list[int]:
+                   max_tokens: int, deadline: float | None, autocast_dtype=None) -> list[int]:
     """Run each expert of ``experts`` and its fixed negatives (``pool``) through the frozen backbone once,
-    longest first, with a progress bar; returns the experts whose chains all ran before ``deadline``."""
+    longest first, with a progress bar (under autocast to ``autocast_dtype`` when given); returns the experts
+    whose chains all ran before ``deadline``."""
+    import contextlib
+
     from tqdm import tqdm
 
     chains = {i: [(demos[i].prompt, demos[i].steps)] + [(n.prompt, n.steps) for ns in pool.get(i, []) for n in ns]
@@ -146,7 +149,9 @@ def cache_features(features: FrozenFeatures, rm: RewardModel, demos, experts: li
             if deadline is not None and time.monotonic() > deadline:
                 break
             before = features.tokens_computed
-            features(select_rows(enc, rows))
+            device_type = rm.g_head.weight.device.type
+            with torch.autocast(device_type, autocast_dtype) if autocast_dtype else contextlib.nullcontext():
+                features.fill(select_rows(enc, rows))
             bar.update(features.tokens_computed - before)
             done += 1
     if done < len(groups):
