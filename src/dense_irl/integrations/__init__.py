@@ -1,1 +1,1 @@
-"""Adapters that bring dense-irl step rewards to other trainers (OpenRLHF; verl to come)."""
+"""Adapters that bring dense-irl step rewards to other trainers: OpenRLHF (openrlhf_reward) and verl (verl)."""

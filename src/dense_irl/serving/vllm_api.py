@@ -140,8 +140,8 @@ def _from_markup(text: str) -> tuple[str, str] | None:
         if a < 0:
             continue
         u = text.rfind(user, 0, a)
-        prompt = text[u + len(user) : a] if u >= 0 else ""
-        prompt = prompt[: prompt.find(end)] if end in prompt else prompt
+        prompt = text[u + len(user) : a] if u >= 0 else text[:a]  # no user turn start (cut off): all before
+        prompt = prompt[: prompt.rfind(end)] if end in prompt else prompt
         response = text[a + len(assistant) :]
         return prompt.strip(), response[: response.find(end)] if end in response else response
     return None
