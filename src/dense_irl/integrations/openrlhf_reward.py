@@ -18,15 +18,20 @@ sum / min / last), ``scores`` and ``extra_logs`` (task reward, worst step, first
 from __future__ import annotations
 
 import os
+import threading
 
 _LOCAL: dict = {}
+# OpenRLHF calls reward_func from several threads at once (asyncio.to_thread per query): load the checkpoint
+# once, under a lock (transformers' loading is not thread-safe), and score one batch at a time.
+_LOCK = threading.Lock()
 
 
 def _local(path: str):
-    if path not in _LOCAL:
-        from dense_irl.models.reward_model import RewardModel
+    with _LOCK:
+        if path not in _LOCAL:
+            from dense_irl.models.reward_model import RewardModel
 
-        _LOCAL[path] = RewardModel.from_pretrained(path, device=os.environ.get("DENSE_IRL_DEVICE", "cpu"))
+            _LOCAL[path] = RewardModel.from_pretrained(path, device=os.environ.get("DENSE_IRL_DEVICE", "cpu"))
     return _LOCAL[path]
 
 
@@ -35,7 +40,9 @@ def _in_process(path: str, body: dict, how: str) -> dict:
     from dense_irl.serving.schemas import GetRewardRequest, aggregate
 
     rm = _local(path)
-    scored = rm.score(query_chains(GetRewardRequest(**body), rm.tokenizer, rm.config.separator))
+    chains = query_chains(GetRewardRequest(**body), rm.tokenizer, rm.config.separator)
+    with _LOCK:
+        scored = rm.score(chains)
     rewards = [aggregate(s.step_rewards, how) for s in scored]
     return {"rewards": rewards, "scores": rewards, "extra_logs": {
         "task_reward": [s.task_reward for s in scored],
