@@ -270,6 +270,25 @@ def test_openrlhf_client_code_drives_get_reward(server, checkpoints, monkeypatch
         assert b["rewards"][0] == pytest.approx(w.task_reward, abs=1e-4)
 
 
+def test_verl_reward_manager_over_http(server, checkpoints):
+    """verl's reward manager asking the live app (/v1/score) gives the in-process manager's token rewards."""
+    pytest.importorskip("verl", reason="make test installs verl (--no-deps)")
+    from verl import DataProto
+
+    from dense_irl.integrations.verl import DenseIRLRewardManager
+
+    paths, models = checkpoints
+    tok = models["1"].tokenizer
+    p = tok(f"<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    r = tok("\n".join(STEPS), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    data = DataProto.from_dict(tensors={"prompts": torch.tensor([p]), "responses": torch.tensor([r]),
+                                        "attention_mask": torch.ones(1, len(p) + len(r), dtype=torch.long)})
+    remote = DenseIRLRewardManager(tok, 0, None, url=server["url"])(data)
+    local = DenseIRLRewardManager(tok, 0, None, reward_model=paths["1"])(data)
+    assert remote.shape == (1, len(r)) and torch.allclose(remote, local, atol=1e-4)
+    assert remote.sum().item() == pytest.approx(_direct(models, "1", [(PROMPT, STEPS)])[0].task_reward, abs=1e-3)
+
+
 def test_concurrent_requests_are_batched(server):
     c, n = server["client"], 12
     before = c.get("/v1/models").json()["replica_stats"]
