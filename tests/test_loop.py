@@ -133,7 +133,9 @@ def test_unknown_policy_negatives_is_a_clear_error(tmp_path):
                                            ("--reward.warmup_steps=-1", "reward.warmup_steps must be >= 0"),
                                            ("--rl.ptx_coef=-1", "rl.ptx_coef must be >= 0"),
                                            ("--rl.warmup_steps=-2", "rl.warmup_steps must be >= 0"),
-                                           ("--placement_strategy=FOO", "placement_strategy must be one of")])
+                                           ("--placement_strategy=FOO", "placement_strategy must be one of"),
+                                           ("--serve.publish_url=localhost:8000", "serve.publish_url must be the http"),
+                                           ])
 def test_bad_reward_option_is_a_clear_error(tmp_path, flag, msg):
     cfg = load_config(LoopConfig, None, [*TINY_LOOP, f"--output_dir={tmp_path}", flag])
     with pytest.raises(ValueError, match=msg):

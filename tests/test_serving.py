@@ -514,6 +514,33 @@ def test_admin_reload_reaches_every_replica_while_requests_flow(server, checkpoi
     assert bad.status_code == 422 and c.get("/secure/health").json()["version"] == "2"
 
 
+def test_live_publishing_from_training(server, checkpoints):
+    """What the loop does after each checkpoint with serve.publish_url (Driver.publish): two versions go live
+    while clients keep scoring, none failing; an unreachable server is logged, never fatal to training."""
+    from types import SimpleNamespace
+
+    from dense_irl.runtime.driver import Driver
+    from dense_irl.runtime.loop_config import LoopConfig, PublishConfig
+
+    paths, _ = checkpoints
+    rows: list[dict] = []
+    drv = SimpleNamespace(cfg=LoopConfig(serve=PublishConfig(publish_url=server["url"] + "/secure", token=TOKEN)),
+                          log=rows.append)  # the two attributes Driver.publish reads
+    with Traffic(server["url"], "/secure/v1/score", AUTH) as traffic:
+        time.sleep(0.5)
+        for version in ("1", "2"):
+            Driver.publish(drv, Path(paths[version]))
+            traffic.wait_for(version)
+        time.sleep(0.3)
+    traffic.check(monotone=False)  # every request answered 200 throughout
+    assert [(r["event"], r["version"], r["replicas_updated"]) for r in rows] == [("published", "1", 2),
+                                                                                 ("published", "2", 2)]
+    drv.cfg = LoopConfig(serve=PublishConfig(publish_url="http://127.0.0.1:9", timeout_s=2))
+    Driver.publish(drv, Path(paths["1"]))
+    assert rows[-1]["event"] == "publish_failed" and "cannot reach the scoring server" in rows[-1]["error"]
+    assert server["client"].get("/secure/health", headers=AUTH).json()["version"] == "2"
+
+
 def test_cli_score_and_serve_errors(server, tmp_path, capsys):
     """`dense-irl score` talks to the running app; `dense-irl serve` names a missing checkpoint."""
     from dense_irl.cli import main

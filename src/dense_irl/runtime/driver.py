@@ -204,6 +204,20 @@ class Driver:
         os.replace(root / "latest.tmp", root / "latest")
         return final
 
+    def publish(self, reward_model: Path) -> None:
+        """Load a new reward-model checkpoint into the running scoring app (``serve.publish_url``). A failed
+        publish is logged and reported, never fatal: training goes on, the app keeps its model."""
+        from dense_irl.serving.client import ScoreClientError, publish
+
+        s = self.cfg.serve
+        try:
+            answer = publish(str(reward_model.resolve()), s.publish_url, s.token or None, s.timeout_s)
+            self.log({"event": "published", "reward_model": str(reward_model), "version": answer.get("version"),
+                      "replicas_updated": answer.get("replicas_updated")})
+        except ScoreClientError as e:
+            print(f"warning: serve.publish_url: {e}")
+            self.log({"event": "publish_failed", "reward_model": str(reward_model), "error": str(e)})
+
     # ---------------------------------------------------------------- the loop
     def iteration(self) -> dict:
         """One iteration, phase by phase; returns its metrics (with each phase's wall time)."""
@@ -346,6 +360,8 @@ def run_iterations(drv: Driver, report=None) -> dict:
         ckpt = None
         if cfg.checkpoint_every and (it % cfg.checkpoint_every == 0 or it == cfg.iterations or out_of_time):
             ckpt = drv.checkpoint()
+            if cfg.serve.publish_url:
+                drv.publish(ckpt / "reward_model")
         if report is not None:
             report({"iteration": it, **{k: v for k, v in last.items() if k != "batch_ids"}}, ckpt)
         bar.update(1)

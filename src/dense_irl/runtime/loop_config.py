@@ -20,6 +20,15 @@ from dense_irl.runtime.rollout import RolloutConfig
 
 
 @dataclass
+class PublishConfig:
+    """Live publishing: every reward-model checkpoint of the run goes live in a running ``dense-irl serve``."""
+
+    publish_url: str = ""  # e.g. http://127.0.0.1:8000 ("" = off); it must be able to read output_dir
+    token: str = ""  # its bearer token ("" = env DENSE_IRL_TOKEN, else none)
+    timeout_s: float = 120.0  # how long one reload may take (the server waits for its replicas)
+
+
+@dataclass
 class LoopConfig:
     """`dense-irl train`: the whole online IRL run."""
 
@@ -30,6 +39,7 @@ class LoopConfig:
     rl: RLConfig = field(default_factory=RLConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    serve: PublishConfig = field(default_factory=PublishConfig)
     iterations: int = 9
     minutes: float = 0.0  # wall-clock cap on the iterations (0: none); the last one is checkpointed
     prompts_per_iteration: int = 16
@@ -63,6 +73,11 @@ class LoopConfig:
         self.rl.check()
         check_schedule("reward", self.reward, self.iterations * self.reward_steps)
         check_schedule("rl", self.rl, self.iterations * self.rl.ppo_steps)
+        url = self.serve.publish_url
+        if url and not url.startswith(("http://", "https://")):
+            raise ConfigError(f"serve.publish_url must be the http(s) URL of a running dense-irl serve, got {url!r}")
+        if self.serve.publish_url and self.checkpoint_every < 1:
+            raise ConfigError("serve.publish_url publishes each checkpoint, but checkpoint_every is 0 (none is written)")
         if self.reward_backbone and not (Path(self.reward_backbone).expanduser() / "config.json").is_file():
             raise MissingFileError(f"reward_backbone: no HF model folder at {self.reward_backbone} "
                                    "(expected config.json)")

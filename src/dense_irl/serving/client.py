@@ -93,6 +93,12 @@ def server_info(url: str = DEFAULT_URL, token: str | None = None, timeout: float
     return request("GET", "/v1/models", url, token, None, timeout)
 
 
+def publish(reward_model: str, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 120.0) -> dict:
+    """Make ``reward_model`` (a checkpoint folder the server can read) the live checkpoint of a running
+    ``dense-irl serve`` (``POST /admin/reload``: every replica, no downtime); returns its answer."""
+    return request("POST", "/admin/reload", url, token, {"reward_model": str(reward_model)}, timeout)
+
+
 def score_file(
     path: str,
     out: str | None = None,
