@@ -37,18 +37,13 @@ def _local(path: str):
 
 def _in_process(path: str, body: dict, how: str) -> dict:
     from dense_irl.serving.requests import query_chains
-    from dense_irl.serving.schemas import GetRewardRequest, aggregate
+    from dense_irl.serving.schemas import GetRewardRequest, get_reward_answer
 
     rm = _local(path)
     chains = query_chains(GetRewardRequest(**body), rm.tokenizer, rm.config.separator)
     with _LOCK:
         scored = rm.score(chains)
-    rewards = [aggregate(s.step_rewards, how) for s in scored]
-    return {"rewards": rewards, "scores": rewards, "extra_logs": {
-        "task_reward": [s.task_reward for s in scored],
-        "min_step_reward": [min(s.step_rewards, default=0.0) for s in scored],
-        "first_error": [float(s.first_error) for s in scored],
-        "steps_scored": [float(s.steps_scored) for s in scored]}}
+    return get_reward_answer(scored, how)
 
 
 def reward_func(queries, prompts, labels) -> dict:

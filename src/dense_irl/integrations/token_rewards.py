@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from dense_irl.serving.vllm_api import _from_markup
+from dense_irl.serving.vllm_api import chat_turns
 
 Chain = tuple[str, list[str]]
 PLACES = ("last", "spread")
@@ -20,15 +20,23 @@ PLACES = ("last", "spread")
 
 def prompt_text(tokenizer, prompt_ids: list[int]) -> str:
     """The problem a chat-templated (or plain) prompt asks: the last user turn, or the plain decoded text."""
-    chat = _from_markup(tokenizer.decode(prompt_ids, skip_special_tokens=False))  # it ends with the assistant turn
+    chat = chat_turns(tokenizer.decode(prompt_ids, skip_special_tokens=False))  # it ends with the assistant turn
     return chat[0] if chat is not None else tokenizer.decode(prompt_ids, skip_special_tokens=True).strip()
 
 
 def step_end_tokens(tokenizer, response_ids: list[int], separator: str) -> tuple[list[str], list[int]]:
-    """``(steps, index of each step's last token)`` of a response, from the characters each token decodes to."""
-    ends_at = []  # decoded length after each token
-    for j in range(len(response_ids)):
-        ends_at.append(len(tokenizer.decode(response_ids[: j + 1], skip_special_tokens=True)))
+    """``(steps, index of each step's last token)`` of a response, from the characters its token prefixes
+    decode to (a binary search per step: O(steps x log tokens) decodes, not one per token)."""
+    def decoded_len(j: int) -> int:  # characters the first j + 1 tokens decode to (non-decreasing in j)
+        return len(tokenizer.decode(response_ids[: j + 1], skip_special_tokens=True))
+
+    def last_token(char: int) -> int:  # the first token whose prefix reaches ``char``: a binary search
+        lo, hi = 0, len(response_ids) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if decoded_len(mid) < char else (lo, mid)
+        return lo
+
     text = tokenizer.decode(response_ids, skip_special_tokens=True)
     steps, ends, pos = [], [], 0
     for piece in text.split(separator):
@@ -37,9 +45,8 @@ def step_end_tokens(tokenizer, response_ids: list[int], separator: str) -> tuple
         if not piece.strip():
             continue
         last_char = start + len(piece.rstrip())  # the step ends at its last non-space character
-        token = next((j for j, n in enumerate(ends_at) if n >= last_char), len(response_ids) - 1)
         steps.append(piece.strip())
-        ends.append(token)
+        ends.append(last_token(last_char))
     return steps, ends  # steps == data.layout.split_steps(text, separator): the split dense-irl trains on
 
 

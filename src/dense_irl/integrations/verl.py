@@ -27,23 +27,6 @@ from verl.workers.reward_manager.abstract import AbstractRewardManager
 from dense_irl.integrations.token_rewards import PLACES, dense_rewards
 
 
-def _http_scorer(url: str, token: str | None, batch: int, timeout: float):
-    import httpx
-
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-
-    def score(chains):
-        out = []
-        for i in range(0, len(chains), batch):
-            items = [{"prompt": p, "steps": s} for p, s in chains[i : i + batch]]
-            r = httpx.post(url.rstrip("/") + "/v1/score", json={"items": items}, headers=headers, timeout=timeout)
-            r.raise_for_status()
-            out += [item["step_rewards"] for item in r.json()["items"]]
-        return out
-
-    return score
-
-
 @register("dense_irl")
 class DenseIRLRewardManager(AbstractRewardManager):
     """Dense step rewards from a dense-irl reward model, for verl (see the module docstring)."""
@@ -65,8 +48,12 @@ class DenseIRLRewardManager(AbstractRewardManager):
             self.separator = separator or rm.config.separator
             self.score = lambda chains: [s.step_rewards for s in rm.score(chains, batch_size)]
         else:
-            self.separator = separator or "\n"
-            self.score = _http_scorer(url, token or os.environ.get("DENSE_IRL_TOKEN"), batch_size, timeout)
+            from dense_irl.serving.client import score_chains, server_info
+
+            token = token or os.environ.get("DENSE_IRL_TOKEN")
+            self.separator = separator or server_info(url, token)["data"][0]["separator"]  # the live checkpoint's
+            self.score = lambda chains: [r["step_rewards"] for r in score_chains(chains, url, token, batch_size,
+                                                                                   timeout)]
 
     def __call__(self, data: DataProto, return_dict: bool = False):
         prompts_t, responses_t = data.batch["prompts"], data.batch["responses"]

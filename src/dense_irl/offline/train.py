@@ -142,14 +142,13 @@ def cache_features(features: FrozenFeatures, rm: RewardModel, demos, experts: li
     flat = [c for i in experts for c in chains[i]]
     enc = encode_chains(rm.tokenizer, flat, rm.config.max_length, rm.config.separator)
     groups = micro_batches(row_lengths(enc), max_tokens or int(enc.attention_mask.numel()))
-    done = 0
+    done, device_type = 0, rm.g_head.weight.device.type
     with tqdm(total=int(enc.attention_mask.sum()), desc="reward features", unit="tok", unit_scale=True,
               mininterval=2) as bar:
         for rows in groups:
             if deadline is not None and time.monotonic() > deadline:
                 break
             before = features.tokens_computed
-            device_type = rm.g_head.weight.device.type
             with torch.autocast(device_type, autocast_dtype) if autocast_dtype else contextlib.nullcontext():
                 features.fill(select_rows(enc, rows))
             bar.update(features.tokens_computed - before)

@@ -58,6 +58,7 @@ from dense_irl.serving.schemas import (
     ServeArgs,
     aggregate,
     chain_result,
+    get_reward_answer,
 )
 
 TOKEN_ENV = "DENSE_IRL_TOKEN"
@@ -236,17 +237,7 @@ class RewardScorer:
         for i, (prompt, steps) in enumerate(chains):
             self._check(prompt, steps, f"query[{i}]")
         scored = [s for s, _ in await self._score_all(chains)]
-        rewards = [aggregate(s.step_rewards, self.args.reward_aggregate) for s in scored]
-        return {
-            "rewards": rewards,
-            "scores": rewards,
-            "extra_logs": {
-                "task_reward": [s.task_reward for s in scored],
-                "min_step_reward": [min(s.step_rewards, default=0.0) for s in scored],
-                "first_error": [float(s.first_error) for s in scored],
-                "steps_scored": [float(s.steps_scored) for s in scored],
-            },
-        }
+        return get_reward_answer(scored, self.args.reward_aggregate)
 
     async def _vllm(self, request: Request, model: type) -> tuple[Any, list[ChainScore], float, int]:
         """Parse and score a vLLM-shaped request: ``(body, scores, threshold, prompt tokens)``."""

@@ -191,6 +191,22 @@ def aggregate(step_rewards: list[float], how: str) -> float:
     return {"sum": sum, "min": min, "last": lambda r: r[-1]}[how](step_rewards)
 
 
+def get_reward_answer(scored: list[ChainScore], how: str) -> dict:
+    """OpenRLHF's ``/get_reward`` answer for scored chains: ``rewards`` (the ``how`` aggregate of each chain's
+    step rewards), ``scores`` (the same) and per-query ``extra_logs``."""
+    rewards = [aggregate(s.step_rewards, how) for s in scored]
+    return {
+        "rewards": rewards,
+        "scores": rewards,
+        "extra_logs": {
+            "task_reward": [s.task_reward for s in scored],
+            "min_step_reward": [min(s.step_rewards, default=0.0) for s in scored],
+            "first_error": [float(s.first_error) for s in scored],
+            "steps_scored": [float(s.steps_scored) for s in scored],
+        },
+    }
+
+
 def chain_result(score: ChainScore, version: str, steps_given: int) -> dict:
     """The JSON answer for one scored chain."""
     return {

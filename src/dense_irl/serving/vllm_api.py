@@ -133,7 +133,7 @@ def _content(m: ChatMessage) -> str:
     return m.content or ""
 
 
-def _from_markup(text: str) -> tuple[str, str] | None:
+def chat_turns(text: str) -> tuple[str, str] | None:
     """``(user prompt, assistant response)`` of a chat-templated text, or None if it has no known markup."""
     for user, assistant, end in CHAT_MARKUPS:
         a = text.rfind(assistant)
@@ -163,7 +163,7 @@ def text_chain(text: str, separator: str, step_tag: str = STEP_TAG) -> tuple[str
     (``question\\nStep 1<extra_0>Step 2<extra_0>``). Plain text without tags: ``prompt SEP step SEP ...``, the
     layout dense-irl trains on.
     """
-    chat = _from_markup(text)
+    chat = chat_turns(text)
     if chat is not None:
         return chat[0], _steps(chat[1], separator, step_tag) or [""]
     if step_tag and step_tag in text:
