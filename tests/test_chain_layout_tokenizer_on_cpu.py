@@ -135,7 +135,7 @@ def test_premise_pieces_apart_differ_from_one_piece(world):
 @pytest.fixture(scope="module")
 def rollouts(world):
     """Samples of the hf engine (in process), with the ids each generate call was given."""
-    from dense_irl.runtime.rollout import HFEngine, RolloutConfig
+    from dense_irl.sampling.engines import HFEngine, RolloutConfig
 
     engine = HFEngine(world.path, seed=0)
     calls, generate_ = [], engine.model.generate

@@ -121,6 +121,33 @@ def test_label_writes_trl_and_processbench_rows_that_load_back(trained, tmp_path
     assert code == 2 and "give a .jsonl path" in err
 
 
+def test_label_output_loads_with_trl_dataset_code(trained, tmp_path, capsys):
+    """TRL's own path: HF datasets reads the JSONL, PRMTrainer.tokenize_row turns each row into token labels."""
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("trl")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.prm import PRMTrainer
+
+    from dense_irl.models.reward_model import RewardModel
+
+    _run(capsys, "data", "synth", tmp_path / "chains.parquet", "--n", 6, "--seed", 3)
+    out = tmp_path / "trl.jsonl"
+    code, _, err = _run(capsys, "label", tmp_path / "chains.parquet", out, "--reward-model", trained / "reward_model")
+    assert code == 0, err
+    ds = datasets.load_dataset("json", data_files=str(out), split="train")
+    assert len(ds) == 6 and {"prompt", "completions", "labels"} <= set(ds.column_names)
+    tok = RewardModel.from_pretrained(trained / "reward_model").tokenizer
+    # What PRMTrainer.__init__ maps over its train_dataset (TRL 1.10, trl/experimental/prm/prm_trainer.py).
+    ints = datasets.Features({"labels": datasets.Sequence(datasets.Value("int64")),
+                              "input_ids": datasets.Sequence(datasets.Value("int64"))})
+    tokenized = ds.map(PRMTrainer.tokenize_row, remove_columns=ds.features, features=ints, fn_kwargs={
+        "tokenizer": tok, "step_separator": "\n", "max_length": None, "max_completion_length": None,
+        "train_on_last_step_only": False, "is_eval": False})
+    for row, t in zip(ds, tokenized):
+        marked = [x for x in t["labels"] if x != -100]
+        assert marked == [int(v) for v in row["labels"]] and len(t["input_ids"]) == len(t["labels"])
+
+
 def test_unknown_config_key_is_one_clear_error(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("reward:\n  objectve: airl\n")

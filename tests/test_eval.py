@@ -439,7 +439,7 @@ def test_load_bon_real_gsm8k():
     assert first["reference_answer"] == "18"
     best = first["candidates"][3]  # 175b_verification, the correct one
     assert best["model"] == "175b_verification" and best["is_correct"]
-    assert best["steps"][-1] == "A: 18" and best["answer"] == "18" and len(best["steps"]) == 4
+    assert best["steps"][-1] == "The answer is 18." and best["answer"] == "18" and len(best["steps"]) == 4
     # Truncated solutions (no final A: line) load with answer None.
     assert any(c["answer"] is None for p in problems for c in p["candidates"])
 

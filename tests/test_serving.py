@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from dense_irl.data.synthetic import SyntheticConfig, generate
-from dense_irl.models.factory import ModelConfig, load_policy
+from dense_irl.models.factory import ModelConfig, load_policy, save_policy
 from dense_irl.models.reward_model import RewardModel, RewardModelConfig
 
 # Ray's own pydantic models warn about deprecated Field arguments on import; not ours to fix.
@@ -39,6 +39,8 @@ def checkpoints(tmp_path_factory):
         ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), texts
     )
     out, models = {}, {}
+    out["policy"] = str(tmp_path_factory.mktemp("policy") / "policy")  # the sampler of /v1/search
+    save_policy(policy, tok, out["policy"])
     for version in ("1", "2"):
         rm = RewardModel(policy, tok, RewardModelConfig(version=version, terms="heads"))
         torch.manual_seed(int(version))
@@ -63,6 +65,7 @@ def _deploy_config(base: dict, paths: dict, port: int, open_user_config: dict | 
     app = cfg["applications"][0]
     app["args"].update(reward_model=paths["1"], num_cpus=0.5, batch_wait_timeout_s=0.05, **LIMITS)
     secure = copy.deepcopy(app)
+    app["args"].update(policy=paths["policy"], max_search_samples=8, max_search_tokens=200)  # /v1/search here only
     secure.update(name="secure", route_prefix="/secure")
     secure["args"].update(token=TOKEN, poll_s=0.2, batch_wait_timeout_s=0.005)
     secure["deployments"][0]["num_replicas"] = 2
@@ -310,6 +313,29 @@ def test_concurrent_requests_are_batched(server):
     assert after["largest_batch"] >= 2
 
 
+def test_search_endpoint_best_of_n_and_beam(server):
+    c = server["client"]
+    r = c.post("/v1/search", json={"prompt": PROMPT, "n": 3, "max_new_tokens": 24, "aggregation": "mean"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    (res,) = body["results"]
+    assert body["method"] == "best_of_n" and body["version"] == "1" and len(res["candidates"]) == 3
+    assert 0 < res["tokens_generated"] <= 3 * 24 and res["completion"] == "\n".join(res["steps"])
+    scored = [cand["score"] for cand in res["candidates"] if cand["score"] is not None
+              and cand["finished"] == res["finished"]]
+    assert res["score"] == max(scored)
+    r = c.post("/v1/search", json={"prompts": [PROMPT, "Mia has 3 apples. How many apples does Mia have?"],
+                                   "method": "beam", "beam_width": 2, "expand": 2, "max_steps": 3,
+                                   "max_step_tokens": 12, "seed": 3})
+    assert r.status_code == 200, r.text
+    for res in r.json()["results"]:
+        assert len(res["candidates"]) <= 2 and len(res["steps"]) <= 3
+        assert len(res["step_scores"]) == len(res["steps"])
+    # A server without a policy says how to get one.
+    r = c.post("/secure/v1/search", json={"prompt": PROMPT, "max_new_tokens": 24}, headers=AUTH)
+    assert r.status_code == 501 and "--policy" in r.json()["detail"]
+
+
 # ---------------------------------------------------------------------------- bad input
 
 
@@ -341,6 +367,13 @@ BAD = [
     ("query not a list", "/get_reward", {"query": "a"}, 422, "list"),
     ("lengths differ", "/get_reward", {"query": ["a", "b"], "prompts": ["a"]}, 422, "'prompts' has 1"),
     ("unknown get_reward field", "/get_reward", {"query": ["a"], "responses": ["b"]}, 422, "responses"),
+    ("search: prompt and prompts", "/v1/search", {"prompt": "a", "prompts": ["b"]}, 422, "exactly one"),
+    ("search: unknown method", "/v1/search", {"prompt": "a", "method": "mcts"}, 422, "best_of_n"),
+    ("search: greedy temperature", "/v1/search", {"prompt": "a", "temperature": 0}, 422, "search.temperature"),
+    ("search: too many samples", "/v1/search", {"prompts": ["a", "b", "c"], "n": 4}, 413, "max_search_samples=8"),
+    ("search: too many tokens", "/v1/search", {"prompt": "a", "method": "beam", "max_step_tokens": 50}, 413,
+     "max_step_tokens x max_steps), over the limit max_search_tokens=200"),
+    ("search: too many tokens (best_of_n)", "/v1/search", {"prompt": "a"}, 413, "(max_new_tokens), over the limit"),
     ("relative reload path", "/admin/reload", {"reward_model": "runs/rm"}, 422, "absolute"),
     ("missing reload path", "/admin/reload", {"reward_model": "/nonexistent/rm"}, 422, "not found"),
 ]

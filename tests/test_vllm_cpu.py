@@ -66,7 +66,8 @@ def _hf_logprobs(path: str, prompt: str, ids: list[int], temperature: float) -> 
 def test_vllm_engine_samples_greedy_and_loads_new_weights(ray_session, policies):
     ray = ray_session
     from dense_irl.data.layout import split_steps
-    from dense_irl.runtime.rollout import RolloutConfig, RolloutWorker
+    from dense_irl.runtime.rollout import RolloutWorker
+    from dense_irl.sampling.engines import RolloutConfig
 
     path_a, path_b, all_prompts = policies
     prompts = all_prompts[:3]
@@ -157,7 +158,8 @@ def test_unsupported_head_size_is_a_clear_error(ray_session, tmp_path):
     """vLLM's CPU attention has no kernel for head size 16: the worker says so when it starts."""
     ray = ray_session
     from dense_irl.models.factory import ModelConfig, build_tiny, save_policy
-    from dense_irl.runtime.rollout import RolloutConfig, RolloutWorker
+    from dense_irl.runtime.rollout import RolloutWorker
+    from dense_irl.sampling.engines import RolloutConfig
 
     model, tok = build_tiny(ModelConfig(hidden_size=32, num_heads=2, intermediate_size=64), ["1 + 2 = 3"], 0)
     save_policy(model, tok, tmp_path / "policy")
@@ -186,7 +188,8 @@ def test_vllm_engine_continues_from_the_layout_with_a_qwen2_style_tokenizer(ray_
     from dense_irl.algo.batches import Experience
     from dense_irl.data.layout import prompt_ids, split_steps, token_steps
     from dense_irl.models.chains import token_logprobs
-    from dense_irl.runtime.rollout import RolloutConfig, RolloutWorker
+    from dense_irl.runtime.rollout import RolloutWorker
+    from dense_irl.sampling.engines import RolloutConfig
 
     world, tok = qwen2_world, qwen2_world.tok
     prompts = [d.prompt for d in world.demos]
@@ -228,3 +231,18 @@ def test_vllm_engine_continues_from_the_layout_with_a_qwen2_style_tokenizer(ray_
     assert [g[0].token_ids for g in v] == [g[0].token_ids for g in h]
     for a in (vllm, hf):
         ray.kill(a)
+
+
+def test_vllm_next_steps_match_hf_greedy_token_for_token(policies):
+    """Step search's one-step continuation: both engines stop after the separator, on the same ids."""
+    from dense_irl.data.layout import prefix_ids
+    from dense_irl.sampling.engines import HFEngine, RolloutConfig, VLLMEngine
+
+    a, _, prompts = policies
+    cfg = RolloutConfig(temperature=0.0, max_new_tokens=24)
+    chains = [(p, []) for p in prompts[:2]] + [(prompts[0], ["He finds 5 more: 7 + 5 = 12."])]
+    hf, vl = HFEngine(a, device="cpu"), VLLMEngine(a, cfg=RolloutConfig(engine="vllm"))
+    for h, v, (prompt, steps) in zip(hf.next_steps(chains, 1, cfg, SEP), vl.next_steps(chains, 1, cfg, SEP), chains):
+        assert v[0].prompt_ids == h[0].prompt_ids == prefix_ids(hf.tokenizer, prompt, steps, SEP)
+        assert v[0].token_ids == h[0].token_ids and v[0].steps == h[0].steps
+        assert v[0].finished == h[0].finished

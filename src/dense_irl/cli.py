@@ -11,7 +11,8 @@
     dense-irl eval localisation --reward-model PATH --data FILE.jsonl [--out report.json]
                                 [--calibration FILE.jsonl] [--policy PATH] [--plots N]
     dense-irl eval bon --reward-model PATH --data FILE.jsonl [--out report.json] [--policy PATH]
-    dense-irl serve --reward-model PATH [--host 127.0.0.1] [--port 8000] [--replicas N] [--token T] ...
+    dense-irl search --policy PATH --reward-model PATH --data FILE [--out F] [--config FILE] [--search.key=value ...]
+    dense-irl serve --reward-model PATH [--policy PATH] [--host 127.0.0.1] [--port 8000] [--replicas N] [--token T] ...
     dense-irl score [--url URL] (--prompt P --step S [--step S ...] | --text T | --data FILE [--out F] | --info)
     dense-irl demo [--out runs/demo] [--config FILE] [--offline] [--key.sub=value ...]
 
@@ -146,7 +147,18 @@ def _serve(args) -> None:
 
     serve_forever({"reward_model": args.reward_model, "num_replicas": args.replicas, "num_cpus": args.num_cpus,
                    "num_gpus": args.num_gpus, "token": args.token, "max_batch_size": args.max_batch_size,
-                   "reward_aggregate": args.reward_aggregate, "step_tag": args.step_tag}, args.host, args.port)
+                   "reward_aggregate": args.reward_aggregate, "step_tag": args.step_tag, "policy": args.policy},
+                  args.host, args.port)
+
+
+def _search(args, overrides: list[str]) -> None:
+    from dense_irl.config import load_config
+    from dense_irl.search.config import SearchJobConfig
+    from dense_irl.search.run import run_search
+
+    named = [f"--{k}={v}" for k, v in (("policy", args.policy), ("reward_model", args.reward_model),
+                                      ("data", args.data), ("out", args.out), ("engine", args.engine)) if v]
+    print(json.dumps(run_search(load_config(SearchJobConfig, args.config, named + overrides)), indent=2))
 
 
 def _label(args) -> None:
@@ -247,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--batch-size", type=int, default=32, help="chains per forward pass")
     lb.add_argument("--skip-bad", action="store_true", help="skip and count bad input rows instead of stopping")
 
+    se = sub.add_parser("search", help="reward-guided search: Best-of-N or step-level beam search over prompts")
+    se.add_argument("--config", default=None, help="YAML of `dense-irl search` (SearchJobConfig; default: defaults)")
+    se.add_argument("--policy", default=None, help="the policy that samples (a save_pretrained folder)")
+    se.add_argument("--reward-model", default=None, help="the reward model that ranks")
+    se.add_argument("--data", default=None, help="prompts: any data file, or JSONL {prompt, answer?}")
+    se.add_argument("--out", default=None, help="JSONL of results, one row per prompt (default: search.jsonl)")
+    se.add_argument("--engine", choices=["hf", "vllm"], default=None, help="the rollout engine (default: hf)")
+
     sv = sub.add_parser("serve", help="serve a reward model over HTTP (Ray Serve; endpoints in the README)")
     sv.add_argument("--reward-model", required=True, help="reward model checkpoint folder")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
@@ -259,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--reward-aggregate", choices=["sum", "min", "last"], default="sum",
                     help="/get_reward's and /classify's reward")
     sv.add_argument("--step-tag", default="<extra_0>", help="/pooling, /classify: the marker that ends each step")
+    sv.add_argument("--policy", default=None, help="a policy folder: enables POST /v1/search (sampled on the replica)")
     sc = sub.add_parser("score", help="score chains with a running 'dense-irl serve'")
     sc.add_argument("--url", default="http://127.0.0.1:8000")
     sc.add_argument("--token", default=None, help="default: env DENSE_IRL_TOKEN")
@@ -289,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     overrides = [a for a in rest if a.startswith("--") and "=" in a]
     stray = [a for a in rest if a not in overrides]
-    if stray or (overrides and args.cmd not in ("train-reward", "train", "tune", "demo")):
+    if stray or (overrides and args.cmd not in ("train-reward", "train", "tune", "demo", "search")):
         print(f"error: unrecognised arguments: {' '.join(stray or overrides)}", file=sys.stderr)
         return 2
     from dense_irl.logs import quiet
@@ -312,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
             _score(args)
         elif args.cmd == "label":
             _label(args)
+        elif args.cmd == "search":
+            _search(args, overrides)
         elif args.cmd == "demo":
             _demo(args, overrides)
     except UserError as e:

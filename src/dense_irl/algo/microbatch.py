@@ -49,6 +49,7 @@ def select_rows(enc: EncodedBatch, rows: list[int]) -> EncodedBatch:
         step_ids=enc.step_ids[idx, :T], step_start=enc.step_start[idx, :S], step_end=enc.step_end[idx, :S],
         step_mask=enc.step_mask[idx, :S], n_steps=[enc.n_steps[i] for i in rows],
         n_steps_given=[enc.n_steps_given[i] for i in rows],
+        partial=None if enc.partial is None else [enc.partial[i] for i in rows],
     )
 
 

@@ -16,6 +16,12 @@ def normalise_answer(ans: str) -> str:
     return re.sub(r"\.0+$", "", a)
 
 
+def final_answer(text: str) -> str | None:
+    """The last final answer ``text`` states (``the answer is N`` or ``#### N``), normalised; None when none."""
+    found = FINAL_ANSWER_RE.findall(text)
+    return normalise_answer(found[-1]) if found else None
+
+
 def is_correct(demo: Demonstration, completion: str) -> bool:
     """Whether ``completion``'s final answer is right: the synthetic verifier, else the demo's ``answer``."""
     if demo.source == "synthetic":

@@ -52,6 +52,7 @@ class EncodedBatch:
     step_mask: torch.Tensor  # (B, S) True where the step exists (was not truncated)
     n_steps: list[int]  # steps kept per chain
     n_steps_given: list[int]  # steps given per chain
+    partial: list[bool] | None = None  # True where more steps follow the chain's last (a search's partial chain)
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -95,10 +96,19 @@ def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-def _step_pieces(tokenizer, steps: list[str], separator: str) -> list[list[int]]:
-    """Each step's ids and its closing ``SEP`` (``</s>`` for the last), tokenised apart."""
+def _step_pieces(tokenizer, steps: list[str], separator: str, finished: bool = True) -> list[list[int]]:
+    """Each step's ids and its closing ``SEP`` (``</s>`` for the last of a ``finished`` chain), tokenised apart."""
     sep, eos = _ids(tokenizer, separator), _special(tokenizer, "eos")
-    return [_ids(tokenizer, step) + (eos if k == len(steps) - 1 else sep) for k, step in enumerate(steps)]
+    return [_ids(tokenizer, step) + (eos if finished and k == len(steps) - 1 else sep) for k, step in enumerate(steps)]
+
+
+def prefix_ids(tokenizer, prompt: str, steps: list[str], separator: str) -> list[int]:
+    """The ids a chain continues from after ``steps``: ``<s> prompt SEP step_0 SEP ... step_k SEP``.
+
+    The next step a policy samples from here lands exactly where :func:`encode_chains` puts it (step search
+    expands partial chains from these ids)."""
+    pieces = _step_pieces(tokenizer, steps, separator, finished=False)
+    return prompt_ids(tokenizer, prompt, separator) + [t for piece in pieces for t in piece]
 
 
 def chain_length(tokenizer, chain: Chain, separator: str) -> int:
@@ -108,15 +118,21 @@ def chain_length(tokenizer, chain: Chain, separator: str) -> int:
     return len(prompt_ids(tokenizer, prompt, separator)) + sum(map(len, pieces))
 
 
-def encode_chains(tokenizer, chains: list[Chain], max_length: int, separator: str = "\n") -> EncodedBatch:
-    """Tokenise ``chains`` into one padded batch; see the module docstring for the layout."""
+def encode_chains(tokenizer, chains: list[Chain], max_length: int, separator: str = "\n",
+                  finished: list[bool] | None = None) -> EncodedBatch:
+    """Tokenise ``chains`` into one padded batch; see the module docstring for the layout.
+
+    ``finished[b]`` False: chain ``b`` is a partial chain (more steps to come), so its last step is closed by
+    ``SEP``, not ``</s>`` (a step search scores partial chains; default: every chain is finished)."""
     if not chains:
         raise ValueError("encode_chains got no chains")
+    if finished is not None and len(finished) != len(chains):
+        raise ValueError(f"encode_chains got {len(finished)} finished flags for {len(chains)} chains")
     bos = _special(tokenizer, "bos")
     rows, spans_all = [], []
-    for prompt, steps in chains:
+    for b, (prompt, steps) in enumerate(chains):
         ids = prompt_ids(tokenizer, prompt, separator)
-        pieces = _step_pieces(tokenizer, steps, separator)
+        pieces = _step_pieces(tokenizer, steps, separator, True if finished is None else finished[b])
         # An over-long prompt loses its beginning (not its steps) so the first step still fits.
         room = max_length - min(len(pieces[0]) if pieces else 0, max_length // 2)
         if len(ids) > room:
@@ -147,6 +163,7 @@ def encode_chains(tokenizer, chains: list[Chain], max_length: int, separator: st
     return EncodedBatch(
         input_ids, attention_mask, step_ids, step_start, step_end, step_mask,
         [len(s) for s in spans_all], [len(c[1]) for c in chains],
+        None if finished is None else [not f for f in finished],
     )
 
 

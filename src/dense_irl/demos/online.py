@@ -32,7 +32,7 @@ from dense_irl.io import write_json
 from dense_irl.models.reward_model import RewardModel
 from dense_irl.runtime.driver import latest_checkpoint, run_iterations, start_driver
 from dense_irl.runtime.loop_config import LoopConfig
-from dense_irl.runtime.rollout import HFEngine, RolloutConfig
+from dense_irl.sampling.engines import HFEngine, RolloutConfig
 
 PRESET = "demo_online"  # dense_irl/presets/demo_online.yaml
 

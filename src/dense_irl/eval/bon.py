@@ -18,7 +18,7 @@ import numpy as np
 
 from dense_irl.data.answers import normalise_answer
 from dense_irl.data.layout import split_steps
-from dense_irl.data.readers import jsonl_rows
+from dense_irl.data.readers import ANSWER_STEP, jsonl_rows
 from dense_irl.errors import ConfigError, DataError, MissingFileError
 from dense_irl.eval.localisation import ScoreFn, check_lengths, n_truncated, score_in_batches
 
@@ -67,9 +67,10 @@ def _gsm8k_problem(row: dict, path: Path, ln: int) -> dict:
         steps = split_steps(sol["solution"], "\n")
         if not steps:
             raise DataError(path, ln, f"{m}.solution", "empty solution")
-        cands.append(
-            {"steps": steps, "is_correct": sol["is_correct"], "answer": _answer_of(steps), "model": m}
-        )
+        answer = _answer_of(steps)
+        if answer is not None:  # the final-answer step as every GSM8K chain here ends (data.readers.ANSWER_STEP)
+            steps[-1] = ANSWER_STEP.format(answer)
+        cands.append({"steps": steps, "is_correct": sol["is_correct"], "answer": answer, "model": m})
     out = {"problem": row["question"], "candidates": cands}
     if isinstance(row.get("ground_truth"), str):
         out["reference_answer"] = _answer_of(split_steps(row["ground_truth"], "\n"))
@@ -106,7 +107,8 @@ def load_bon(path: str | Path) -> list[dict]:
 
     Two row formats: GSM8K's ``example_model_solutions.jsonl`` (``question``, ``ground_truth`` and
     one ``{is_correct, solution}`` object per model; each non-empty solution line is a step and the
-    last line ``A: <answer>`` is kept as the last step), or the generic
+    last line ``A: <answer>`` becomes the step ``The answer is <answer>.``, the final step of every GSM8K
+    chain the reader, the perturbations and training produce), or the generic
     ``{problem, candidates: [{steps: [..], is_correct: bool, answer?: str}]}`` (a missing answer is
     read from a last step ``A: x``). A candidate without an answer (a truncated solution) keeps
     ``answer`` None. A bad row raises :class:`DataError` naming the file, line and field.

@@ -164,9 +164,11 @@ class RewardModel(nn.Module):
         if "heads" in terms and self.config.potential:
             h = self.h_head(hidden)[..., 0]
             h_before = h.gather(1, (start - 1).clamp(min=0))
-            # The state after the chain's last step is terminal: its potential is 0.
+            # The state after a finished chain's last step is terminal: its potential is 0.
             n_steps = torch.tensor(enc.n_steps, device=device)
             last = torch.arange(S, device=device)[None] == (n_steps - 1)[:, None]
+            if enc.partial is not None:
+                last = last & ~torch.tensor(enc.partial, device=device)[:, None]
             h_after = h.gather(1, end).masked_fill(last, 0.0)
             step_r = step_r + gamma * h_after - h_before
         step_r = step_r.masked_fill(~enc.step_mask.to(device), 0.0)
@@ -178,11 +180,13 @@ class RewardModel(nn.Module):
                 "h_before": h_before, "h_after": h_after}
 
     @torch.no_grad()
-    def score(self, chains: list[Chain], batch_size: int = 32, progress: str | None = None) -> list[ChainScore]:
+    def score(self, chains: list[Chain], batch_size: int = 32, progress: str | None = None,
+              finished: list[bool] | None = None) -> list[ChainScore]:
         """Score every step of every chain (one forward pass per batch, never one per prefix).
 
         Chains are batched by length (less padding) and returned in the order given; ``progress`` labels a
-        progress bar over the chains (None: none)."""
+        progress bar over the chains (None: none); ``finished[i]`` False scores chain ``i`` as a partial chain
+        whose last step is followed by more (``data.layout.encode_chains``)."""
         from tqdm import tqdm
 
         self.eval()
@@ -192,7 +196,7 @@ class RewardModel(nn.Module):
             for i in range(0, len(order), batch_size):
                 idx = order[i : i + batch_size]
                 enc = encode_chains(self.tokenizer, [chains[j] for j in idx], self.config.max_length,
-                                    self.config.separator)
+                                    self.config.separator, None if finished is None else [finished[j] for j in idx])
                 step_r = self(enc)["step_scores"].float().cpu()
                 for b, n in enumerate(enc.n_steps):
                     out[idx[b]] = self._chain_score(step_r[b, :n].tolist())

@@ -38,8 +38,9 @@ from dense_irl.io import MetricsLog, write_json
 from dense_irl.runtime.learners import PolicyLearner, RankSpec, RewardLearner
 from dense_irl.runtime.loop_config import LoopConfig
 from dense_irl.runtime.placement import actor_options, place_roles, rendezvous
-from dense_irl.runtime.rollout import RolloutConfig, RolloutWorker
+from dense_irl.runtime.rollout import RolloutWorker
 from dense_irl.runtime.warm_start import warm_start
+from dense_irl.sampling.engines import RolloutConfig
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:

@@ -16,7 +16,7 @@ from dense_irl.errors import ConfigError, MissingFileError
 from dense_irl.models.factory import ModelConfig
 from dense_irl.runtime.learners import LearnerConfig
 from dense_irl.runtime.placement import STRATEGIES
-from dense_irl.runtime.rollout import RolloutConfig
+from dense_irl.sampling.engines import RolloutConfig
 
 
 @dataclass

@@ -4,6 +4,7 @@
     POST /get_reward    OpenRLHF's remote reward model contract {query, prompts, labels}
     POST /pooling       vLLM's pooling API (task token_classify): one [p_wrong, p_right] row per step
     POST /classify      vLLM's classify API: one score per input (verl's reward loop); serving/vllm_api.py
+    POST /v1/search     reward-guided search with the replica's policy (--policy): serving/search_api.py
     GET  /health        liveness and the live checkpoint version (never needs the token)
     GET  /v1/models     which checkpoint (path, version) is live
     POST /admin/reload  {"reward_model": PATH}: load another checkpoint into every replica
@@ -40,7 +41,7 @@ from ray import serve
 from dense_irl.data.layout import chain_length
 from dense_irl.errors import ConfigError, MissingFileError
 from dense_irl.models.reward_model import ChainScore, RewardModel
-from dense_irl.serving import vllm_api
+from dense_irl.serving import search_api, vllm_api
 from dense_irl.serving.model_source import ModelSource
 from dense_irl.serving.requests import item_chain, query_chains
 from dense_irl.serving.schemas import (
@@ -119,6 +120,11 @@ class RewardScorer:
         self.stats = {"requests": 0, "chains": 0, "batches": 0, "largest_batch": 0}
         rm = RewardModel.from_pretrained(self.args.reward_model, self.device)
         self._live = _Live(rm, self.args.reward_model, rm.config.version, time.time())
+        self._engine, self._search_lock = None, asyncio.Lock()
+        if self.args.policy:
+            from dense_irl.sampling.engines import HFEngine
+
+            self._engine = HFEngine(self.args.policy, device=self.device)
         self._score_batch.set_max_batch_size(self.args.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
 
@@ -279,6 +285,12 @@ class RewardScorer:
             return vllm_api.classify_response(body.model or self._live.path, values, body.activated(), tokens)
 
         return await self._vllm_route(request, vllm_api.ClassifyIn, respond)
+
+    @api.post("/v1/search", summary="Reward-guided search: Best-of-N or step-level beam search")
+    async def search(self, body: search_api.SearchRequest) -> dict:
+        """Sample with the replica's policy, rank by the live reward model's step scores (search_api)."""
+        live = self._live
+        return await search_api.respond(body, self._engine, live.rm, live.version, self._search_lock, self.args)
 
     @api.get("/health", response_model=Health, summary="Liveness (open without the token)")
     async def health(self) -> dict:

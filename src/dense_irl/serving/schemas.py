@@ -49,9 +49,15 @@ class ServeArgs(BaseModel):
     max_steps: int = Field(256, ge=1, description="steps per chain")
     max_chars: int = Field(32_000, ge=1, description="characters per chain, prompt included")
     max_tokens: int = Field(8192, ge=1, description="tokens per chain, prompt included")
+    # /v1/search (only with a policy)
+    policy: str | None = Field(None, description="a policy folder: POST /v1/search samples from it on each replica")
+    max_search_samples: int = Field(64, ge=1, description="/v1/search: chains sampled at once (prompts x n, or "
+                                    "prompts x beam_width x expand)")
+    max_search_tokens: int = Field(1024, ge=1, description="/v1/search: tokens generated per chain")
 
 
-LIMIT_NAMES = ("max_body_bytes", "max_chains", "max_steps", "max_chars", "max_tokens")
+LIMIT_NAMES = ("max_body_bytes", "max_chains", "max_steps", "max_chars", "max_tokens", "max_search_samples",
+               "max_search_tokens")
 
 
 class ChainIn(BaseModel):

@@ -1,0 +1,110 @@
+"""``POST /v1/search``: reward-guided search on the server, with the replica's policy sampling and its live
+reward model ranking (``search.step_search``: Best-of-N, step-level beam search, greedy).
+
+    {"prompt": "..." | "prompts": [...], "method": "beam", "beam_width": 2, "expand": 2, "aggregation": "min"}
+    -> {"results": [{"prompt", "completion", "steps", "step_scores", "score", "finished", "answer",
+                     "tokens_generated", "candidates": [...]}], "method", "version"}
+
+Only a server started with a policy (``dense-irl serve --policy PATH``, ``ServeArgs.policy``) searches; others
+answer 501. A request's samples (prompts x ``n``, or prompts x ``beam_width`` x ``expand`` per step) and its
+token budgets are limited (413, naming the limit). One search generates at a time per replica (a lock), in a
+worker thread, so scoring requests keep being served meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict
+from typing import Literal
+
+from fastapi import HTTPException
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from dense_irl.errors import ConfigError
+from dense_irl.search.config import SearchConfig
+from dense_irl.search.step_search import Candidate, reward_model_scorer, search
+
+NO_POLICY = ("this server has no policy to sample from: start it with `dense-irl serve --policy PATH` "
+             "(ServeArgs.policy) to use /v1/search")
+
+
+class SearchRequest(BaseModel):
+    """One search: the prompt(s) and the fields of ``search.config.SearchConfig``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(None, min_length=1)
+    prompts: list[str] | None = Field(None, min_length=1)
+    method: Literal["best_of_n", "beam", "greedy"] = "best_of_n"
+    n: int = Field(4, ge=1, description="best_of_n: chains sampled per prompt")
+    beam_width: int = Field(2, ge=1, description="beam: partial chains kept after each step")
+    expand: int = Field(2, ge=1, description="beam: next steps sampled from each kept chain")
+    max_steps: int = Field(16, ge=1, description="beam: steps per chain at most")
+    aggregation: Literal["min", "last", "sum", "mean"] = "min"
+    temperature: float = Field(0.8, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(256, ge=1, description="best_of_n / greedy: tokens per chain")
+    max_step_tokens: int = Field(64, ge=1, description="beam: tokens per step")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_of(self) -> SearchRequest:
+        if (self.prompt is None) == (self.prompts is None):
+            raise ValueError("give exactly one of 'prompt' and 'prompts'")
+        if self.prompts is not None and any(not p.strip() for p in self.prompts):
+            raise ValueError("every prompt must be non-empty")
+        return self
+
+    def config(self) -> SearchConfig:
+        return SearchConfig(**self.model_dump(exclude={"prompt", "prompts"}))
+
+
+def _samples(body: SearchRequest, n_prompts: int) -> int:
+    per = {"best_of_n": body.n, "beam": body.beam_width * body.expand, "greedy": 1}[body.method]
+    return n_prompts * per
+
+
+def check_limits(body: SearchRequest, args) -> list[str]:
+    """The request's prompts, after the limits (413 naming the limit)."""
+    prompts = body.prompts if body.prompts is not None else [body.prompt]
+    if len(prompts) > args.max_chains:
+        raise HTTPException(413, f"{len(prompts)} prompts in one request, over the limit max_chains={args.max_chains}")
+    for i, p in enumerate(prompts):
+        if len(p) > args.max_chars:
+            raise HTTPException(413, f"prompts[{i}] has {len(p)} characters, over the limit max_chars={args.max_chars}")
+    samples = _samples(body, len(prompts))
+    if samples > args.max_search_samples:
+        raise HTTPException(413, f"the search samples {samples} chains at once, over the limit "
+                                 f"max_search_samples={args.max_search_samples}")
+    beam = body.method == "beam"
+    tokens = body.max_step_tokens * body.max_steps if beam else body.max_new_tokens
+    if tokens > args.max_search_tokens:
+        what = "max_step_tokens x max_steps" if beam else "max_new_tokens"
+        raise HTTPException(413, f"the search may generate {tokens} tokens per chain ({what}), over the limit "
+                                 f"max_search_tokens={args.max_search_tokens}")
+    return prompts
+
+
+def _candidate(c: Candidate) -> dict:
+    return {"steps": c.steps, "step_scores": c.step_scores, "score": c.score if c.steps else None,
+            "finished": c.finished, "answer": c.answer}
+
+
+async def respond(body: SearchRequest, engine, rm, version: str, lock: asyncio.Lock, args) -> dict:
+    """Run the search of ``body`` with ``engine`` sampling and ``rm`` ranking; the response body."""
+    if engine is None:
+        raise HTTPException(501, NO_POLICY)
+    cfg = body.config()
+    try:
+        cfg.check()
+    except ConfigError as e:
+        raise HTTPException(422, str(e)) from e
+    prompts = check_limits(body, args)
+    sep = rm.config.separator
+    async with lock:
+        results = await asyncio.to_thread(search, engine, reward_model_scorer(rm, args.forward_batch_size),
+                                          prompts, cfg, sep, args.forward_batch_size)
+    return {"method": cfg.method, "version": version, "config": asdict(cfg), "results": [
+        {"prompt": r.prompt, "completion": r.best.completion(sep), **_candidate(r.best),
+         "tokens_generated": r.tokens_generated, "candidates": [_candidate(c) for c in r.candidates]}
+        for r in results]}
