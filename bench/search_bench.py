@@ -1,11 +1,11 @@
 """Benchmark (not a test): reward-guided search against greedy decoding, majority vote and the oracle, in one run.
 
-    python bench/search_bench.py --run RUN_DIR [--data FILE] [--n-prompts 200] [--n 4] [--beam-width 2]
-        [--expand 2] [--temperature 1.0] [--max-new-tokens 96] [--max-step-tokens 32] [--threads 0]
-        [--train-preset offline_tiny] [--out bench/results/search.md]
+    python bench/search_bench.py --run RUN_DIR [--data FILE] [--n-prompts 300] [--n 4] [--beam-width 2]
+        [--expand 2] [--temperature 1.0] [--max-new-tokens 160] [--max-step-tokens 48] [--threads 0]
+        [--out bench/results/search.md]
 
-``RUN_DIR`` is a ``dense-irl train-reward`` output (``sft_policy/`` samples, ``reward_model/`` ranks); with
-``--train-preset`` it is trained first when absent. The prompts: ``--data`` (any file ``dense-irl search``
+``RUN_DIR`` is a ``dense-irl train-reward`` output (``sft_policy/`` samples, ``reward_model/`` ranks;
+``make bench-search`` trains one with ``offline_tiny`` first when absent). The prompts: ``--data`` (any file ``dense-irl search``
 reads; answers are checked), else fresh synthetic problems of the run's own task (a seed the run never saw).
 On the same prompts, with the ``hf`` engine:
 
@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,15 +44,14 @@ TEST_SEED = 987_654  # synthetic test problems: a seed no preset trains on
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="a `dense-irl train-reward` output folder")
-    ap.add_argument("--train-preset", default=None, help="train RUN with this config first when it is absent")
     ap.add_argument("--data", default=None, help="prompts with answers (default: synthetic problems of the run's task)")
-    ap.add_argument("--n-prompts", type=int, default=200)
+    ap.add_argument("--n-prompts", type=int, default=300)
     ap.add_argument("--n", type=int, default=4, help="Best-of-N samples per prompt")
     ap.add_argument("--beam-width", type=int, default=2)
     ap.add_argument("--expand", type=int, default=2)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--max-new-tokens", type=int, default=96, help="tokens per chain (greedy, Best-of-N)")
-    ap.add_argument("--max-step-tokens", type=int, default=32, help="tokens per step (beam)")
+    ap.add_argument("--max-new-tokens", type=int, default=160, help="tokens per chain (greedy, Best-of-N)")
+    ap.add_argument("--max-step-tokens", type=int, default=48, help="tokens per step (beam)")
     ap.add_argument("--max-steps", type=int, default=8, help="steps per chain (beam)")
     ap.add_argument("--prompts-per-batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -92,9 +90,6 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     run = Path(args.run)
     t_start = time.monotonic()
-    if not (run / "reward_model").is_dir() and args.train_preset:
-        subprocess.run([sys.executable, "-m", "dense_irl.cli", "train-reward", "--config", args.train_preset,
-                        f"--output_dir={run}"], check=True)
     from dense_irl.data.answers import is_correct
     from dense_irl.models.reward_model import RewardModel
     from dense_irl.sampling.engines import HFEngine
@@ -102,6 +97,9 @@ def main(argv=None) -> dict:
     from dense_irl.search.step_search import aggregate, reward_model_scorer, search
 
     demos, source = _prompts(args, run)
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    trained = (f"{summary['sft_steps']} SFT steps, {summary['reward_steps']} reward steps" if "sft_steps" in summary
+               else "training budget not recorded")
     rm = RewardModel.from_pretrained(run / "reward_model")
     engine = HFEngine(str(run / "sft_policy"), args.seed)
     sep, scorer = rm.config.separator, reward_model_scorer(rm)
@@ -149,7 +147,8 @@ def main(argv=None) -> dict:
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Wall time: "
         f"{time.monotonic() - t_start:.0f} s. Machine: {platform.system()} {platform.machine()}, "
         f"{os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads.", "",
-        f"Run: `{run}` (policy `sft_policy/`, reward model `reward_model/`, readout `{rm.config.readout}`). "
+        f"Run: `{run}` (policy `sft_policy/`, reward model `reward_model/`, readout `{rm.config.readout}`; "
+        f"{trained}). "
         f"Prompts: {source}, {len(demos)} of them. Sampling at temperature {args.temperature}, "
         f"{args.max_new_tokens} tokens per chain at most ({args.max_step_tokens} per step in beam search, "
         f"{args.max_steps} steps). Every Best-of-{args.n} row uses the same samples; intervals are 95% "

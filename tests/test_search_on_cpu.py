@@ -119,6 +119,14 @@ def test_beam_search_keeps_the_best_partial_chains_and_counts_every_token():
     assert len(res.candidates) == 2 and all(c.finished for c in res.candidates)
 
 
+def test_a_finished_chain_that_scores_worse_does_not_end_the_beam_search():
+    table = {(): [("bad end", True), ("good a", False)], ("good a",): [("The answer is 3.", True)] * 2}
+    sampler = ScriptedSampler(table, [])
+    cfg = SearchConfig(method="beam", beam_width=1, expand=2, max_steps=4)
+    (res,) = step_beam_search(sampler, rule_scorer, ["q"], cfg, "\n")
+    assert res.best.steps == ["good a", "The answer is 3."] and len(sampler.calls) == 2
+
+
 def test_best_of_n_prefers_finished_chains_and_majority_counts_answers():
     chains = [["bad x", "The answer is 1."], ["ok", "The answer is 2."], ["ok", "The answer is 1."],
               ["ok", "The answer is 1."]]

@@ -64,7 +64,31 @@ def _step_end(tokenizer, ids: list[int], separator: str) -> int:
     return len(ids)
 
 
-class HFEngine:
+class _Engine:
+    """What both engines share: the two ways to sample, on the chain layout's ids (``_sample`` differs)."""
+
+    tokenizer = None
+
+    def generate(self, prompts: list[str], n: int, cfg: RolloutConfig, separator: str,
+                 seed: int | None = None) -> list[list[Rollout]]:
+        """``n`` completions per prompt, each from ``<s> prompt SEP``; with ``seed`` the samples are a function of
+        the weights and the seed (vLLM: prompt j samples with its per-request seed + j)."""
+        heads = [prompt_ids(self.tokenizer, p, separator) for p in prompts]
+        return self._sample(prompts, heads, n, cfg, separator, seed, one_step=False)
+
+    def next_steps(self, chains: list[Chain], n: int, cfg: RolloutConfig, separator: str,
+                   seed: int | None = None) -> list[list[Rollout]]:
+        """``n`` samples of the next step of each partial chain ``(prompt, steps so far)``: each continues from
+        ``data.layout.prefix_ids`` and stops after the separator (``finished``: the chain ended instead)."""
+        heads = [prefix_ids(self.tokenizer, p, steps, separator) for p, steps in chains]
+        return self._sample([p for p, _ in chains], heads, n, cfg, separator, seed, one_step=True)
+
+    def _sample(self, prompts: list[str], heads: list[list[int]], n: int, cfg: RolloutConfig, separator: str,
+                seed: int | None, one_step: bool) -> list[list[Rollout]]:
+        raise NotImplementedError
+
+
+class HFEngine(_Engine):
     """Sampling with transformers ``generate``."""
 
     def __init__(self, policy_path: str, seed: int = 0, device: str | None = None):
@@ -75,19 +99,6 @@ class HFEngine:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(policy_path).eval().to(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
-
-    def generate(self, prompts: list[str], n: int, cfg: RolloutConfig, separator: str,
-                 seed: int | None = None) -> list[list[Rollout]]:
-        """``n`` completions per prompt; ``seed`` makes the samples a function of the weights and the seed."""
-        heads = [prompt_ids(self.tokenizer, p, separator) for p in prompts]
-        return self._sample(prompts, heads, n, cfg, separator, seed, one_step=False)
-
-    def next_steps(self, chains: list[Chain], n: int, cfg: RolloutConfig, separator: str,
-                   seed: int | None = None) -> list[list[Rollout]]:
-        """``n`` samples of the next step of each partial chain ``(prompt, steps so far)``: each continues from
-        ``data.layout.prefix_ids`` and stops after the separator (``finished``: the chain ended instead)."""
-        heads = [prefix_ids(self.tokenizer, p, steps, separator) for p, steps in chains]
-        return self._sample([p for p, _ in chains], heads, n, cfg, separator, seed, one_step=True)
 
     @torch.no_grad()
     def _sample(self, prompts: list[str], heads: list[list[int]], n: int, cfg: RolloutConfig, separator: str,
@@ -155,7 +166,7 @@ def check_cpu_head_size(policy_path: str) -> None:
         )
 
 
-class VLLMEngine:
+class VLLMEngine(_Engine):
     """Sampling with vLLM, in this process (in the loop, the Ray actor is the vLLM worker).
 
     ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` with the ``uni`` executor keeps the engine core and the model
@@ -198,18 +209,6 @@ class VLLMEngine:
         )
         # The same tokenizer files and prompt encoding as HFEngine, so both engines see the same ids.
         self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
-
-    def generate(self, prompts: list[str], n: int, cfg: RolloutConfig, separator: str,
-                 seed: int | None = None) -> list[list[Rollout]]:
-        """``n`` completions per prompt; with ``seed``, prompt j samples with vLLM's per-request seed + j."""
-        heads = [prompt_ids(self.tokenizer, p, separator) for p in prompts]
-        return self._sample(prompts, heads, n, cfg, separator, seed, one_step=False)
-
-    def next_steps(self, chains: list[Chain], n: int, cfg: RolloutConfig, separator: str,
-                   seed: int | None = None) -> list[list[Rollout]]:
-        """``n`` samples of the next step of each partial chain, as ``HFEngine.next_steps``."""
-        heads = [prefix_ids(self.tokenizer, p, steps, separator) for p, steps in chains]
-        return self._sample([p for p, _ in chains], heads, n, cfg, separator, seed, one_step=True)
 
     def _sample(self, prompts: list[str], heads: list[list[int]], n: int, cfg: RolloutConfig, separator: str,
                 seed: int | None, one_step: bool) -> list[list[Rollout]]:

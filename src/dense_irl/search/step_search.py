@@ -8,9 +8,9 @@ evaluation aggregates them); a finished chain (it ended with ``</s>``) ranks abo
 
 Beam search, per prompt: start from the bare prompt; at each step sample ``expand`` next steps of each of
 the ``beam_width`` kept partial chains, score every new partial chain (its last step closed by the
-separator, not ``</s>``: ``data.layout.encode_chains(finished=...)``), and keep the best ``beam_width`` of
-the new ones and the finished ones kept before. It stops when every kept chain is finished or after
-``max_steps`` steps. Every generated token is counted (``tokens_generated``), so methods are compared at
+separator, not ``</s>``: ``data.layout.encode_chains(finished=...)``), and keep the ``beam_width`` best
+scored of the new ones and the finished ones kept before. It stops when every kept chain is finished or
+after ``max_steps`` steps; the answer is the best finished chain kept (an unfinished one if none finished). Every generated token is counted (``tokens_generated``), so methods are compared at
 equal cost.
 """
 
@@ -141,8 +141,10 @@ def step_beam_search(sampler: Sampler, scorer: Scorer, prompts: list[str], cfg: 
         pools: list[list[Candidate]] = [[b for b in bs if b.finished] for bs in beams]
         for (i, _, _), c in zip(children, scored):
             pools[i].append(c)
-        # A prompt whose samples were all empty keeps its beams rather than losing them.
-        beams = [sorted(pool, key=_rank_key, reverse=True)[: cfg.beam_width] if pool else bs
+        # Within the search open and finished chains compete on their score alone (a finished chain that scores
+        # worse than an open one must not end the search); the final pick prefers finished ones. A prompt whose
+        # samples were all empty keeps its beams rather than losing them.
+        beams = [sorted(pool, key=lambda c: c.score, reverse=True)[: cfg.beam_width] if pool else bs
                  for pool, bs in zip(pools, beams)]
     return [SearchResult(p, max(bs, key=_rank_key), bs, t) for p, bs, t in zip(prompts, beams, tokens)]
 
