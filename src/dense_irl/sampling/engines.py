@@ -65,7 +65,8 @@ def _step_end(tokenizer, ids: list[int], separator: str) -> int:
 
 
 class _Engine:
-    """What both engines share: the two ways to sample, on the chain layout's ids (``_sample`` differs)."""
+    """What both engines share: the two ways to sample, on the chain layout's ids. Each engine defines
+    ``_sample(prompts, heads, n, cfg, separator, seed, one_step)``, the sampling itself."""
 
     tokenizer = None
 
@@ -82,10 +83,6 @@ class _Engine:
         ``data.layout.prefix_ids`` and stops after the separator (``finished``: the chain ended instead)."""
         heads = [prefix_ids(self.tokenizer, p, steps, separator) for p, steps in chains]
         return self._sample([p for p, _ in chains], heads, n, cfg, separator, seed, one_step=True)
-
-    def _sample(self, prompts: list[str], heads: list[list[int]], n: int, cfg: RolloutConfig, separator: str,
-                seed: int | None, one_step: bool) -> list[list[Rollout]]:
-        raise NotImplementedError
 
 
 class HFEngine(_Engine):

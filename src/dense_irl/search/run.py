@@ -57,8 +57,8 @@ def result_row(demo: Demonstration, res: SearchResult, separator: str) -> dict:
                 "answer": c.answer, "correct": _correct(demo, c, separator)}
 
     return {"id": demo.id, "prompt": demo.prompt, "completion": res.best.completion(separator),
-            **cand(res.best), "tokens_generated": res.tokens_generated,
-            "candidates": [cand(c) for c in res.candidates]}
+            **cand(res.best), "majority_correct": _correct(demo, res.majority(), separator),
+            "tokens_generated": res.tokens_generated, "candidates": [cand(c) for c in res.candidates]}
 
 
 def summarise(rows: list[dict], method: str) -> dict:
@@ -68,17 +68,9 @@ def summarise(rows: list[dict], method: str) -> dict:
            "tokens_generated": sum(r["tokens_generated"] for r in rows),
            "finished": sum(r["finished"] for r in rows) / max(1, len(rows))}
     if known:
-        def majority_right(r: dict) -> bool:
-            answers = [c["answer"] for c in r["candidates"] if c["answer"] is not None]
-            if not answers:
-                return False
-            top = max(answers.count(a) for a in answers)
-            winner = next(a for a in answers if answers.count(a) == top)
-            return next(c["correct"] for c in r["candidates"] if c["answer"] == winner)
-
         out |= {"with_answers": len(known),
                 "accuracy": sum(r["correct"] for r in known) / len(known),
-                "majority_accuracy": sum(majority_right(r) for r in known) / len(known),
+                "majority_accuracy": sum(r["majority_correct"] for r in known) / len(known),
                 "oracle_accuracy": sum(any(c["correct"] for c in r["candidates"]) for r in known) / len(known)}
     return out
 
