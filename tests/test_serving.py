@@ -4,6 +4,7 @@ Two apps share one Serve instance: ``dense-irl`` at / (1 replica, small limits) 
 /secure (2 replicas, a bearer token). Tests that reload checkpoints run last (file order).
 """
 
+import asyncio
 import copy
 import json
 import math
@@ -63,7 +64,7 @@ def _deploy_config(base: dict, paths: dict, port: int, open_user_config: dict | 
     cfg = copy.deepcopy(base)
     cfg["http_options"]["port"] = port
     app = cfg["applications"][0]
-    app["args"].update(reward_model=paths["1"], num_cpus=0.5, batch_wait_timeout_s=0.05, **LIMITS)
+    app["args"].update(reward_model=paths["1"], num_cpus=0.5, batch_wait_timeout_s=0.05, log_steps=3, **LIMITS)
     secure = copy.deepcopy(app)
     app["args"].update(policy=paths["policy"], max_search_samples=8, max_search_tokens=200)  # /v1/search here only
     secure.update(name="secure", route_prefix="/secure")
@@ -245,7 +246,6 @@ def test_openrlhf_client_code_drives_get_reward(server, checkpoints, monkeypatch
     """OpenRLHF's own remote-RM client (openrlhf.utils.agent, aiohttp): 32 concurrent single-query requests with
     the decoded query as OpenRLHF sends it (chat markers, special tokens), then its reward_func file path."""
     agent = pytest.importorskip("openrlhf.utils.agent", reason="make test installs openrlhf (--no-deps)")
-    import asyncio
 
     import dense_irl.integrations.openrlhf_reward as reward_file
 
@@ -262,6 +262,13 @@ def test_openrlhf_client_code_drives_get_reward(server, checkpoints, monkeypatch
     got = asyncio.run(fetch(agent.SingleTurnAgentExecutor(remote_rm_url=server["url"] + "/get_reward")))
     assert [g[0]["rewards"][0] for g in got] == pytest.approx([w.task_reward for w in want], abs=1e-4)
     assert [g[0]["extra_logs"]["steps_scored"][0] for g in got] == [float(1 + i % 3) for i in range(32)]
+    # --log-steps 3: the first 3 step rewards, one scalar per sample each (0.0 past the chain's last step), as
+    # OpenRLHF's samples generator needs them (it makes torch.tensor([value]) of every extra_logs value).
+    for g, w in zip(got, want):
+        logs = g[0]["extra_logs"]
+        assert [logs[f"step_reward_{k}"][0] for k in (1, 2, 3)] == pytest.approx(
+            (w.step_rewards + [0.0] * 3)[:3], abs=1e-4)
+        assert all(torch.tensor([v]).numel() == 1 for v in logs.values())
     # The Python-function path: OpenRLHF loads our file and calls reward_func, over HTTP and in-process.
     ex = agent.SingleTurnAgentExecutor(remote_rm_url=reward_file.__file__)
     monkeypatch.setenv("DENSE_IRL_URL", server["url"])
@@ -271,6 +278,9 @@ def test_openrlhf_client_code_drives_get_reward(server, checkpoints, monkeypatch
     for a, b, w in zip(over_http, local, want):
         assert a["rewards"][0] == pytest.approx(w.task_reward, abs=1e-4)
         assert b["rewards"][0] == pytest.approx(w.task_reward, abs=1e-4)
+    monkeypatch.setenv("DENSE_IRL_LOG_STEPS", "2")
+    logs = asyncio.run(ex._fetch_rewards_via_func(queries[:1], prompts[:1], ["9"]))[0]["extra_logs"]
+    assert logs["step_reward_1"] == pytest.approx(want[0].step_rewards[:1], abs=1e-4) and "step_reward_3" not in logs
 
 
 def test_verl_reward_manager_over_http(server, checkpoints):
@@ -290,6 +300,16 @@ def test_verl_reward_manager_over_http(server, checkpoints):
     local = DenseIRLRewardManager(tok, 0, None, reward_model=paths["1"])(data)
     assert remote.shape == (1, len(r)) and torch.allclose(remote, local, atol=1e-4)
     assert remote.sum().item() == pytest.approx(_direct(models, "1", [(PROMPT, STEPS)])[0].task_reward, abs=1e-3)
+    # verl 0.9's reward loop: one score per rollout, the chain's return, asked of the live app.
+    from omegaconf import OmegaConf
+
+    from dense_irl.integrations.verl import DenseIRLRewardLoopManager
+
+    loop_manager = DenseIRLRewardLoopManager(OmegaConf.create({"reward": {"reward_kwargs": {"url": server["url"]}}}),
+                                             tok)
+    answer = asyncio.run(loop_manager.run_single(data))
+    assert answer["reward_score"] == pytest.approx(remote.sum().item(), abs=1e-3)
+    assert answer["reward_extra_info"]["dense_irl_steps"] == len(STEPS)
 
 
 def test_concurrent_requests_are_batched(server):

@@ -80,3 +80,90 @@ def test_bad_manager_arguments_are_named(checkpoint):
         integration.DenseIRLRewardManager(tok, 0, None)
     with pytest.raises(ValueError, match="place must be one of"):
         integration.DenseIRLRewardManager(tok, 0, None, reward_model=path, place="first")
+
+
+def _verl_config(path: str, **reward_kwargs):
+    """verl 0.9's own PPO trainer config, naming the reward-loop manager by module as the README shows."""
+    import importlib.resources
+
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(importlib.resources.files("verl") / "trainer/config/_generated_ppo_trainer.yaml")
+    overrides = OmegaConf.from_dotlist([
+        f"actor_rollout_ref.model.path={path}",  # the checkpoint folder holds the policy's tokenizer
+        "reward.reward_manager.source=importlib",
+        "reward.reward_manager.module.path=pkg://dense_irl.integrations.verl",
+        "reward.reward_manager.name=DenseIRLRewardLoopManager",
+    ])
+    return OmegaConf.merge(cfg, overrides, {"reward": {"reward_kwargs": reward_kwargs}})
+
+
+def test_reward_loop_worker_scores_each_rollout_with_the_chains_return(checkpoint):
+    """verl's own RewardLoopWorker (the reward loop of verl 0.9's main_ppo) loads the manager from the
+    config and scores one rollout at a time: the score is the sum of the step rewards (or min / last)."""
+    import asyncio
+
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+
+    path, demos, tok = checkpoint
+    want = RewardModel.from_pretrained(path).score([(d.prompt, d.steps) for d in demos])
+    data = _batch(tok, demos)
+    worker = RewardLoopWorker(_verl_config(path, reward_model=path))
+    out = asyncio.run(worker.compute_score_batch(data))
+    assert [o["reward_score"] for o in out] == pytest.approx([w.task_reward for w in want], abs=1e-4)
+    info = out[0]["reward_extra_info"]
+    assert info["dense_irl_steps"] == len(demos[0].steps) == info["dense_irl_steps_scored"]
+    assert info["dense_irl_min_step_reward"] == pytest.approx(min(want[0].step_rewards), abs=1e-4)
+    assert info["dense_irl_first_error"] == want[0].first_error
+    # The agent loop's streaming call sends one rollout with its prompt unpadded.
+    one = data[1:2]
+    P = one.batch["prompts"].shape[-1]
+    keep = one.batch["attention_mask"][0].bool()
+    keep[P:] = True
+    single = DataProto.from_dict(tensors={"prompts": one.batch["prompts"][:, keep[:P]],
+                                          "responses": one.batch["responses"],
+                                          "attention_mask": one.batch["attention_mask"][:, keep]})
+    assert asyncio.run(worker.compute_score(single))["reward_score"] == pytest.approx(want[1].task_reward, abs=1e-4)
+    worst = RewardLoopWorker(_verl_config(path, reward_model=path, aggregate="min"))
+    assert asyncio.run(worst.compute_score(data[:1]))["reward_score"] == pytest.approx(min(want[0].step_rewards),
+                                                                                        abs=1e-4)
+
+
+def test_reward_loop_manager_names_bad_kwargs(checkpoint):
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+
+    path, _, _ = checkpoint
+    with pytest.raises(ValueError, match=r"unknown reward.reward_kwargs \['place'\]"):
+        RewardLoopWorker(_verl_config(path, reward_model=path, place="last"))
+    with pytest.raises(ValueError, match="aggregate must be one of"):
+        RewardLoopWorker(_verl_config(path, reward_model=path, aggregate="mean"))
+    with pytest.raises(ValueError, match="exactly one of reward_kwargs.url"):
+        RewardLoopWorker(_verl_config(path))
+
+
+def test_example_verl_config_passes_verls_checks_and_scores(checkpoint):
+    """examples/verl/dense_irl_grpo.yaml composed by Hydra over verl's own trainer config, as
+    `python -m verl.trainer.main_ppo --config-path examples/verl --config-name dense_irl_grpo` does: verl's
+    validate_config accepts it, and its reward workers load the manager it names."""
+    import asyncio
+    import warnings
+    from pathlib import Path
+
+    hydra = pytest.importorskip("hydra", reason="make test installs hydra-core (--no-deps)")
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+    from verl.trainer.main_ppo import validate_config
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+
+    path, demos, tok = checkpoint
+    examples = Path(__file__).resolve().parents[1] / "examples" / "verl"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Hydra 1.3's resolver deprecations under omegaconf 2.4
+        with hydra.initialize_config_dir(config_dir=str(examples), version_base=None):
+            cfg = hydra.compose(config_name="dense_irl_grpo", overrides=[
+                f"actor_rollout_ref.model.path={path}", "reward.reward_kwargs.url=null",
+                f"+reward.reward_kwargs.reward_model={path}"])
+    validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+    assert cfg.algorithm.adv_estimator == "grpo"
+    out = asyncio.run(RewardLoopWorker(cfg).compute_score_batch(_batch(tok, demos[:2])))
+    want = RewardModel.from_pretrained(path).score([(d.prompt, d.steps) for d in demos[:2]])
+    assert [o["reward_score"] for o in out] == pytest.approx([w.task_reward for w in want], abs=1e-4)

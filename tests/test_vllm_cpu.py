@@ -234,14 +234,17 @@ def test_vllm_engine_continues_from_the_layout_with_a_qwen2_style_tokenizer(ray_
 
 
 def test_vllm_next_steps_match_hf_greedy_token_for_token(policies):
-    """Step search's one-step continuation: both engines stop after the separator, on the same ids."""
+    """Step search's one-step continuation: both engines stop after the separator, on the same ids. The
+    engines are built as a /v1/search replica builds them (``dense-irl serve --policy-engine``)."""
     from dense_irl.data.layout import prefix_ids
-    from dense_irl.sampling.engines import HFEngine, RolloutConfig, VLLMEngine
+    from dense_irl.sampling.engines import RolloutConfig
+    from dense_irl.serving.search_api import policy_engine
 
     a, _, prompts = policies
     cfg = RolloutConfig(temperature=0.0, max_new_tokens=24)
     chains = [(p, []) for p in prompts[:2]] + [(prompts[0], ["He finds 5 more: 7 + 5 = 12."])]
-    hf, vl = HFEngine(a, device="cpu"), VLLMEngine(a, cfg=RolloutConfig(engine="vllm"))
+    hf, vl = policy_engine(a, "hf", "cpu", 0.0), policy_engine(a, "vllm", "cpu", 0.0)
+    assert type(vl).__name__ == "VLLMEngine"
     for h, v, (prompt, steps) in zip(hf.next_steps(chains, 1, cfg, SEP), vl.next_steps(chains, 1, cfg, SEP), chains):
         assert v[0].prompt_ids == h[0].prompt_ids == prefix_ids(hf.tokenizer, prompt, steps, SEP)
         assert v[0].token_ids == h[0].token_ids and v[0].steps == h[0].steps

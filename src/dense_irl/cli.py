@@ -147,7 +147,8 @@ def _serve(args) -> None:
 
     serve_forever({"reward_model": args.reward_model, "num_replicas": args.replicas, "num_cpus": args.num_cpus,
                    "num_gpus": args.num_gpus, "token": args.token, "max_batch_size": args.max_batch_size,
-                   "reward_aggregate": args.reward_aggregate, "step_tag": args.step_tag, "policy": args.policy},
+                   "reward_aggregate": args.reward_aggregate, "log_steps": args.log_steps, "step_tag": args.step_tag,
+                   "policy": args.policy, "policy_engine": args.policy_engine},
                   args.host, args.port)
 
 
@@ -278,8 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch-size", type=int, default=32, help="chains gathered per batch")
     sv.add_argument("--reward-aggregate", choices=["sum", "min", "last"], default="sum",
                     help="/get_reward's and /classify's reward")
+    sv.add_argument("--log-steps", type=int, default=0,
+                    help="/get_reward: the first N step rewards in extra_logs (step_reward_1..N), for OpenRLHF's logs")
     sv.add_argument("--step-tag", default="<extra_0>", help="/pooling, /classify: the marker that ends each step")
     sv.add_argument("--policy", default=None, help="a policy folder: enables POST /v1/search (sampled on the replica)")
+    sv.add_argument("--policy-engine", choices=["hf", "vllm"], default="hf", help="/v1/search's sampler")
     sc = sub.add_parser("score", help="score chains with a running 'dense-irl serve'")
     sc.add_argument("--url", default="http://127.0.0.1:8000")
     sc.add_argument("--token", default=None, help="default: env DENSE_IRL_TOKEN")

@@ -12,7 +12,8 @@ rollout's decoded prompt + response. The chains are scored in one of two ways:
   ``DENSE_IRL_DEVICE=cuda``), with the same request parsing as the server.
 
 Either way the answer is the server's: ``rewards`` (the step rewards' aggregate, ``DENSE_IRL_AGGREGATE``
-sum / min / last), ``scores`` and ``extra_logs`` (task reward, worst step, first error, steps scored).
+sum / min / last), ``scores`` and ``extra_logs`` (task reward, worst step, first error, steps scored; with
+``DENSE_IRL_LOG_STEPS=N`` in-process, or ``dense-irl serve --log-steps N``, the first N step rewards too).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _in_process(path: str, body: dict, how: str) -> dict:
     chains = query_chains(GetRewardRequest(**body), rm.tokenizer, rm.config.separator)
     with _LOCK:
         scored = rm.score(chains)
-    return get_reward_answer(scored, how)
+    return get_reward_answer(scored, how, int(os.environ.get("DENSE_IRL_LOG_STEPS", "0")))
 
 
 def reward_func(queries, prompts, labels) -> dict:

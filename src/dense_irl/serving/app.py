@@ -122,9 +122,8 @@ class RewardScorer:
         self._live = _Live(rm, self.args.reward_model, rm.config.version, time.time())
         self._engine, self._search_lock = None, asyncio.Lock()
         if self.args.policy:
-            from dense_irl.sampling.engines import HFEngine
-
-            self._engine = HFEngine(self.args.policy, device=self.device)
+            self._engine = search_api.policy_engine(self.args.policy, self.args.policy_engine, self.device,
+                                                    self.args.num_gpus)
         self._score_batch.set_max_batch_size(self.args.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
 
@@ -243,7 +242,7 @@ class RewardScorer:
         for i, (prompt, steps) in enumerate(chains):
             self._check(prompt, steps, f"query[{i}]")
         scored = [s for s, _ in await self._score_all(chains)]
-        return get_reward_answer(scored, self.args.reward_aggregate)
+        return get_reward_answer(scored, self.args.reward_aggregate, self.args.log_steps)
 
     async def _vllm(self, request: Request, model: type) -> tuple[Any, list[ChainScore], float, int]:
         """Parse and score a vLLM-shaped request: ``(body, scores, threshold, prompt tokens)``."""

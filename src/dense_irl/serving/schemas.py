@@ -39,6 +39,8 @@ class ServeArgs(BaseModel):
     reward_aggregate: Literal["sum", "min", "last"] = Field(
         "sum", description="/get_reward reward: task reward (sum of steps), worst step, or last step"
     )
+    log_steps: int = Field(0, ge=0, le=64, description="/get_reward: also answer the first N step rewards as "
+                           "extra_logs step_reward_1..N (OpenRLHF logs each key as one scalar per sample)")
     step_tag: str = Field("<extra_0>", description="/pooling and /classify: the marker after each step (as "
                           "Qwen2.5-Math-PRM's); texts without it split on the checkpoint's separator")
     poll_s: float = Field(1.0, gt=0, description="how often replicas check for an admin reload")
@@ -51,6 +53,7 @@ class ServeArgs(BaseModel):
     max_tokens: int = Field(8192, ge=1, description="tokens per chain, prompt included")
     # /v1/search (only with a policy)
     policy: str | None = Field(None, description="a policy folder: POST /v1/search samples from it on each replica")
+    policy_engine: Literal["hf", "vllm"] = Field("hf", description="/v1/search's sampler: transformers or vLLM")
     max_search_samples: int = Field(64, ge=1, description="/v1/search: chains sampled at once (prompts x n, or "
                                     "prompts x beam_width x expand)")
     max_search_tokens: int = Field(1024, ge=1, description="/v1/search: tokens generated per chain")
@@ -197,20 +200,22 @@ def aggregate(step_rewards: list[float], how: str) -> float:
     return {"sum": sum, "min": min, "last": lambda r: r[-1]}[how](step_rewards)
 
 
-def get_reward_answer(scored: list[ChainScore], how: str) -> dict:
+def get_reward_answer(scored: list[ChainScore], how: str, log_steps: int = 0) -> dict:
     """OpenRLHF's ``/get_reward`` answer for scored chains: ``rewards`` (the ``how`` aggregate of each chain's
-    step rewards), ``scores`` (the same) and per-query ``extra_logs``."""
+    step rewards), ``scores`` (the same) and per-query ``extra_logs``. With ``log_steps`` N the first N step
+    rewards come as ``step_reward_1``..``step_reward_N`` (0.0 past a chain's last scored step; its
+    ``steps_scored`` says how many are real): OpenRLHF turns each key into one scalar per sample, so a
+    variable-length list cannot pass."""
     rewards = [aggregate(s.step_rewards, how) for s in scored]
-    return {
-        "rewards": rewards,
-        "scores": rewards,
-        "extra_logs": {
-            "task_reward": [s.task_reward for s in scored],
-            "min_step_reward": [min(s.step_rewards, default=0.0) for s in scored],
-            "first_error": [float(s.first_error) for s in scored],
-            "steps_scored": [float(s.steps_scored) for s in scored],
-        },
+    logs = {
+        "task_reward": [s.task_reward for s in scored],
+        "min_step_reward": [min(s.step_rewards, default=0.0) for s in scored],
+        "first_error": [float(s.first_error) for s in scored],
+        "steps_scored": [float(s.steps_scored) for s in scored],
     }
+    for k in range(log_steps):
+        logs[f"step_reward_{k + 1}"] = [s.step_rewards[k] if k < len(s.step_rewards) else 0.0 for s in scored]
+    return {"rewards": rewards, "scores": rewards, "extra_logs": logs}
 
 
 def chain_result(score: ChainScore, version: str, steps_given: int) -> dict:

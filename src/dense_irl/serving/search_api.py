@@ -5,7 +5,8 @@ reward model ranking (``search.step_search``: Best-of-N, step-level beam search,
     -> {"results": [{"prompt", "completion", "steps", "step_scores", "score", "finished", "answer",
                      "tokens_generated", "candidates": [...]}], "method", "version"}
 
-Only a server started with a policy (``dense-irl serve --policy PATH``, ``ServeArgs.policy``) searches; others
+Only a server started with a policy (``dense-irl serve --policy PATH [--policy-engine vllm]``,
+``ServeArgs.policy``, ``ServeArgs.policy_engine``) searches; others
 answer 501. A request's samples (prompts x ``n``, or prompts x ``beam_width`` x ``expand`` per step) and its
 token budgets are limited (413, naming the limit). One search generates at a time per replica (a lock), in a
 worker thread, so scoring requests keep being served meanwhile.
@@ -23,6 +24,19 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from dense_irl.errors import ConfigError
 from dense_irl.search.config import SearchConfig
 from dense_irl.search.step_search import Candidate, reward_model_scorer, search
+
+
+def policy_engine(policy: str, engine: str, device: str, gpu_share: float):
+    """The replica's sampler for /v1/search: transformers (``hf``) or vLLM in the replica's process (``vllm``,
+    given half of the replica's GPU share: the reward model shares the GPU)."""
+    if engine == "vllm":
+        from dense_irl.sampling.engines import RolloutConfig, VLLMEngine
+
+        return VLLMEngine(policy, cfg=RolloutConfig(engine="vllm"), gpu_share=gpu_share / 2 if gpu_share else 1.0)
+    from dense_irl.sampling.engines import HFEngine
+
+    return HFEngine(policy, device=device)
+
 
 NO_POLICY = ("this server has no policy to sample from: start it with `dense-irl serve --policy PATH` "
              "(ServeArgs.policy) to use /v1/search")
