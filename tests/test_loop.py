@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import ray
@@ -86,10 +87,14 @@ def test_loop_runs_checkpoints_and_resumes_exactly(tmp_path):
     assert any(r.get("event") == "resumed" and r["optimizer_state"] for r in _metrics(out))
 
     # The same two iterations without a stop: the same samples, the same weights, bit for bit (the reference,
-    # the optimisers' moments, the samplers' seeds and the driver's RNG all came back).
+    # the optimisers' moments, the samplers' seeds and the driver's RNG all came back). This run also publishes
+    # each checkpoint to a server that is not there: each publish is tried, logged as failed, and not fatal.
     straight = tmp_path / "straight"
     train_online(load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=2", "--reward.warmup_steps=3",
-                                       "--rl.warmup_steps=3", f"--output_dir={straight}"]))
+                                       "--rl.warmup_steps=3", f"--output_dir={straight}",
+                                       "--serve.publish_url=http://127.0.0.1:9", "--serve.timeout_s=2"]))
+    failed = [r for r in _metrics(straight) if r.get("event") == "publish_failed"]
+    assert [Path(r["reward_model"]).parent.name for r in failed] == ["iter_000001", "iter_000002"]
     rows_straight = [r for r in _metrics(straight) if "batch_ids" in r]
     assert rows_straight[1]["step_reward_mean"] == rows[1]["step_reward_mean"]
     a, b = _weights(out / "checkpoints" / "iter_000002"), _weights(straight / "checkpoints" / "iter_000002")
