@@ -44,8 +44,8 @@ def head_node():
         yield f"http://127.0.0.1:{dash}"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
+        try:  # `ray start --block` takes its time over SIGTERM; its whole process group goes with SIGKILL
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)

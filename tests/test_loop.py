@@ -13,8 +13,8 @@ import torch
 from dense_irl.algo.experience import next_prompts
 from dense_irl.config import load_config
 from dense_irl.data.demos import load_data
-from dense_irl.errors import ConfigError
-from dense_irl.runtime.driver import start_driver, train_online
+from dense_irl.errors import ActorDiedError, ConfigError
+from dense_irl.runtime.driver import run_iterations, start_driver, train_online
 from dense_irl.runtime.loop_config import LoopConfig
 
 TINY_LOOP = [
@@ -56,11 +56,17 @@ def _weights(folder) -> dict:
 
 
 def test_loop_runs_checkpoints_and_resumes_exactly(tmp_path):
+    import os
+    import signal
+
     out = tmp_path / "run"
-    # The warm-up schedule's state travels in the checkpoint too.
-    cfg = load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=1", "--reward.warmup_steps=3",
+    # The warm-up schedule's state travels in the checkpoint too. SIGTERM (ray job stop, Kubernetes) while
+    # iteration 1 reports: the run ends after it, with its checkpoint, and returns normally.
+    cfg = load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=2", "--reward.warmup_steps=3",
                                          "--rl.warmup_steps=3", f"--output_dir={out}"])
-    last = train_online(cfg)
+    last = train_online(cfg, report=lambda metrics, ckpt: os.kill(os.getpid(), signal.SIGTERM))
+    stopped = [r for r in _metrics(out) if r.get("event") == "stopped"]
+    assert len(stopped) == 1 and stopped[0]["signal"] == "SIGTERM" and stopped[0]["iteration"] == 1
     assert last["samples"] > 0 and "policy/kl" in last and "reward/bce_total" in last
     ckpt = out / "checkpoints" / "iter_000001"
     assert (ckpt / "policy" / "model.safetensors").is_file()
@@ -71,7 +77,7 @@ def test_loop_runs_checkpoints_and_resumes_exactly(tmp_path):
     state = json.loads((ckpt / "state.json").read_text())
     assert state["iteration"] == 1 and state["reference"] == str((out / "init" / "sft_policy").resolve())
 
-    # "Stop", then resume to iteration 2: the batch of iteration 2 is the one the cursor promised.
+    # Resume to iteration 2: the batch of iteration 2 is the one the cursor promised.
     cfg2 = load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=2", "--reward.warmup_steps=3", "--rl.warmup_steps=3",
                                           f"--output_dir={out}", "--resume=auto"])
     train_online(cfg2)
@@ -112,10 +118,13 @@ def test_resume_without_the_reference_policy_is_a_clear_error(tmp_path):
         train_online(cfg)
 
 
-def test_killed_rollout_worker_is_replaced(tmp_path):
+def test_killed_actors(tmp_path):
+    """A killed rollout worker is replaced; a killed learner stops the run with a message naming it and the
+    checkpoint to resume from (the resume itself is the one test_loop_runs_checkpoints_and_resumes_exactly
+    shows exact)."""
     out = tmp_path / "run"
     # (with policy_negatives=incorrect: only the samples the verifier rejects are the discriminator's negatives)
-    cfg = load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=2", "--policy_negatives=incorrect",
+    cfg = load_config(LoopConfig, None, [*TINY_LOOP, "--iterations=3", "--policy_negatives=incorrect",
                                          f"--output_dir={out}"])
     drv = start_driver(cfg)
     drv.iteration()
@@ -125,7 +134,11 @@ def test_killed_rollout_worker_is_replaced(tmp_path):
     events = [r for r in _metrics(out) if r.get("event") == "rollout_worker_replaced"]
     assert len(events) == 1
     assert ray.get(drv.workers[0].ping.remote()) == 2  # the new worker has the latest weights
-    drv.close()
+    drv.checkpoint()
+    ray.kill(drv.reward[0])
+    with pytest.raises(ActorDiedError, match=r"the reward learner rank 0 died during iteration 3 .*--resume=auto: "
+                                             r"it continues from .*iter_000002"):
+        run_iterations(drv)
 
 
 def test_unknown_policy_negatives_is_a_clear_error(tmp_path):

@@ -8,6 +8,7 @@ import asyncio
 import copy
 import json
 import math
+import shutil
 import socket
 import threading
 import time
@@ -64,7 +65,8 @@ def _deploy_config(base: dict, paths: dict, port: int, open_user_config: dict | 
     cfg = copy.deepcopy(base)
     cfg["http_options"]["port"] = port
     app = cfg["applications"][0]
-    app["args"].update(reward_model=paths["1"], num_cpus=0.5, batch_wait_timeout_s=0.05, log_steps=3, **LIMITS)
+    app["args"].update(reward_model=paths["1"], num_cpus=0.5, batch_wait_timeout_s=0.05, log_steps=3,
+                       reload_root=str(Path(paths["1"]).parents[1]), **LIMITS)  # the tests' temporary folder
     secure = copy.deepcopy(app)
     app["args"].update(policy=paths["policy"], max_search_samples=8, max_search_tokens=200)  # /v1/search here only
     secure.update(name="secure", route_prefix="/secure")
@@ -395,7 +397,7 @@ BAD = [
      "max_step_tokens x max_steps), over the limit max_search_tokens=200"),
     ("search: too many tokens (best_of_n)", "/v1/search", {"prompt": "a"}, 413, "(max_new_tokens), over the limit"),
     ("relative reload path", "/admin/reload", {"reward_model": "runs/rm"}, 422, "absolute"),
-    ("missing reload path", "/admin/reload", {"reward_model": "/nonexistent/rm"}, 422, "not found"),
+    ("reload outside reload_root", "/admin/reload", {"reward_model": "/etc/../nonexistent/rm"}, 403, "reload_root"),
 ]
 
 
@@ -564,7 +566,16 @@ def test_admin_reload_reaches_every_replica_while_requests_flow(server, checkpoi
         replicas[got["replica"]] = got["data"][0]["version"]
     assert len(replicas) == 2 and set(replicas.values()) == {"2"}
     bad = c.post("/secure/admin/reload", json={"reward_model": paths["1"] + "-missing"}, headers=AUTH)
-    assert bad.status_code == 422 and c.get("/secure/health").json()["version"] == "2"
+    assert bad.status_code == 422 and "not found" in bad.json()["detail"]
+    # A truncated checkpoint: the answer names the file, and the old model keeps serving.
+    corrupt = Path(paths["1"]).parent / "rm1-truncated"
+    shutil.copytree(paths["1"], corrupt)
+    heads = corrupt / "reward_head.safetensors"
+    heads.write_bytes(heads.read_bytes()[:40])
+    bad = c.post("/secure/admin/reload", json={"reward_model": str(corrupt)}, headers=AUTH)
+    assert bad.status_code == 422 and f"{heads} is not a readable safetensors file" in bad.json()["detail"]
+    assert c.get("/secure/health").json()["version"] == "2"
+    assert c.post("/secure/v1/score", json=_chain(), headers=AUTH).status_code == 200
 
 
 def test_live_publishing_from_training(server, checkpoints):
@@ -594,7 +605,7 @@ def test_live_publishing_from_training(server, checkpoints):
     assert server["client"].get("/secure/health", headers=AUTH).json()["version"] == "2"
 
 
-def test_cli_score_and_serve_errors(server, tmp_path, capsys):
+def test_cli_score_and_serve_errors(server, checkpoints, tmp_path, capsys):
     """`dense-irl score` talks to the running app; `dense-irl serve` names a missing checkpoint."""
     from dense_irl.cli import main
 
@@ -603,3 +614,20 @@ def test_cli_score_and_serve_errors(server, tmp_path, capsys):
     assert out["steps_scored"] == len(STEPS) and len(out["step_rewards"]) == len(STEPS)
     assert main(["serve", "--reward-model", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+    # A corrupt checkpoint is named before anything starts (the running app is untouched).
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(checkpoints[0]["1"], corrupt)
+    (corrupt / "config.json").write_text("{")
+    assert main(["serve", "--reward-model", str(corrupt), "--host", "0.0.0.0"]) == 2
+    assert f"{corrupt / 'config.json'} is not valid JSON" in capsys.readouterr().err
+    assert server["client"].get("/health").status_code == 200
+
+
+def test_binding_beyond_loopback_without_a_token_warns(monkeypatch):
+    from dense_irl.serving.app import exposure_warning
+
+    monkeypatch.delenv("DENSE_IRL_TOKEN", raising=False)
+    assert "without a token" in exposure_warning("0.0.0.0", None)
+    assert exposure_warning("127.0.0.1", None) is None and exposure_warning("0.0.0.0", "t") is None
+    monkeypatch.setenv("DENSE_IRL_TOKEN", "t")
+    assert exposure_warning("0.0.0.0", None) is None

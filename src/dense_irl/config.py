@@ -168,8 +168,16 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _without_secrets(d: Any) -> Any:
+    """The config with every ``token`` blanked: a secret never goes to disk (give it on the command line or
+    in DENSE_IRL_TOKEN, which every reader of a token falls back to)."""
+    if isinstance(d, dict):
+        return {k: ("" if k == "token" and v else _without_secrets(v)) for k, v in d.items()}
+    return d
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the config as YAML, atomically (the result loads back with ``load_config``)."""
+    """Write the config as YAML, atomically (the result loads back with ``load_config``), tokens blanked."""
     from dense_irl.io import atomic_write_text
 
-    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(Path(path), yaml.safe_dump(_without_secrets(to_dict(cfg)), sort_keys=False))

@@ -33,3 +33,8 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint folder that exists but cannot be loaded (a missing part, a bad file)."""
+
+
+class ActorDiedError(UserError, RuntimeError):
+    """An actor of the loop died mid-run (killed, out of memory, its node lost); the message names the actor
+    and how to resume from the last complete checkpoint."""

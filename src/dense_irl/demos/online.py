@@ -30,7 +30,8 @@ from dense_irl.eval import compare, report
 from dense_irl.eval.bon import evaluate_bon
 from dense_irl.io import write_json
 from dense_irl.models.reward_model import RewardModel
-from dense_irl.runtime.driver import latest_checkpoint, run_iterations, start_driver
+from dense_irl.runtime.checkpoints import latest_checkpoint
+from dense_irl.runtime.driver import run_iterations, start_driver
 from dense_irl.runtime.loop_config import LoopConfig
 from dense_irl.sampling.engines import HFEngine, RolloutConfig
 

@@ -36,12 +36,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dense_irl.data.layout import Chain, EncodedBatch, encode_chains, sum_by_step
 from dense_irl.errors import CheckpointError, MissingFileError
 from dense_irl.io import atomic_dir
 from dense_irl.models.chains import token_logprobs
+from dense_irl.models.hf_files import check_model_folder, check_safetensors, load_causal_lm, load_tokenizer
 
 CONFIG_FILE = "reward_config.json"
 READOUTS = ("reward", "logit")
@@ -225,36 +225,50 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu") -> RewardModel:
-        """Load a checkpoint written by :meth:`save_pretrained`; clear errors for anything missing."""
+        """Load a checkpoint written by :meth:`save_pretrained`; one clear error, naming the file, for anything
+        missing, truncated or edited (:func:`check_checkpoint` first, then what only loading can tell)."""
         path = Path(path)
-        if not path.is_dir():
-            raise MissingFileError(f"reward model checkpoint not found: {path}")
-        if not (path / CONFIG_FILE).is_file():
-            raise MissingFileError(
-                f"{path} is not a dense-irl reward model checkpoint (no {CONFIG_FILE}); "
-                "train one with 'dense-irl train-reward'"
-            )
-        try:
-            raw = json.loads((path / CONFIG_FILE).read_text())
-            config = RewardModelConfig(**raw)
-        except (json.JSONDecodeError, TypeError) as e:
-            raise CheckpointError(f"{path / CONFIG_FILE} is not a valid reward model config: {e}") from e
-        if not (path / HEAD_FILE).is_file():
-            raise MissingFileError(f"reward model checkpoint {path} is missing {HEAD_FILE}")
-        if config.terms not in ("heads", "lm", "lm+heads"):
-            raise CheckpointError(f"{path / CONFIG_FILE}: terms must be 'heads', 'lm' or 'lm+heads', got {config.terms!r}")
-        if config.readout not in READOUTS:
-            raise CheckpointError(f"{path / CONFIG_FILE}: readout must be one of {list(READOUTS)}, got "
-                                  f"{config.readout!r}")
-        backbone = AutoModelForCausalLM.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = cls(backbone, tokenizer, config)
+        config = check_checkpoint(path)
+        backbone = load_causal_lm(path, "reward model checkpoint")
+        model = cls(backbone, load_tokenizer(path, "reward model checkpoint"), config)
         heads = load_file(str(path / HEAD_FILE))
-        model.g_head.load_state_dict({k[7:]: v for k, v in heads.items() if k.startswith("g_head.")})
-        model.h_head.load_state_dict({k[7:]: v for k, v in heads.items() if k.startswith("h_head.")})
-        if config.token_temperature:
-            model.t_head.load_state_dict({k[7:]: v for k, v in heads.items() if k.startswith("t_head.")})
-        if "head_norm.shift" in heads:  # checkpoints before the heads' standardisation have none: the identity
-            model.head_shift.copy_(heads["head_norm.shift"])
-            model.head_scale.copy_(heads["head_norm.scale"])
+        try:
+            model.g_head.load_state_dict({k[7:]: v for k, v in heads.items() if k.startswith("g_head.")})
+            model.h_head.load_state_dict({k[7:]: v for k, v in heads.items() if k.startswith("h_head.")})
+            if config.token_temperature:
+                model.t_head.load_state_dict({k[7:]: v for k, v in heads.items() if k.startswith("t_head.")})
+            if "head_norm.shift" in heads:  # checkpoints before the heads' standardisation have none: the identity
+                model.head_shift.copy_(heads["head_norm.shift"])
+                model.head_scale.copy_(heads["head_norm.scale"])
+        except RuntimeError as e:  # missing keys, or shapes that do not fit the backbone
+            raise CheckpointError(f"{path / HEAD_FILE} does not fit the backbone in {path} "
+                                  f"({str(e).strip().splitlines()[-1].strip()[:300]})") from None
         return model.to(device).eval()
+
+
+def check_checkpoint(path: str | Path) -> RewardModelConfig:
+    """The cheap checks of a reward-model checkpoint folder (no weights are read): its config files parse, its
+    files exist, every safetensors header parses. Returns its config; raises one error naming the file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise MissingFileError(f"reward model checkpoint not found: {path}")
+    if not (path / CONFIG_FILE).is_file():
+        raise MissingFileError(
+            f"{path} is not a dense-irl reward model checkpoint (no {CONFIG_FILE}); "
+            "train one with 'dense-irl train-reward'"
+        )
+    try:
+        raw = json.loads((path / CONFIG_FILE).read_text())
+        config = RewardModelConfig(**raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE} is not a valid reward model config: {e}") from e
+    if not (path / HEAD_FILE).is_file():
+        raise MissingFileError(f"reward model checkpoint {path} is missing {HEAD_FILE}")
+    if config.terms not in ("heads", "lm", "lm+heads"):
+        raise CheckpointError(f"{path / CONFIG_FILE}: terms must be 'heads', 'lm' or 'lm+heads', got {config.terms!r}")
+    if config.readout not in READOUTS:
+        raise CheckpointError(f"{path / CONFIG_FILE}: readout must be one of {list(READOUTS)}, got "
+                              f"{config.readout!r}")
+    check_safetensors(path / HEAD_FILE)
+    check_model_folder(path, "reward model checkpoint")
+    return config

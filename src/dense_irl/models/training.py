@@ -100,7 +100,7 @@ def save_model(model, folder: Path) -> None:
 def load_trainable(path: str | Path, cfg):
     """The model to go on training from ``path``: base + the saved adapters when ``path/adapter`` exists (the
     very parameters that trained), else the folder's weights prepared by :func:`prepare_for_training`."""
-    from transformers import AutoModelForCausalLM
+    from dense_irl.models.hf_files import load_causal_lm
 
     path = Path(path)
     adapter = path / ADAPTER_DIR
@@ -113,9 +113,9 @@ def load_trainable(path: str | Path, cfg):
         if not (Path(base) / "config.json").is_file():
             raise CheckpointError(f"{adapter}: its base model folder {base!r} is gone; the merged weights in {path} "
                                   "still serve, and training can start fresh adapters from them (delete adapter/)")
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter, is_trainable=True)
+        model = PeftModel.from_pretrained(load_causal_lm(base, "adapters' base model"), adapter, is_trainable=True)
         return prepare_for_training(model, cfg)
-    return prepare_for_training(AutoModelForCausalLM.from_pretrained(path), cfg)
+    return prepare_for_training(load_causal_lm(path, "policy"), cfg)
 
 
 def resolve_device(name: str) -> torch.device:

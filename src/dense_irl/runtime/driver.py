@@ -14,7 +14,6 @@ state and writes checkpoints; it holds no model, and every loss and estimator co
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -32,25 +31,17 @@ from dense_irl.data.answers import is_correct
 from dense_irl.data.demos import load_data
 from dense_irl.data.layout import ChainLayout
 from dense_irl.data.perturb import make_processbench
-from dense_irl.errors import CheckpointError, MissingFileError
+from dense_irl.errors import MissingFileError
 from dense_irl.eval.localisation import calibrate_threshold, first_error, processbench_metrics
-from dense_irl.io import MetricsLog, write_json
+from dense_irl.io import MetricsLog
+from dense_irl.runtime.checkpoints import latest_checkpoint, read_state, write_checkpoint
 from dense_irl.runtime.learners import PolicyLearner, RankSpec, RewardLearner
 from dense_irl.runtime.loop_config import LoopConfig
 from dense_irl.runtime.placement import actor_options, place_roles, rendezvous
 from dense_irl.runtime.rollout import RolloutWorker
+from dense_irl.runtime.stopping import GracefulStop, actor_died
 from dense_irl.runtime.warm_start import warm_start
 from dense_irl.sampling.engines import RolloutConfig
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder under ``out_dir/checkpoints``."""
-    pointer = out_dir / "checkpoints" / "latest"
-    if pointer.is_file():
-        path = out_dir / "checkpoints" / pointer.read_text().strip()
-        if (path / "state.json").is_file():
-            return path
-    return None
 
 
 class Driver:
@@ -170,11 +161,13 @@ class Driver:
         ray.get([m.join_weight_group.remote(master, i, len(members), backend) for i, m in enumerate(members)])
         self.weight_spec = self._lead(self.policy, "weight_spec")
 
-    def close(self) -> None:
-        """Leave the process groups, stop every actor, free the placement group, close the logs."""
+    def close(self, graceful: bool = True) -> None:
+        """Leave the process groups (``graceful``: not when an actor died), stop every actor, free the placement
+        group, close the logs."""
         from ray.util.placement_group import remove_placement_group
 
-        ray.get([a.shutdown.remote() for a in self.policy + self.reward])
+        if graceful:
+            ray.get([a.shutdown.remote() for a in self.policy + self.reward])
         for a in self.policy + self.reward + self.workers:
             ray.kill(a)
         if self.pg is not None:
@@ -187,23 +180,18 @@ class Driver:
                            self.state["iteration"])
 
     def checkpoint(self) -> Path:
+        """Write this iteration's checkpoint (``runtime.checkpoints``: whole or not at all)."""
         it = self.state["iteration"]
-        root = self.out / "checkpoints"
-        final, tmp = root / f"iter_{it:06d}", root / f".iter_{it:06d}.tmp"
-        self._lead(self.policy, "save", str(tmp / "policy"))
-        self._lead(self.reward, "save", str(tmp / "reward_model"), f"iter-{it}")
-        ray.get([a.save_optimizer.remote(str(tmp / "optimizer" / role))
-                 for role, group in (("policy", self.policy), ("reward", self.reward)) for a in group])
-        self.state["rng"] = self.rng.getstate()
-        write_json(tmp / "state.json", {**self.state, "rng": _rng_to_json(self.state["rng"])})
-        if final.exists():
-            import shutil
 
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        (root / "latest.tmp").write_text(final.name)
-        os.replace(root / "latest.tmp", root / "latest")
-        return final
+        def save_models(tmp: Path) -> None:
+            self._lead(self.policy, "save", str(tmp / "policy"))
+            self._lead(self.reward, "save", str(tmp / "reward_model"), f"iter-{it}")
+            ray.get([a.save_optimizer.remote(str(tmp / "optimizer" / role))
+                     for role, group in (("policy", self.policy), ("reward", self.reward)) for a in group])
+
+        self.state["rng"] = self.rng.getstate()
+        state = {**self.state, "rng": _rng_to_json(self.state["rng"])}
+        return write_checkpoint(self.out / "checkpoints", it, state, save_models)
 
     def publish(self, reward_model: Path) -> None:
         """Load a new reward-model checkpoint into the running scoring app (``serve.publish_url``). A failed
@@ -295,22 +283,23 @@ def _rng_from_json(state) -> tuple:
     return (state[0], tuple(state[1]), state[2])
 
 
-def start_driver(cfg: LoopConfig) -> Driver:
-    """A driver with its actors up: resumed from a checkpoint, or after the SFT warm start."""
-    cfg.check()
+def _init_ray() -> None:
     if not ray.is_initialized():
         from dense_irl.logs import ray_init_kwargs
 
         ray.init(address=os.environ.get("RAY_ADDRESS"), **ray_init_kwargs())
+
+
+def start_driver(cfg: LoopConfig) -> Driver:
+    """A driver with its actors up: resumed from a checkpoint, or after the SFT warm start."""
+    cfg.check()
+    _init_ray()
     drv = Driver(cfg)
     save_config(cfg, drv.out / "config.yaml")
     resume_from = latest_checkpoint(drv.out) if cfg.resume == "auto" else (
         Path(cfg.resume) if cfg.resume != "no" else None)
     if resume_from is not None:
-        try:
-            st = json.loads((resume_from / "state.json").read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"resume: {resume_from / 'state.json'} is not valid JSON ({e})") from None
+        st = read_state(resume_from)
         drv.state = {**drv.state, **st, "rng": None}
         drv.rng.setstate(_rng_from_json(st["rng"]))
         ref = st.get("reference")
@@ -340,15 +329,39 @@ def train_online(cfg: LoopConfig, report=None) -> dict:
     with that iteration's metrics (evaluation included when it ran) and the checkpoint folder when one
     was written (Ray Tune hooks in here).
     """
-    return run_iterations(start_driver(cfg), report)
+    cfg.check()
+    _init_ray()
+    with GracefulStop() as stop:  # after ray.init: Ray's core worker would otherwise abort on SIGTERM
+        return run_iterations(start_driver(cfg), report, stop)
 
 
-def run_iterations(drv: Driver, report=None) -> dict:
-    """The iterations of a started driver (see :func:`train_online`), then its actors are stopped."""
+def run_iterations(drv: Driver, report=None, stop: GracefulStop | None = None) -> dict:
+    """The iterations of a started driver (see :func:`train_online`), then its actors are stopped. SIGTERM or
+    SIGINT ends the run after the current iteration and its checkpoint (``runtime.stopping``)."""
+    try:
+        if stop is not None:
+            return _iterate(drv, report, stop)
+        with GracefulStop() as stop:
+            return _iterate(drv, report, stop)
+    except ray.exceptions.RayActorError as e:
+        raise actor_died(drv, e, latest_checkpoint(drv.out)) from None
+
+
+def _checkpoint(drv: Driver) -> Path:
+    ckpt = drv.checkpoint()
+    if drv.cfg.serve.publish_url:
+        drv.publish(ckpt / "reward_model")
+    return ckpt
+
+
+def _iterate(drv: Driver, report, stop: GracefulStop) -> dict:
     cfg, last = drv.cfg, {}
     deadline = time.monotonic() + 60 * cfg.minutes if cfg.minutes > 0 else float("inf")
     bar = tqdm(total=cfg.iterations, initial=drv.state["iteration"], desc="irl", unit="iter")
     while drv.state["iteration"] < cfg.iterations:
+        if stop.requested:  # signalled before the first iteration (during the warm start): nothing new to save
+            drv.log({"event": "stopped", "signal": stop.requested, "checkpoint": None})
+            break
         last = drv.iteration()
         drv.log(last)
         it = drv.state["iteration"]
@@ -359,15 +372,18 @@ def run_iterations(drv: Driver, report=None) -> dict:
             drv.log(ev)
             last |= ev
         ckpt = None
-        if cfg.checkpoint_every and (it % cfg.checkpoint_every == 0 or it == cfg.iterations or out_of_time):
-            ckpt = drv.checkpoint()
-            if cfg.serve.publish_url:
-                drv.publish(ckpt / "reward_model")
+        if cfg.checkpoint_every and (it % cfg.checkpoint_every == 0 or it == cfg.iterations or out_of_time
+                                     or stop.requested):
+            ckpt = _checkpoint(drv)
         if report is not None:
             report({"iteration": it, **{k: v for k, v in last.items() if k != "batch_ids"}}, ckpt)
         bar.update(1)
         if out_of_time:
             drv.log({"event": "time_budget_reached", "minutes": cfg.minutes})
+            break
+        if stop.requested:  # (a signal during report() comes after this iteration's checkpoint decision)
+            ckpt = ckpt or (_checkpoint(drv) if cfg.checkpoint_every else None)
+            drv.log({"event": "stopped", "signal": stop.requested, "checkpoint": str(ckpt) if ckpt else None})
             break
     bar.close()
     drv.close()

@@ -178,15 +178,15 @@ class PolicyLearner(_Learner):
 
     def __init__(self, policy_path: str, *, learner: LearnerConfig, layout: ChainLayout, opt, total_steps: int = 0,
                  model: ModelConfig | None = None, group: RankSpec = RankSpec(), reference_path: str | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
+        from dense_irl.models.hf_files import load_causal_lm, load_tokenizer
         from dense_irl.models.training import load_trainable, merged
 
         model_cfg = model or ModelConfig()
         policy = load_trainable(policy_path, model_cfg)
-        ref = AutoModelForCausalLM.from_pretrained(reference_path) if reference_path else copy.deepcopy(merged(policy))
+        ref = (load_causal_lm(reference_path, "KL reference policy") if reference_path
+               else copy.deepcopy(merged(policy)))
         self.ref = ref.eval().requires_grad_(False)
-        self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
+        self.tokenizer = load_tokenizer(policy_path, "policy")
         self.layout = layout
         self._setup(policy, opt, total_steps, learner, group, model_cfg)
         self.ref.to(self.device)
@@ -292,8 +292,8 @@ class RewardLearner(_Learner):
 
     def __init__(self, reward_path: str, pi_old_path: str, *, reward: RewardConfig, learner: LearnerConfig,
                  total_steps: int = 0, model: ModelConfig | None = None, group: RankSpec = RankSpec()):
-        from transformers import AutoModelForCausalLM
 
+        from dense_irl.models.hf_files import load_causal_lm
         from dense_irl.models.reward_model import RewardModel
         from dense_irl.models.training import ADAPTER_DIR, load_trainable, prepare_for_training
 
@@ -303,7 +303,7 @@ class RewardLearner(_Learner):
             self.rm.backbone = load_trainable(reward_path, model_cfg)
         else:
             self.rm.backbone = prepare_for_training(self.rm.backbone, model_cfg)
-        self.pi_old = AutoModelForCausalLM.from_pretrained(pi_old_path).eval().requires_grad_(False)
+        self.pi_old = load_causal_lm(pi_old_path, "policy (pi_old)").eval().requires_grad_(False)
         self.reward_cfg = reward
         self._setup(self.rm, reward, total_steps, learner, group, model_cfg)
         self.pi_old.to(self.device)

@@ -89,13 +89,13 @@ class HFEngine(_Engine):
     """Sampling with transformers ``generate``."""
 
     def __init__(self, policy_path: str, seed: int = 0, device: str | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from dense_irl.models.hf_files import load_causal_lm, load_tokenizer
 
         torch.manual_seed(seed)
         # device None: CUDA when there is one (a Ray actor passes what Ray granted it instead).
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(policy_path).eval().to(self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
+        self.model = load_causal_lm(policy_path, "policy").eval().to(self.device)
+        self.tokenizer = load_tokenizer(policy_path, "policy")
 
     @torch.no_grad()
     def _sample(self, prompts: list[str], heads: list[list[int]], n: int, cfg: RolloutConfig, separator: str,

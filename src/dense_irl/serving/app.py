@@ -27,6 +27,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +40,8 @@ from pydantic import ValidationError
 from ray import serve
 
 from dense_irl.data.layout import chain_length
-from dense_irl.errors import ConfigError, MissingFileError
-from dense_irl.models.reward_model import ChainScore, RewardModel
+from dense_irl.errors import ConfigError
+from dense_irl.models.reward_model import ChainScore, RewardModel, check_checkpoint
 from dense_irl.serving import search_api, vllm_api
 from dense_irl.serving.model_source import ModelSource
 from dense_irl.serving.requests import item_chain, query_chains
@@ -104,7 +105,7 @@ class _Live:
     loaded_at: float
 
 
-@serve.deployment(max_ongoing_requests=256)
+@serve.deployment(max_ongoing_requests=256, graceful_shutdown_timeout_s=120)  # a search may take a while
 @serve.ingress(api)
 class RewardScorer:
     """Scores chains with the live reward model; see the module docstring for the endpoints."""
@@ -322,6 +323,10 @@ class RewardScorer:
         they all serve it (or after ``reload_wait_s``; ``replicas_pending`` then says how many lag)."""
         if not os.path.isabs(body.reward_model):
             raise HTTPException(422, "reward_model must be an absolute path (replicas do not share your cwd)")
+        root = Path(self.args.reload_root or "/")
+        if not Path(body.reward_model).resolve().is_relative_to(root):
+            raise HTTPException(403, f"reward_model must be under this server's reload_root {root} "
+                                     "(dense-irl serve --reload-root DIR)")
         async with self._lock:
             try:
                 await self._load(body.reward_model)
@@ -350,10 +355,11 @@ def app_builder(args: dict | ServeArgs) -> serve.Application:
             bad = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
             raise ConfigError(f"invalid serve args: {bad}") from None
     path = Path(os.path.expanduser(args.reward_model)).resolve()
-    if not path.is_dir():
-        raise MissingFileError(f"reward model checkpoint not found: {path}")
+    check_checkpoint(path)  # a missing or corrupt checkpoint fails here, before any replica starts
+    root = Path(os.path.expanduser(args.reload_root or os.getcwd())).resolve()
     args = args.model_copy(
-        update={"reward_model": str(path), "token": args.token or os.environ.get(TOKEN_ENV)}
+        update={"reward_model": str(path), "token": args.token or os.environ.get(TOKEN_ENV),
+                "reload_root": str(root)}
     )
     scorer = RewardScorer.options(
         num_replicas=args.num_replicas,
@@ -364,11 +370,22 @@ def app_builder(args: dict | ServeArgs) -> serve.Application:
     return scorer.bind(ModelSource.bind(str(path)), args.model_dump())
 
 
+def exposure_warning(host: str, token: str | None) -> str | None:
+    """The warning for a server reachable beyond this machine without a token (None when it is not)."""
+    if host in ("127.0.0.1", "localhost", "::1") or token or os.environ.get(TOKEN_ENV):
+        return None
+    return (f"warning: serving on {host} without a token: anyone who can reach it can score and reload "
+            "checkpoints; pass --token (or set DENSE_IRL_TOKEN)")
+
+
 def start_server(args: dict | ServeArgs, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME) -> str:
     """Start Ray (if needed) and Serve's HTTP proxy on ``host:port``, deploy the app; returns its URL."""
     import ray
 
     app = app_builder(args)  # fail on a bad checkpoint path before starting anything
+    warning = exposure_warning(host, (args.get("token") if isinstance(args, dict) else args.token))
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     if not ray.is_initialized():
         from dense_irl.logs import ray_init_kwargs
 
@@ -378,17 +395,33 @@ def start_server(args: dict | ServeArgs, host: str = "127.0.0.1", port: int = 80
     return f"http://{host}:{port}"
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def serve_forever(args: dict | ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """``dense-irl serve``: deploy, print the URLs, run until Ctrl-C, then shut Serve down."""
+    """``dense-irl serve``: deploy, print the URLs, run until SIGTERM or SIGINT (``ray job stop``, systemd,
+    Kubernetes, Ctrl-C), then drain in-flight requests, shut Serve and Ray down and return (exit 0)."""
+    import signal
+
     import ray
 
+    url = start_server(args, host, port)  # a bad checkpoint or arg fails here, before anything is started
     try:
-        url = start_server(args, host, port)
+        # Ray's core worker aborts the process on SIGTERM (exit 134); Python's handlers, set after it started,
+        # turn both signals into the one clean path below.
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, _interrupt)
         print(json.dumps({"url": url, "health": f"{url}/health", "docs": f"{url}/docs"}), flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        pass
+        print("stopping: draining in-flight requests", file=sys.stderr, flush=True)
     finally:
         if ray.is_initialized():
+            # Deleting the app first drains it: its replicas take no new requests and finish the ones they
+            # hold (up to graceful_shutdown_timeout_s) while the HTTP proxy still carries their answers back;
+            # serve.shutdown alone stops the proxy at once and drops them.
+            serve.delete(APP_NAME)
             serve.shutdown()
+            ray.shutdown()

@@ -43,6 +43,8 @@ class ServeArgs(BaseModel):
                            "extra_logs step_reward_1..N (OpenRLHF logs each key as one scalar per sample)")
     step_tag: str = Field("<extra_0>", description="/pooling and /classify: the marker after each step (as "
                           "Qwen2.5-Math-PRM's); texts without it split on the checkpoint's separator")
+    reload_root: str | None = Field(None, description="/admin/reload loads only checkpoints under this folder "
+                                    "(default: the working folder of the process that deploys the app)")
     poll_s: float = Field(1.0, gt=0, description="how often replicas check for an admin reload")
     reload_wait_s: float = Field(60.0, ge=0, description="how long an admin reload waits for all replicas")
     # request limits (each answered with 413 naming the limit)
