@@ -75,6 +75,13 @@ bench-real: setup
 # bench/results/search.md (+ .json); the search itself takes ~3 min.
 SEARCH_RUN ?= runs/search_offline_tiny
 SEARCH_ARGS ?=
+# The long forms of the fuzz tests: hypothesis over every reader and config override, schemathesis over the
+# live app's OpenAPI schema (valid and invalid requests, with and without the token), the hostile bodies.
+.PHONY: fuzz
+fuzz: setup
+	DENSE_IRL_FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-400} $(PY) -m pytest -q -s tests/test_data_fuzz_on_cpu.py \
+		tests/test_serving.py -k "fuzz or any_ or schema_generated or hostile or bad_input"
+
 .PHONY: bench-search
 bench-search: setup
 	test -f $(SEARCH_RUN)/reward_model/reward_config.json || $(VENV)/bin/dense-irl train-reward --config offline_tiny \

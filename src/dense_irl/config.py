@@ -133,7 +133,12 @@ def parse_overrides(args: list[str]) -> dict:
         if not arg.startswith("--") or "=" not in arg:
             raise ConfigError(f"override {arg!r} must look like --key.sub=value")
         key, raw = arg[2:].split("=", 1)
-        _set_dotted(out, key, yaml.safe_load(raw) if raw != "" else "")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:  # e.g. --x=[1 or a control character
+            why = getattr(e, "problem", None) or e
+            raise ConfigError(f"override {arg!r}: the value is not a YAML scalar or list ({why})") from None
+        _set_dotted(out, key, value)
     return out
 
 
@@ -152,7 +157,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         p = resolve_config(path)
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")

@@ -136,7 +136,7 @@ def _optional_str(row: dict, key: str, path: Path, lineno: int) -> str | None:
         return str(value)
     if not isinstance(value, str):
         raise DataError(path, lineno, key, f"expected a string or number, got {type(value).__name__}")
-    return value.strip()
+    return value.strip() or None  # a blank answer is no answer (it would otherwise match an empty one)
 
 
 def _row_id(row: dict, default: str, path: Path, lineno: int, key: str = "id") -> str:
