@@ -47,14 +47,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_random_rm(out: Path, seed: int = 0) -> str:
+def make_random_rm(out: Path, seed: int = 0, version: str = "bench-random") -> str:
     """A reward model of the default tiny preset with random weights (heads included)."""
     from dense_irl.models.factory import ModelConfig, load_policy
     from dense_irl.models.reward_model import RewardModel, RewardModelConfig
 
     demos = generate(SyntheticConfig(n_problems=2000, seed=seed))
     policy, tok = load_policy(ModelConfig(), [d.prompt for d in demos] + [s for d in demos for s in d.steps])
-    rm = RewardModel(policy, tok, RewardModelConfig(version="bench-random"))
+    rm = RewardModel(policy, tok, RewardModelConfig(version=version))
     torch.manual_seed(seed)
     torch.nn.init.normal_(rm.g_head.weight, std=0.1)
     torch.nn.init.normal_(rm.h_head.weight, std=0.1)
@@ -111,11 +111,12 @@ def naive_server(path: str, port: int, threads: int, workers: int) -> None:
 # ---------------------------------------------------------------------------- load generator
 
 
-async def _http(reader, writer, path: str, body: bytes) -> tuple[int, bytes]:
-    """One POST on a kept-alive HTTP/1.1 connection. A bare asyncio client: httpx would cost more CPU
-    per request than the servers under test on 2 cores (measured: ~250 vs ~3000 req/s to uvicorn)."""
+async def _http(reader, writer, path: str, body: bytes, headers: str = "") -> tuple[int, bytes]:
+    """One POST on a kept-alive HTTP/1.1 connection (``headers``: extra "Name: value\\r\\n" lines). A bare
+    asyncio client: httpx would cost more CPU per request than the servers under test on 2 cores (measured:
+    ~250 vs ~3000 req/s to uvicorn)."""
     writer.write(
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{headers}"
         f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body
     )

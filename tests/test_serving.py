@@ -663,6 +663,21 @@ def test_live_publishing_from_training(server, checkpoints):
     assert server["client"].get("/secure/health", headers=AUTH).json()["version"] == "2"
 
 
+def test_soak_short_form(server, checkpoints):
+    """bench/soak.py's loop for a few seconds on the 2-replica app: clients keep scoring while admin reloads
+    swap two checkpoints; not one request fails. (`python bench/soak.py` runs 32 clients for 10 minutes.)"""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("soak_bench", ROOT / "bench" / "soak.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    paths, _ = checkpoints
+    res = bench.soak(server["url"] + "/secure", [(PROMPT, STEPS), (PROMPT, STEPS[:1])], clients=6, seconds=12,
+                     reload_every=3.5, reload_paths=[paths["1"], paths["2"]], headers=AUTH, window_s=4)
+    assert res["requests"] > 20 and res["failed"] == 0, res
+    assert [r["version"] for r in res["reloads"]][:2] == ["1", "2"]
+
+
 def test_cli_score_and_serve_errors(server, checkpoints, tmp_path, capsys):
     """`dense-irl score` talks to the running app; `dense-irl serve` names a missing checkpoint."""
     from dense_irl.cli import main
