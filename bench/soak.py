@@ -167,12 +167,12 @@ def main() -> None:
 
     import ray
 
-    from dense_irl.serving.app import start_server
+    from dense_irl.serving.launch import start_server
 
     tmp = Path(tempfile.mkdtemp(prefix="soak"))
     paths = [make_random_rm(tmp / "a", seed=0, version="a"), make_random_rm(tmp / "b", seed=1, version="b")]
     port = free_port()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)  # no access log per request
     url = start_server({"reward_model": paths[0], "num_replicas": args.replicas, "num_cpus": 0.5,
                         "reload_root": str(tmp)}, "127.0.0.1", port)
     wait_ready(url)

@@ -140,3 +140,43 @@ def test_saved_configs_never_hold_the_token(tmp_path):
     text = (tmp_path / "config.yaml").read_text()
     assert "s3cret" not in text and "publish_url: http://127.0.0.1:8000" in text
     assert load_config(LoopConfig, tmp_path / "config.yaml", []).serve.token == ""
+
+
+KILLED_WRITER = """
+import sys, time
+from pathlib import Path
+from dense_irl.runtime.checkpoints import write_checkpoint
+
+root = Path(sys.argv[1])
+state = lambda it: {"iteration": it, "cursor": {"epoch": 0, "pos": it}, "rng": [3, [1, 2], None]}
+
+def save(slow):
+    def go(tmp):
+        tmp.mkdir(parents=True)
+        (tmp / "policy.bin").write_text("weights")
+        if slow:
+            print("writing", flush=True)
+            time.sleep(60)  # killed here
+    return go
+
+write_checkpoint(root, 1, state(1), save(False))
+write_checkpoint(root, 2, state(2), save(True))
+"""
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_last_complete_one(tmp_path):
+    """A real SIGKILL of the writing process in the middle of a checkpoint: the resume finds the checkpoint
+    before it, and the next write of that iteration clears the leftover."""
+    import signal
+    import subprocess
+    import sys
+
+    root = tmp_path / "checkpoints"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(root)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert (root / ".iter_000002.tmp" / "policy.bin").is_file()  # the half-written checkpoint is there
+    assert latest_checkpoint(tmp_path) == root / "iter_000001" and read_state(root / "iter_000001")["iteration"] == 1
+    again = write_checkpoint(root, 2, _state(2), _saver(["policy.bin"]))
+    assert latest_checkpoint(tmp_path) == again and not (root / ".iter_000002.tmp").exists()

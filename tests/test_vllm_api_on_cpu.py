@@ -31,6 +31,9 @@ class _Tok:
         assert skip_special_tokens is False
         return "".join(map(chr, ids))
 
+    def __len__(self):
+        return 0x110000  # every code point
+
 
 def test_plain_text_with_step_tags_qwen_prm_style():
     # Qwen2.5-Math-PRM's format: each step ends in <extra_0>; the first step starts after the question's line.
@@ -67,11 +70,16 @@ def test_messages_and_token_ids():
         parse(ClassifyIn, {"input": [[1, 2], "mixed"]})
     with pytest.raises(VLLMError, match="no 'assistant' message"):
         messages_chain(parse(PoolingIn, {"messages": [{"role": "user", "content": Q}]}).messages, "\n")
+    # Found by schemathesis: ids outside the vocabulary made the real tokenizer overflow (a 500).
+    for bad in ([[-1]], [[5, 0x110000]], [10**30]):
+        with pytest.raises(VLLMError, match=r"input\[0\]: token id .* is outside this model's vocabulary"):
+            request_chains(parse(PoolingIn, {"input": bad}), _Tok(), "\n", "<extra_0>")
 
 
 @pytest.mark.parametrize(("model", "body", "words"), [
     (PoolingIn, {}, "exactly one of 'input'"),
     (PoolingIn, {"input": "x", "messages": []}, "exactly one of 'input'"),
+    (PoolingIn, {"input": "x", "messages": None}, "'messages' is null: leave it out"),
     (PoolingIn, {"input": "x", "task": "embed"}, "task"),
     (PoolingIn, {"input": "x", "normalize": True}, "normalize"),  # removed in vLLM too
     (PoolingIn, {"input": "x", "encoding_format": "base64"}, "encoding_format"),

@@ -143,12 +143,12 @@ def _tune(args, overrides: list[str]) -> int:
 
 
 def _serve(args) -> None:
-    from dense_irl.serving.app import serve_forever
+    from dense_irl.serving.launch import serve_forever
 
     serve_forever({"reward_model": args.reward_model, "num_replicas": args.replicas, "num_cpus": args.num_cpus,
                    "num_gpus": args.num_gpus, "token": args.token, "max_batch_size": args.max_batch_size,
                    "reward_aggregate": args.reward_aggregate, "log_steps": args.log_steps, "step_tag": args.step_tag,
-                   "policy": args.policy, "policy_engine": args.policy_engine},
+                   "policy": args.policy, "policy_engine": args.policy_engine, "reload_root": args.reload_root},
                   args.host, args.port)
 
 
@@ -284,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--step-tag", default="<extra_0>", help="/pooling, /classify: the marker that ends each step")
     sv.add_argument("--policy", default=None, help="a policy folder: enables POST /v1/search (sampled on the replica)")
     sv.add_argument("--policy-engine", choices=["hf", "vllm"], default="hf", help="/v1/search's sampler")
+    sv.add_argument("--reload-root", default=None,
+                    help="/admin/reload loads only checkpoints under this folder (default: the current folder)")
     sc = sub.add_parser("score", help="score chains with a running 'dense-irl serve'")
     sc.add_argument("--url", default="http://127.0.0.1:8000")
     sc.add_argument("--token", default=None, help="default: env DENSE_IRL_TOKEN")

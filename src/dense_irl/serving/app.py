@@ -27,7 +27,6 @@ import asyncio
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
@@ -44,6 +44,7 @@ from dense_irl.errors import ConfigError
 from dense_irl.models.reward_model import ChainScore, RewardModel, check_checkpoint
 from dense_irl.serving import search_api, vllm_api
 from dense_irl.serving.model_source import ModelSource
+from dense_irl.serving.openapi_spec import complete_openapi
 from dense_irl.serving.requests import item_chain, query_chains
 from dense_irl.serving.schemas import (
     BatchIn,
@@ -88,6 +89,22 @@ async def _validation_error(_request, exc: RequestValidationError) -> JSONRespon
 api = FastAPI(title="dense-irl step reward scoring", version="1", description=__doc__.split("\n\n")[0])
 api.add_middleware(Guard, settings=_replica_guard)
 api.add_exception_handler(RequestValidationError, _validation_error)
+
+
+def _openapi() -> dict:
+    """FastAPI's schema with every error answer and the vLLM routes' bodies (serving/openapi_spec.py)."""
+    if api.openapi_schema is None:
+        spec = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+        try:  # in a replica (the app is copied into each): does it ask for a token?
+            token = bool(_replica_guard()[0])
+        except Exception:  # built outside Serve (a test, a docs build)
+            token = False
+        bodies = {"/pooling": vllm_api.PoolingIn, "/classify": vllm_api.ClassifyIn}
+        api.openapi_schema = complete_openapi(spec, bodies, token)
+    return api.openapi_schema
+
+
+api.openapi = _openapi
 
 
 def _too_large(message: str) -> HTTPException:
@@ -368,60 +385,3 @@ def app_builder(args: dict | ServeArgs) -> serve.Application:
         user_config={"reward_model": str(path)},
     )
     return scorer.bind(ModelSource.bind(str(path)), args.model_dump())
-
-
-def exposure_warning(host: str, token: str | None) -> str | None:
-    """The warning for a server reachable beyond this machine without a token (None when it is not)."""
-    if host in ("127.0.0.1", "localhost", "::1") or token or os.environ.get(TOKEN_ENV):
-        return None
-    return (f"warning: serving on {host} without a token: anyone who can reach it can score and reload "
-            "checkpoints; pass --token (or set DENSE_IRL_TOKEN)")
-
-
-def start_server(args: dict | ServeArgs, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME) -> str:
-    """Start Ray (if needed) and Serve's HTTP proxy on ``host:port``, deploy the app; returns its URL."""
-    import ray
-
-    app = app_builder(args)  # fail on a bad checkpoint path before starting anything
-    warning = exposure_warning(host, (args.get("token") if isinstance(args, dict) else args.token))
-    if warning:
-        print(warning, file=sys.stderr, flush=True)
-    if not ray.is_initialized():
-        from dense_irl.logs import ray_init_kwargs
-
-        ray.init(**ray_init_kwargs())
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name=name, route_prefix="/", blocking=False)
-    return f"http://{host}:{port}"
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def serve_forever(args: dict | ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """``dense-irl serve``: deploy, print the URLs, run until SIGTERM or SIGINT (``ray job stop``, systemd,
-    Kubernetes, Ctrl-C), then drain in-flight requests, shut Serve and Ray down and return (exit 0)."""
-    import signal
-
-    import ray
-
-    url = start_server(args, host, port)  # a bad checkpoint or arg fails here, before anything is started
-    try:
-        # Ray's core worker aborts the process on SIGTERM (exit 134); Python's handlers, set after it started,
-        # turn both signals into the one clean path below.
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, _interrupt)
-        print(json.dumps({"url": url, "health": f"{url}/health", "docs": f"{url}/docs"}), flush=True)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("stopping: draining in-flight requests", file=sys.stderr, flush=True)
-    finally:
-        if ray.is_initialized():
-            # Deleting the app first drains it: its replicas take no new requests and finish the ones they
-            # hold (up to graceful_shutdown_timeout_s) while the HTTP proxy still carries their answers back;
-            # serve.shutdown alone stops the proxy at once and drops them.
-            serve.delete(APP_NAME)
-            serve.shutdown()
-            ray.shutdown()

@@ -13,11 +13,19 @@ import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from dense_irl.models.reward_model import ChainScore
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 _FORBID = ConfigDict(extra="forbid")
+
+
+def explicit_null(model: BaseModel, names: tuple[str, ...]) -> None:
+    """An optional field sent as null is an error (leave it out): the published schema does not allow it."""
+    for name in names:
+        if name in model.model_fields_set and getattr(model, name) is None:
+            raise ValueError(f"'{name}' is null: leave it out instead")
 
 
 class ServeArgs(BaseModel):
@@ -68,15 +76,21 @@ LIMIT_NAMES = ("max_body_bytes", "max_chains", "max_steps", "max_chars", "max_to
 class ChainIn(BaseModel):
     """One chain: a prompt and either its steps or one text split by ``step_separator``."""
 
-    model_config = _FORBID
+    # The schema states the rule the validator enforces: exactly one of steps and text (neither may be null).
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [{"required": ["steps"]},
+                                                                           {"required": ["text"]}]})
 
     prompt: str
-    steps: list[NonEmptyStr] | None = Field(None, min_length=1, description="the steps, in order")
-    text: str | None = Field(None, description="the whole solution; split into steps by step_separator")
-    step_separator: NonEmptyStr | None = Field(None, description="default: the checkpoint's separator")
+    steps: Annotated[list[NonEmptyStr], Field(min_length=1)] | SkipJsonSchema[None] = Field(
+        None, description="the steps, in order")
+    text: str | SkipJsonSchema[None] = Field(None, description="the whole solution; split into steps by "
+                                             "step_separator")
+    step_separator: NonEmptyStr | SkipJsonSchema[None] = Field(None, description="with text: where steps end "
+                                                               "(default: the checkpoint's separator)")
 
     @model_validator(mode="after")
     def _steps_or_text(self) -> ChainIn:
+        explicit_null(self, ("steps", "text", "step_separator"))
         if (self.steps is None) == (self.text is None):
             raise ValueError("give exactly one of 'steps' (a list of step strings) or 'text'")
         if self.step_separator is not None and self.text is None:

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import asdict
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from dense_irl.errors import ConfigError
 from dense_irl.search.config import SearchConfig
 from dense_irl.search.step_search import Candidate, reward_model_scorer, search
+from dense_irl.serving.schemas import explicit_null
 
 
 def policy_engine(policy: str, engine: str, device: str, gpu_share: float):
@@ -45,10 +47,11 @@ NO_POLICY = ("this server has no policy to sample from: start it with `dense-irl
 class SearchRequest(BaseModel):
     """One search: the prompt(s) and the fields of ``search.config.SearchConfig``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [{"required": ["prompt"]},
+                                                                           {"required": ["prompts"]}]})
 
-    prompt: str | None = Field(None, min_length=1)
-    prompts: list[str] | None = Field(None, min_length=1)
+    prompt: str | SkipJsonSchema[None] = Field(None, min_length=1, pattern=r"\S")
+    prompts: Annotated[list[Annotated[str, Field(pattern=r"\S")]], Field(min_length=1)] | SkipJsonSchema[None] = None
     method: Literal["best_of_n", "beam", "greedy"] = "best_of_n"
     n: int = Field(4, ge=1, description="best_of_n: chains sampled per prompt")
     beam_width: int = Field(2, ge=1, description="beam: partial chains kept after each step")
@@ -63,6 +66,7 @@ class SearchRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_of(self) -> SearchRequest:
+        explicit_null(self, ("prompt", "prompts"))
         if (self.prompt is None) == (self.prompts is None):
             raise ValueError("give exactly one of 'prompt' and 'prompts'")
         if self.prompts is not None and any(not p.strip() for p in self.prompts):

@@ -29,8 +29,10 @@ import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from dense_irl.data.layout import split_steps
+from dense_irl.serving.schemas import explicit_null
 
 _FORBID = ConfigDict(extra="forbid")
 STEP_TAG = "<extra_0>"
@@ -84,8 +86,11 @@ class _Common(BaseModel):
 class PoolingIn(_Common):
     """``/pooling``: completion style (``input``) or chat style (``messages``)."""
 
-    input: str | list[str] | list[int] | list[list[int]] | None = None
-    messages: list[ChatMessage] | None = None
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [{"required": ["input"]},
+                                                                           {"required": ["messages"]}]})
+
+    input: str | list[str] | list[int] | list[list[int]] | SkipJsonSchema[None] = None
+    messages: list[ChatMessage] | SkipJsonSchema[None] = None
     task: Literal["token_classify"] | None = None
     encoding_format: Literal["float"] = "float"
     dimensions: int | None = None
@@ -94,6 +99,7 @@ class PoolingIn(_Common):
 
     @model_validator(mode="after")
     def _one_input(self) -> PoolingIn:
+        explicit_null(self, ("input", "messages"))
         if (self.input is None) == (self.messages is None):
             raise ValueError("give exactly one of 'input' (text or token ids) or 'messages' (a chat)")
         return self
@@ -123,7 +129,13 @@ def _texts(inp, tokenizer) -> list[str]:
     if isinstance(inp, str):
         return [inp]
     if inp and all(isinstance(x, int) for x in inp):
-        return [tokenizer.decode(inp, skip_special_tokens=False)]
+        inp = [inp]
+    vocab = len(tokenizer)
+    for i, x in enumerate(inp):
+        bad = [t for t in x if not 0 <= t < vocab] if not isinstance(x, str) else []
+        if bad:  # the tokenizer would fail deep inside (an overflow), or decode nothing meaningful
+            raise VLLMError(f"input[{i}]: token id {bad[0]} is outside this model's vocabulary (0..{vocab - 1})",
+                            param="input")
     return [x if isinstance(x, str) else tokenizer.decode(x, skip_special_tokens=False) for x in inp]
 
 
