@@ -12,13 +12,24 @@ import hmac
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from dense_irl.models.reward_model import ChainScore
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 _FORBID = ConfigDict(extra="forbid")
+# Request bodies are strict: a JSON false is not the integer 0, nor 0 a boolean (the published schema's types).
+_REQUEST = ConfigDict(extra="forbid", strict=True)
+
+
+def integral(value: Any) -> Any:
+    """4.0 as the integer 4 (JSON Schema's integers); anything else unchanged, for strict validation."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# An integer field of a strict request: 4.0 is the integer 4 (as in JSON Schema), true is not an integer.
+JsonInt = Annotated[int, BeforeValidator(integral)]
 
 
 def explicit_null(model: BaseModel, names: tuple[str, ...]) -> None:
@@ -77,14 +88,14 @@ class ChainIn(BaseModel):
     """One chain: a prompt and either its steps or one text split by ``step_separator``."""
 
     # The schema states the rule the validator enforces: exactly one of steps and text (neither may be null).
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [{"required": ["steps"]},
-                                                                           {"required": ["text"]}]})
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"oneOf": [{"required": ["steps"]},
+                                                                                        {"required": ["text"]}]})
 
     prompt: str
     steps: Annotated[list[NonEmptyStr], Field(min_length=1)] | SkipJsonSchema[None] = Field(
         None, description="the steps, in order")
-    text: str | SkipJsonSchema[None] = Field(None, description="the whole solution; split into steps by "
-                                             "step_separator")
+    text: str | SkipJsonSchema[None] = Field(None, json_schema_extra={"pattern": r"\S"},
+                                             description="the whole solution; split into steps by step_separator")
     step_separator: NonEmptyStr | SkipJsonSchema[None] = Field(None, description="with text: where steps end "
                                                                "(default: the checkpoint's separator)")
 
@@ -101,7 +112,7 @@ class ChainIn(BaseModel):
 class BatchIn(BaseModel):
     """Several chains scored in one request."""
 
-    model_config = _FORBID
+    model_config = _REQUEST
 
     items: list[ChainIn] = Field(min_length=1)
 
@@ -140,7 +151,7 @@ class BatchResult(BaseModel):
 class GetRewardRequest(BaseModel):
     """OpenRLHF's remote reward model request: ``query`` is prompt + response."""
 
-    model_config = _FORBID
+    model_config = _REQUEST
 
     query: list[str] = Field(min_length=1)
     prompts: list[str] | None = Field(None, description="the prompt of each query, stripped off it")
@@ -167,9 +178,11 @@ class GetRewardResponse(BaseModel):
 class ReloadRequest(BaseModel):
     """Admin: load another checkpoint into every replica."""
 
-    model_config = _FORBID
+    model_config = _REQUEST
 
-    reward_model: NonEmptyStr
+    # (the schema states the rule; the route checks it, with a message saying why)
+    reward_model: NonEmptyStr = Field(json_schema_extra={"pattern": "^/"},
+                                      description="an absolute path, under the server's reload_root")
 
 
 class ModelInfo(BaseModel):

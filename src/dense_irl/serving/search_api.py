@@ -25,7 +25,7 @@ from pydantic.json_schema import SkipJsonSchema
 from dense_irl.errors import ConfigError
 from dense_irl.search.config import SearchConfig
 from dense_irl.search.step_search import Candidate, reward_model_scorer, search
-from dense_irl.serving.schemas import explicit_null
+from dense_irl.serving.schemas import JsonInt, explicit_null
 
 
 def policy_engine(policy: str, engine: str, device: str, gpu_share: float):
@@ -47,28 +47,35 @@ NO_POLICY = ("this server has no policy to sample from: start it with `dense-irl
 class SearchRequest(BaseModel):
     """One search: the prompt(s) and the fields of ``search.config.SearchConfig``."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [{"required": ["prompt"]},
-                                                                           {"required": ["prompts"]}]})
+    # The schema states the validators' rules: one of prompt and prompts; a sampling method samples (T > 0).
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+        "oneOf": [{"required": ["prompt"]}, {"required": ["prompts"]}],
+        "if": {"not": {"required": ["method"], "properties": {"method": {"const": "greedy"}}}},
+        "then": {"properties": {"temperature": {"exclusiveMinimum": 0}}}})
 
-    prompt: str | SkipJsonSchema[None] = Field(None, min_length=1, pattern=r"\S")
-    prompts: Annotated[list[Annotated[str, Field(pattern=r"\S")]], Field(min_length=1)] | SkipJsonSchema[None] = None
+    # (the schema states what the validator checks; the validator's message says why)
+    prompt: str | SkipJsonSchema[None] = Field(None, json_schema_extra={"pattern": r"\S"})
+    prompts: Annotated[list[Annotated[str, Field(json_schema_extra={"pattern": r"\S"})]], Field(min_length=1)] | \
+        SkipJsonSchema[None] = None
     method: Literal["best_of_n", "beam", "greedy"] = "best_of_n"
-    n: int = Field(4, ge=1, description="best_of_n: chains sampled per prompt")
-    beam_width: int = Field(2, ge=1, description="beam: partial chains kept after each step")
-    expand: int = Field(2, ge=1, description="beam: next steps sampled from each kept chain")
-    max_steps: int = Field(16, ge=1, description="beam: steps per chain at most")
+    n: JsonInt = Field(4, ge=1, description="best_of_n: chains sampled per prompt")
+    beam_width: JsonInt = Field(2, ge=1, description="beam: partial chains kept after each step")
+    expand: JsonInt = Field(2, ge=1, description="beam: next steps sampled from each kept chain")
+    max_steps: JsonInt = Field(16, ge=1, description="beam: steps per chain at most")
     aggregation: Literal["min", "last", "sum", "mean"] = "min"
     temperature: float = Field(0.8, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(256, ge=1, description="best_of_n / greedy: tokens per chain")
-    max_step_tokens: int = Field(64, ge=1, description="beam: tokens per step")
-    seed: int = 0
+    max_new_tokens: JsonInt = Field(256, ge=1, description="best_of_n / greedy: tokens per chain")
+    max_step_tokens: JsonInt = Field(64, ge=1, description="beam: tokens per step")
+    seed: JsonInt = 0
 
     @model_validator(mode="after")
     def _one_of(self) -> SearchRequest:
         explicit_null(self, ("prompt", "prompts"))
         if (self.prompt is None) == (self.prompts is None):
             raise ValueError("give exactly one of 'prompt' and 'prompts'")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("'prompt' must be non-empty")
         if self.prompts is not None and any(not p.strip() for p in self.prompts):
             raise ValueError("every prompt must be non-empty")
         return self

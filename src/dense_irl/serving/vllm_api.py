@@ -26,15 +26,18 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from dense_irl.data.layout import split_steps
-from dense_irl.serving.schemas import explicit_null
+from dense_irl.serving.schemas import JsonInt, explicit_null, integral
 
-_FORBID = ConfigDict(extra="forbid")
+# Strict: a JSON false is not the integer 0 (nor 0 a boolean), as the published schema says.
+_FORBID = ConfigDict(extra="forbid", strict=True)
+TokenIds = Annotated[list[Annotated[int, Field(ge=0), BeforeValidator(integral)]], Field(min_length=1)]
+Input = str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
 STEP_TAG = "<extra_0>"
 # (user turn start, assistant turn start, turn end): ChatML (Qwen2, SmolLM2) and Llama 3.
 CHAT_MARKUPS = (
@@ -56,6 +59,8 @@ class VLLMError(Exception):
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     role: str
     content: str | list[dict] | None = None
 
@@ -68,8 +73,8 @@ class _Common(BaseModel):
     model: str | None = None
     user: str | None = None
     request_id: str | None = None
-    priority: int = 0
-    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    priority: JsonInt = 0
+    truncate_prompt_tokens: JsonInt | None = Field(None, ge=-1)
     use_activation: bool | None = None
     # Older vLLM (0.11) names of use_activation; verl's reward loop sent "activation" for a while.
     activation: bool | None = None
@@ -86,14 +91,14 @@ class _Common(BaseModel):
 class PoolingIn(_Common):
     """``/pooling``: completion style (``input``) or chat style (``messages``)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [{"required": ["input"]},
-                                                                           {"required": ["messages"]}]})
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"oneOf": [{"required": ["input"]},
+                                                                                        {"required": ["messages"]}]})
 
-    input: str | list[str] | list[int] | list[list[int]] | SkipJsonSchema[None] = None
+    input: Input | SkipJsonSchema[None] = None
     messages: list[ChatMessage] | SkipJsonSchema[None] = None
     task: Literal["token_classify"] | None = None
     encoding_format: Literal["float"] = "float"
-    dimensions: int | None = None
+    dimensions: JsonInt | None = None
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
 
@@ -108,7 +113,7 @@ class PoolingIn(_Common):
 class ClassifyIn(_Common):
     """``/classify``: one score per input text."""
 
-    input: str | list[str] | list[int] | list[list[int]]
+    input: Input
 
 
 def parse(model: type[BaseModel], raw: Any) -> BaseModel:
@@ -118,8 +123,8 @@ def parse(model: type[BaseModel], raw: Any) -> BaseModel:
     except ValidationError as e:
         err = e.errors()[0]
         if err["loc"][:1] == ("input",):  # a union: pydantic's message names one of its members
-            raise VLLMError("input must be a string, a list of strings, a list of token ids or a list of lists of "
-                            "token ids", param="input") from None
+            raise VLLMError("input must be a string, a non-empty list of strings, of token ids (>= 0) or of lists "
+                            "of token ids", param="input") from None
         where = ".".join(str(p) for p in err["loc"]) or "body"
         raise VLLMError(f"{where}: {err['msg']}", param=where) from None
 
