@@ -116,6 +116,16 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_latest(tmp_path, monkeypa
     assert (root / "latest").read_text() == "iter_000001" and latest_checkpoint(tmp_path) == first
     assert sorted(p.name for p in root.iterdir()) == ["iter_000001", "latest"]  # no partial folder left
     assert read_state(first)["iteration"] == 1
+    # A failure that is not the disk's (an actor died while saving) is left to the caller, as it is.
+    monkeypatch.undo()
+
+    def actor_died(tmp):
+        tmp.mkdir(parents=True)
+        raise RuntimeError("the reward learner died")
+
+    with pytest.raises(RuntimeError, match="the reward learner died"):
+        write_checkpoint(root, 2, _state(2), actor_died)
+    assert sorted(p.name for p in root.iterdir()) == ["iter_000001", "latest"]
 
 
 @pytest.mark.parametrize(("content", "message"), [

@@ -135,9 +135,12 @@ class DenseIRLRewardLoopManager(RewardManagerBase):
         return prompt_text(self.tokenizer, prompt), steps or [""]
 
     async def run_single(self, data: DataProto) -> dict:
-        loop = asyncio.get_running_loop()  # the worker's loop; decoding and scoring block, so off it
-        chain = await loop.run_in_executor(None, self.chain, data)
-        s = (await loop.run_in_executor(None, self.score, [chain]))[0]
+        def chain_and_score(data):
+            chain = self.chain(data)
+            return chain, self.score([chain])[0]
+
+        # The worker's loop: decoding and scoring block, so they run off it (one hop).
+        chain, s = await asyncio.get_running_loop().run_in_executor(None, chain_and_score, data)
         return {"reward_score": aggregate(s.step_rewards, self.how),
                 "reward_extra_info": {"dense_irl_task_reward": s.task_reward,
                                       "dense_irl_min_step_reward": min(s.step_rewards, default=0.0),

@@ -48,12 +48,13 @@ def check_model_folder(path: str | Path, what: str) -> Path:
     return path
 
 
-def load_causal_lm(path: str | Path, what: str, **kwargs):
-    """``AutoModelForCausalLM.from_pretrained(path)`` after :func:`check_model_folder`; whatever still fails
-    (wrong shapes, an edited config) is one error naming the folder."""
+def load_causal_lm(path: str | Path, what: str, checked: bool = False, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(path)`` after :func:`check_model_folder` (unless the caller
+    ``checked`` it already); whatever still fails (wrong shapes, an edited config) is one error naming the
+    folder."""
     from transformers import AutoModelForCausalLM
 
-    path = check_model_folder(path, what)
+    path = Path(path) if checked else check_model_folder(path, what)
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:

@@ -229,7 +229,7 @@ class RewardModel(nn.Module):
         missing, truncated or edited (:func:`check_checkpoint` first, then what only loading can tell)."""
         path = Path(path)
         config = check_checkpoint(path)
-        backbone = load_causal_lm(path, "reward model checkpoint")
+        backbone = load_causal_lm(path, "reward model checkpoint", checked=True)  # check_checkpoint did
         model = cls(backbone, load_tokenizer(path, "reward model checkpoint"), config)
         heads = load_file(str(path / HEAD_FILE))
         try:

@@ -40,8 +40,9 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 def write_checkpoint(root: Path, iteration: int, state: dict, save_models: Callable[[Path], None]) -> Path:
     """Write ``root/iter_N`` atomically: ``save_models(tmp)`` writes the models and optimisers into the
     temporary folder, then ``state.json`` goes in, the folder is renamed and ``latest`` moved to it. Any
-    failure removes the temporary folder and raises one :class:`CheckpointError` naming the path; the
-    previous checkpoint and ``latest`` are untouched."""
+    failure removes the temporary folder and leaves the previous checkpoint and ``latest`` untouched; one that
+    is the disk's (a full disk, a permission) is one :class:`CheckpointError` naming the path, anything else
+    (a dead actor, an interrupt) is raised as it is."""
     final, tmp = root / f"iter_{iteration:06d}", root / f".iter_{iteration:06d}.tmp"
     previous = latest_checkpoint(root.parent)
     try:
@@ -57,9 +58,11 @@ def write_checkpoint(root: Path, iteration: int, state: dict, save_models: Calla
         (root / "latest.tmp").write_text(final.name)
         os.replace(root / "latest.tmp", root / "latest")
         shutil.rmtree(old, ignore_errors=True)
-    except Exception as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         cause = getattr(e, "cause", None) or e  # an actor's error arrives wrapped in Ray's RayTaskError
+        if not isinstance(cause, OSError):  # not the disk's fault (a dead actor, Ctrl-C): the caller's to handle
+            raise
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointError(f"cannot write checkpoint {final}: {type(cause).__name__}: {cause}; {kept} and "
                               f"{root / 'latest'} still names it") from None

@@ -14,6 +14,7 @@ state and writes checkpoints; it holds no model, and every loss and estimator co
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -339,9 +340,7 @@ def run_iterations(drv: Driver, report=None, stop: GracefulStop | None = None) -
     """The iterations of a started driver (see :func:`train_online`), then its actors are stopped. SIGTERM or
     SIGINT ends the run after the current iteration and its checkpoint (``runtime.stopping``)."""
     try:
-        if stop is not None:
-            return _iterate(drv, report, stop)
-        with GracefulStop() as stop:
+        with contextlib.nullcontext(stop) if stop is not None else GracefulStop() as stop:
             return _iterate(drv, report, stop)
     except ray.exceptions.RayActorError as e:
         raise actor_died(drv, e, latest_checkpoint(drv.out)) from None
@@ -372,8 +371,7 @@ def _iterate(drv: Driver, report, stop: GracefulStop) -> dict:
             drv.log(ev)
             last |= ev
         ckpt = None
-        if cfg.checkpoint_every and (it % cfg.checkpoint_every == 0 or it == cfg.iterations or out_of_time
-                                     or stop.requested):
+        if cfg.checkpoint_every and (it % cfg.checkpoint_every == 0 or it == cfg.iterations or out_of_time):
             ckpt = _checkpoint(drv)
         if report is not None:
             report({"iteration": it, **{k: v for k, v in last.items() if k != "batch_ids"}}, ckpt)
@@ -381,7 +379,7 @@ def _iterate(drv: Driver, report, stop: GracefulStop) -> dict:
         if out_of_time:
             drv.log({"event": "time_budget_reached", "minutes": cfg.minutes})
             break
-        if stop.requested:  # (a signal during report() comes after this iteration's checkpoint decision)
+        if stop.requested:  # SIGTERM / SIGINT during this iteration: end it with a checkpoint
             ckpt = ckpt or (_checkpoint(drv) if cfg.checkpoint_every else None)
             drv.log({"event": "stopped", "signal": stop.requested, "checkpoint": str(ckpt) if ckpt else None})
             break

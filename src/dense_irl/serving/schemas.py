@@ -19,8 +19,15 @@ from dense_irl.models.reward_model import ChainScore
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 _FORBID = ConfigDict(extra="forbid")
-# Request bodies are strict: a JSON false is not the integer 0, nor 0 a boolean (the published schema's types).
-_REQUEST = ConfigDict(extra="forbid", strict=True)
+
+
+def request_config(**extra: Any) -> ConfigDict:
+    """A request model's config: unknown fields are errors, and types are strict (a JSON false is not the
+    integer 0, nor 0 a boolean: the published schema's types); ``extra`` adds e.g. ``json_schema_extra``."""
+    return ConfigDict(extra="forbid", strict=True, **extra)
+
+
+_REQUEST = request_config()
 
 
 def integral(value: Any) -> Any:
@@ -88,8 +95,7 @@ class ChainIn(BaseModel):
     """One chain: a prompt and either its steps or one text split by ``step_separator``."""
 
     # The schema states the rule the validator enforces: exactly one of steps and text (neither may be null).
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"oneOf": [{"required": ["steps"]},
-                                                                                        {"required": ["text"]}]})
+    model_config = request_config(json_schema_extra={"oneOf": [{"required": ["steps"]}, {"required": ["text"]}]})
 
     prompt: str
     steps: Annotated[list[NonEmptyStr], Field(min_length=1)] | SkipJsonSchema[None] = Field(

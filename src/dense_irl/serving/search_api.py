@@ -19,13 +19,13 @@ from dataclasses import asdict
 from typing import Annotated, Literal
 
 from fastapi import HTTPException
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from dense_irl.errors import ConfigError
 from dense_irl.search.config import SearchConfig
 from dense_irl.search.step_search import Candidate, reward_model_scorer, search
-from dense_irl.serving.schemas import JsonInt, explicit_null
+from dense_irl.serving.schemas import JsonInt, explicit_null, request_config
 
 
 def policy_engine(policy: str, engine: str, device: str, gpu_share: float):
@@ -48,7 +48,7 @@ class SearchRequest(BaseModel):
     """One search: the prompt(s) and the fields of ``search.config.SearchConfig``."""
 
     # The schema states the validators' rules: one of prompt and prompts; a sampling method samples (T > 0).
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+    model_config = request_config(json_schema_extra={
         "oneOf": [{"required": ["prompt"]}, {"required": ["prompts"]}],
         "if": {"not": {"required": ["method"], "properties": {"method": {"const": "greedy"}}}},
         "then": {"properties": {"temperature": {"exclusiveMinimum": 0}}}})

@@ -32,10 +32,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic.json_schema import SkipJsonSchema
 
 from dense_irl.data.layout import split_steps
-from dense_irl.serving.schemas import JsonInt, explicit_null, integral
+from dense_irl.serving.schemas import JsonInt, explicit_null, integral, request_config
 
-# Strict: a JSON false is not the integer 0 (nor 0 a boolean), as the published schema says.
-_FORBID = ConfigDict(extra="forbid", strict=True)
+_FORBID = request_config()
 TokenIds = Annotated[list[Annotated[int, Field(ge=0), BeforeValidator(integral)]], Field(min_length=1)]
 Input = str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
 STEP_TAG = "<extra_0>"
@@ -91,8 +90,8 @@ class _Common(BaseModel):
 class PoolingIn(_Common):
     """``/pooling``: completion style (``input``) or chat style (``messages``)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"oneOf": [{"required": ["input"]},
-                                                                                        {"required": ["messages"]}]})
+    model_config = request_config(json_schema_extra={"oneOf": [{"required": ["input"]},
+                                                               {"required": ["messages"]}]})
 
     input: Input | SkipJsonSchema[None] = None
     messages: list[ChatMessage] | SkipJsonSchema[None] = None
