@@ -82,6 +82,16 @@ fuzz: setup
 	DENSE_IRL_FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-400} $(PY) -m pytest -q -s tests/test_data_fuzz_on_cpu.py \
 		tests/test_serving.py -k "fuzz or any_ or schema_generated or hostile or bad_input"
 
+# Every benchmark (learners, scoring, serving, one iteration broken down; rollouts when .venv-vllm exists), each
+# measuring its baseline in the same run, then the README's benchmark table from bench/results/*.json. The tiny
+# model's sizes take ~12 min on 2 cores; `make bench-full` adds SmolLM2-135M (~30 min more).
+.PHONY: bench bench-full
+bench: setup
+	$(PY) bench/run_all.py $(BENCH_ALL_ARGS)
+
+bench-full: setup
+	$(PY) bench/run_all.py --full $(BENCH_ALL_ARGS)
+
 .PHONY: bench-search
 bench-search: setup
 	test -f $(SEARCH_RUN)/reward_model/reward_config.json || $(VENV)/bin/dense-irl train-reward --config offline_tiny \

@@ -36,7 +36,7 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from dense_irl.data.synthetic import SyntheticConfig, generate  # noqa: E402
-from dense_irl.io import atomic_write_text  # noqa: E402
+from dense_irl.io import atomic_write_text, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_bench.md"
 
@@ -309,6 +309,10 @@ def main(argv: list[str] | None = None) -> dict:
     ]  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, "\n".join(md))
+    write_json(Path(args.out).with_suffix(".json"), {
+        "command": cmd.strip(), "clients": args.clients, "median": med, "ratios": ratios,
+        "mean_batch": stats["chains"] / max(1, stats["batches"]),
+        "model": args.reward_model or "random tiny preset"})
     print("\n".join(md))
     return {"runs": runs, "ratios": ratios}
 

@@ -21,6 +21,7 @@ import torch
 
 from dense_irl.algo.batches import Experience, RewardBatch
 from dense_irl.algo.config import RewardConfig, RLConfig
+from dense_irl.algo.losses import loss_chains
 from dense_irl.data.layout import ChainLayout, encode_chains, prompt_ids, split_steps, token_steps
 from dense_irl.data.synthetic import SyntheticConfig, generate
 
@@ -58,11 +59,12 @@ def _ids(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def layout_row(tok, prompt: str, steps: list[str]) -> list[int]:
-    """``<s> prompt SEP | step_0 SEP | ... | step_last </s>``, written out by hand, every piece apart."""
+def layout_row(tok, prompt: str, steps: list[str], finished: bool = True) -> list[int]:
+    """``<s> prompt SEP | step_0 SEP | ... | step_last </s>``, written out by hand, every piece apart (a partial
+    chain's last step closed by ``SEP``)."""
     row = [tok.bos_token_id] + _ids(tok, prompt) + _ids(tok, SEP)
     for k, step in enumerate(steps):
-        row += _ids(tok, step) + ([tok.eos_token_id] if k == len(steps) - 1 else _ids(tok, SEP))
+        row += _ids(tok, step) + ([tok.eos_token_id] if k == len(steps) - 1 and finished else _ids(tok, SEP))
     return row
 
 
@@ -302,7 +304,10 @@ def test_reward_learner_scores_and_trains_on_the_layout(world, rollouts, reward_
     batch = RewardBatch([(d.prompt, d.steps) for d in world.demos], negatives)
     rm_rows.clear()
     learner.reward_step(batch)
-    want = sorted(layout_row(tok, p, s) for p, s in batch.chains())
+    # (a negative runs up to the step where it leaves its expert: the loss reads nothing after it)
+    chains, finished = loss_chains(batch, learner.reward_cfg)
+    assert sum(not f for f in finished) > 0 and chains[: len(world.demos)] == batch.experts
+    want = sorted(layout_row(tok, p, s, f) for (p, s), f in zip(chains, finished))
     assert sorted(map(list, set(map(tuple, rm_rows)))) == sorted(map(list, set(map(tuple, want))))
     assert sorted(old_rows) == want
 

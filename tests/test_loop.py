@@ -102,6 +102,15 @@ def test_loop_runs_checkpoints_and_resumes_exactly(tmp_path):
     failed = [r for r in _metrics(straight) if r.get("event") == "publish_failed"]
     assert [Path(r["reward_model"]).parent.name for r in failed] == ["iter_000001", "iter_000002"]
     rows_straight = [r for r in _metrics(straight) if "batch_ids" in r]
+    # Each iteration's wall time, each phase's, and the actors' own compute inside (bench/iteration_bench.py).
+    for r in rows_straight:
+        phases = ("rollout", "reward", "score", "advantages", "policy", "sync")
+        assert r["time_iteration_s"] >= sum(r[f"time_{p}_s"] for p in phases)
+        for p in ("rollout", "reward", "score", "policy", "sync"):
+            assert 0 < r[f"compute_{p}_s"] <= r[f"time_{p}_s"], p
+    ckpts = [r for r in _metrics(straight) if r.get("event") == "checkpoint"]
+    assert [Path(r["path"]).name for r in ckpts] == ["iter_000001", "iter_000002"]
+    assert all(r["time_checkpoint_s"] > 0 for r in ckpts)
     assert rows_straight[1]["step_reward_mean"] == rows[1]["step_reward_mean"]
     a, b = _weights(out / "checkpoints" / "iter_000002"), _weights(straight / "checkpoints" / "iter_000002")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

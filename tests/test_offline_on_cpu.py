@@ -14,7 +14,7 @@ from dense_irl.algo.batches import Negative, RewardBatch
 from dense_irl.algo.config import SFTConfig, reward_model_config
 from dense_irl.algo.experience import perturbed_negatives, shared_prefix
 from dense_irl.algo.frozen_features import FrozenFeatures
-from dense_irl.algo.losses import reward_loss
+from dense_irl.algo.losses import loss_chains, reward_loss
 from dense_irl.algo.sft import LocalSFT, train_sft
 from dense_irl.data.layout import ChainLayout, encode_chains
 from dense_irl.data.perturb import KINDS, make_processbench
@@ -218,7 +218,9 @@ def test_a_frozen_backbone_is_pi_old_and_only_the_heads_train(policy, demos):
     cached, _ = reward_loss(rm, batch, cfg, forward=features, pi_old_is_backbone=True, max_tokens=400)
     assert torch.allclose(own, cached, atol=1e-5)
     computed = features.tokens_computed
-    assert computed == int(encode_chains(rm.tokenizer, batch.chains(), 256, "\n").attention_mask.sum())
+    chains, finished = loss_chains(batch, cfg)  # each chain once, a negative up to where it leaves its expert
+    assert computed == int(encode_chains(rm.tokenizer, chains, 256, "\n", finished).attention_mask.sum())
+    assert computed < int(encode_chains(rm.tokenizer, batch.chains(), 256, "\n").attention_mask.sum())
     reward_loss(rm, batch, cfg, forward=features, pi_old_is_backbone=True)[0].backward()
     assert features.tokens_computed == computed  # the second pass ran no backbone
     assert rm.t_head.weight.grad.abs().sum() > 0 and rm.g_head.weight.grad.abs().sum() > 0
@@ -305,3 +307,36 @@ def test_continue_sft_optimizer_without_a_warm_start_fails_before_training(tmp_p
     with pytest.raises(ValueError, match="continue_sft_optimizer needs an SFT warm start"):
         train_reward_model(cfg)
     assert not (tmp_path / "run").exists()  # nothing started: no data loaded, no folder written
+
+
+def test_a_negative_runs_only_up_to_where_it_leaves_its_expert(policy, demos, monkeypatch):
+    """The loss reads a negative's divergent step only, so it runs cut after it: fewer tokens, and the loss and
+    every gradient equal the whole chains' (every level of the BCE, the potentials and the iq terms)."""
+    import dense_irl.algo.losses as losses
+
+    cfg = RewardConfig(batch_size=8, level_weights={"step": 1.0, "paragraph": 0.5, "task": 0.5})
+    rm = _rm(policy, cfg)
+    torch.nn.init.normal_(rm.t_head.weight, std=0.5)
+    batch = RewardBatch([(d.prompt, d.steps) for d in demos[:8]],
+                        perturbed_negatives(demos[:8], list(KINDS), random.Random(3)))
+    chains, finished = loss_chains(batch, cfg)
+    assert not all(finished) and all(finished[: len(batch.experts)])
+    assert all(len(c[1]) == n.shared + 1 for c, n, f in zip(chains[8:], batch.negatives, finished[8:]) if not f)
+
+    def run():
+        rm.zero_grad()
+        loss, metrics = reward_loss(rm, batch, cfg, pi_old=policy[0], max_tokens=300)
+        loss.backward()
+        return loss.detach(), metrics, [p.grad.clone() for p in rm.parameters() if p.grad is not None]
+
+    cut, cut_metrics, cut_grads = run()
+    monkeypatch.setattr(losses, "loss_chains", lambda b, c: (b.chains(), [True] * len(b.chains())))
+    whole, whole_metrics, whole_grads = run()
+    assert cut_metrics["tokens"] < whole_metrics["tokens"]
+    assert torch.allclose(cut, whole, atol=1e-5)
+    assert cut_metrics["reward_negative"] == pytest.approx(whole_metrics["reward_negative"], abs=1e-5)
+    assert len(cut_grads) == len(whole_grads)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(cut_grads, whole_grads))
+    # off when the loss reads a negative's every step
+    plain = replace(cfg, divergence_only=False)
+    assert all(loss_chains(batch, plain)[1]) and loss_chains(batch, plain)[0] == batch.chains()

@@ -20,7 +20,7 @@ from dense_irl.data.layout import ChainLayout, encode_chains
 from dense_irl.data.perturb import KINDS
 from dense_irl.data.synthetic import SyntheticConfig, generate
 from dense_irl.errors import CheckpointError, ConfigError
-from dense_irl.models.chains import token_logprobs, token_logsumexp
+from dense_irl.models.chains import token_logprobs
 from dense_irl.models.factory import ModelConfig, load_policy, save_policy
 from dense_irl.models.reward_model import RewardModel
 from dense_irl.models.training import ADAPTER_DIR, load_trainable, merged, prepare_for_training
@@ -162,7 +162,10 @@ def test_chunked_logprobs_equal_the_full_log_softmax():
     assert lp.dtype == torch.float32
     lp.sum().backward()
     assert half.grad is not None and half.grad.dtype == torch.bfloat16
-    assert torch.allclose(token_logsumexp(logits, 4), torch.logsumexp(logits, -1), atol=1e-6)
+    lp, lse = token_logprobs(logits, ids, 4, with_lse=True)  # one pass gives both, at every position
+    assert torch.allclose(lse, torch.logsumexp(logits, -1), atol=1e-6) and torch.allclose(lp, got, atol=1e-6)
+    lp16, lse16 = token_logprobs(half, ids, 4, with_lse=True)
+    assert lse16.shape == (2, 9) and torch.allclose(lse16, torch.logsumexp(half.float(), -1), atol=1e-5)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny, demos):

@@ -33,10 +33,10 @@ class FrozenFeatures:
         lengths = enc.attention_mask.sum(1).tolist()
         return [tuple(enc.input_ids[b, : int(n)].tolist()) for b, n in enumerate(lengths)]
 
-    def keys_of(self, chains: list[Chain]) -> list[tuple[int, ...]]:
+    def keys_of(self, chains: list[Chain], finished: list[bool] | None = None) -> list[tuple[int, ...]]:
         """The cache keys of ``chains`` (their token ids as the reward model encodes them)."""
         cfg = self.rm.config
-        return self._keys(encode_chains(self.rm.tokenizer, chains, cfg.max_length, cfg.separator))
+        return self._keys(encode_chains(self.rm.tokenizer, chains, cfg.max_length, cfg.separator, finished))
 
     def expert_hidden(self, chains: list[Chain], max_tokens: int = 200_000) -> torch.Tensor:
         """The cached hidden states of the step tokens of ``chains`` (at most ``max_tokens`` of them), (N, H):

@@ -28,7 +28,7 @@ from dense_irl.algo.batches import RewardBatch
 from dense_irl.algo.config import RewardConfig
 from dense_irl.algo.microbatch import micro_batches, plan, row_lengths, select_rows
 from dense_irl.data.layout import encode_chains, sum_by_step
-from dense_irl.models.chains import token_logprobs, token_logsumexp
+from dense_irl.models.chains import token_logprobs
 
 
 def expert_nll(logits: torch.Tensor, input_ids: torch.Tensor, token_mask: torch.Tensor,
@@ -99,6 +99,23 @@ def td_penalty(token_rewards: torch.Tensor, token_mask: torch.Tensor, normaliser
     return (token_rewards.pow(2) * m).sum() / n
 
 
+def loss_chains(batch: RewardBatch, cfg: RewardConfig) -> tuple[list, list[bool]]:
+    """The chains :func:`reward_loss` runs, in loss order (experts, then negatives), and whether each is finished.
+
+    With ``mask_expert_prefix`` and ``divergence_only`` a negative's loss reads only the step where it leaves
+    its expert, and the model is causal: the steps after that one change nothing in the loss. So the negative
+    runs cut after that step, as a partial chain (that step still closed by the separator, the potential
+    after it not terminal), the same ids as the whole chain's up to there: its loss, to float rounding, for
+    fewer tokens (about a third fewer on perturbed GSM8K chains). pi_old's log-probs are taken on the same chains.
+    """
+    chains, finished = list(batch.experts), [True] * len(batch.experts)
+    for neg in batch.negatives:
+        cut = cfg.mask_expert_prefix and cfg.divergence_only and neg.shared + 1 < len(neg.steps)
+        chains.append((neg.prompt, neg.steps[: neg.shared + 1] if cut else neg.steps))
+        finished.append(not cut)
+    return chains, finished
+
+
 def negative_loss_mask(step_mask: torch.Tensor, n_experts: int, shared: list[int], cfg: RewardConfig
                        ) -> torch.Tensor:
     """Which steps count in the discriminator loss: every expert step; of a negative, with
@@ -112,6 +129,15 @@ def negative_loss_mask(step_mask: torch.Tensor, n_experts: int, shared: list[int
         if cfg.divergence_only:
             mask[n_experts + b, k + 1 :] = False
     return mask
+
+
+def lm_outputs(out: dict, ids: torch.Tensor, backbone_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token log-probs and logsumexps (B, T) with the backbone's graph, for the iq terms: the reward model's own
+    when it computed them with the graph (``backbone_grad``: its rewards were not detached), else one pass
+    over ``out["logits"]``."""
+    if backbone_grad and out.get("token_lse") is not None:
+        return out["token_logp"], out["token_lse"]
+    return token_logprobs(out["logits"], ids, with_lse=True)
 
 
 def _reward_groups(enc, n_experts: int, cfg: RewardConfig, max_tokens: int, uniform: bool = False
@@ -142,7 +168,7 @@ def reward_loss(rm, batch: RewardBatch, cfg: RewardConfig, *, pi_old=None,
     """The reward objective on one batch: the discriminator (``airl``) and/or the iq terms (``iq``).
 
     ``pi_old`` is the frozen policy of the AIRL logit (it shares the reward backbone's tokenizer); or
-    ``pi_old_logp``, log pi_old of every step of every chain (experts then negatives) when already known.
+    ``pi_old_logp``, log pi_old of every step of every chain of :func:`loss_chains` when already known.
     ``pi_old_is_backbone``: the reward backbone is pi_old (it does not train in this phase), so log pi_old
     comes from the same forward pass, detached, and pi_old never runs.
     ``forward`` is what runs the model (a DDP / DeepSpeed wrapper of ``rm``), ``rm`` itself by default.
@@ -151,7 +177,8 @@ def reward_loss(rm, batch: RewardBatch, cfg: RewardConfig, *, pi_old=None,
     detached; without, the returned loss carries the graph.
     """
     n = len(batch.experts)
-    enc = encode_chains(rm.tokenizer, batch.chains(), rm.config.max_length, rm.config.separator)
+    chains, finished = loss_chains(batch, cfg)
+    enc = encode_chains(rm.tokenizer, chains, rm.config.max_length, rm.config.separator, finished)
     is_expert = torch.tensor([1.0] * n + [0.0] * len(batch.negatives))
     loss_mask = negative_loss_mask(enc.step_mask, n, [neg.shared for neg in batch.negatives], cfg)
     discriminator = cfg.objective in ("airl", "airl+iq")
@@ -195,15 +222,18 @@ def reward_loss(rm, batch: RewardBatch, cfg: RewardConfig, *, pi_old=None,
                 for k, v in bce.items():
                     parts[f"bce_{k}"] = parts.get(f"bce_{k}", 0.0) + weight * v.item()
             e_tok = expert_tokens[idx, :T].to(dev)
-            if iq and cfg.lm_weight > 0 and bool(e_tok.any()):
-                nll = expert_nll(out["logits"], ids, e_tok, n_tokens)
-                part = part + cfg.lm_weight * nll
-                parts["expert_nll"] = parts.get("expert_nll", 0.0) + weight * nll.item()
-            if iq and cfg.td_weight > 0 and bool(e_tok.any()):
-                q_taken = out["logits"][:, :-1].gather(-1, ids[:, 1:, None])[..., 0].float()
-                td = td_penalty(q_taken - cfg.gamma * token_logsumexp(out["logits"][:, 1:]), e_tok[:, 1:], n_tokens)
-                part = part + cfg.td_weight * td
-                parts["td"] = parts.get("td", 0.0) + weight * td.item()
+            if iq and (cfg.lm_weight > 0 or cfg.td_weight > 0) and bool(e_tok.any()):
+                tok_lp, lse = lm_outputs(out, ids, cfg.disc_backbone_grad)
+                m = e_tok[:, 1:].to(tok_lp.dtype)
+                if cfg.lm_weight > 0:  # expert_nll, from the pass the rewards already took
+                    nll = -(tok_lp[:, 1:] * m).sum() / max(1.0, float(n_tokens))
+                    part = part + cfg.lm_weight * nll
+                    parts["expert_nll"] = parts.get("expert_nll", 0.0) + weight * nll.item()
+                if cfg.td_weight > 0:  # Q(s, a) = logit of the taken token = log pi + logsumexp; V(s') = logsumexp
+                    q_taken = tok_lp[:, 1:] + lse[:, :-1]
+                    td = td_penalty(q_taken - cfg.gamma * lse[:, 1:], e_tok[:, 1:], n_tokens)
+                    part = part + cfg.td_weight * td
+                    parts["td"] = parts.get("td", 0.0) + weight * td.item()
             with torch.no_grad():  # (a repeated micro-batch, weight 0, is not counted twice)
                 r, sm, mask = out["step_rewards"], sub.step_mask.to(dev) & (weight > 0), mask & (weight > 0)
                 ex = is_expert[idx].to(dev) > 0

@@ -10,64 +10,81 @@ from dense_irl.data.layout import Chain, ChainLayout, encode_chains, sum_by_step
 LOGP_CHUNK = 256  # positions per chunk of the log-softmax: a (B, 256, V) fp32 block at a time
 
 
-def _chunk_logp(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _chunk_logp(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # log softmax at the taken token = its logit - logsumexp; the fp32 upcast lives for one chunk only.
     lg = logits.float()
-    return lg.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(lg, dim=-1)
+    lse = torch.logsumexp(lg, dim=-1)
+    return lg[:, : targets.shape[1]].gather(-1, targets[..., None])[..., 0] - lse[:, : targets.shape[1]], lse
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, chunk: int = LOGP_CHUNK) -> torch.Tensor:
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, chunk: int = LOGP_CHUNK, *,
+                   with_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log pi(token_t | tokens_<t) at every position (B, T) in fp32; position 0 gets 0.
 
     Computed ``chunk`` positions at a time, never as a full fp32 copy of the (B, T, V) logits: fp32 logits
     are read in place, and half-precision chunks are recomputed in the backward pass instead of kept.
+    ``with_lse``: also the logsumexp over the vocabulary at every position (B, T), from the same pass (the
+    soft value of the iq objective needs it; a second pass over a 49k-152k vocabulary costs as much again).
     """
     targets = input_ids[:, 1:]
+    T = logits.shape[1]
     recompute = logits.requires_grad and logits.dtype != torch.float32
-    parts = []
-    for s in range(0, targets.shape[1], chunk):
-        lg, tg = logits[:, s : min(s + chunk, targets.shape[1])], targets[:, s : s + chunk]
+    logps, lses = [], []
+    for s in range(0, T, chunk):
+        # positions s..e-1 of the logits; the targets of the ones that have a next token
+        lg, tg = logits[:, s : min(s + chunk, T)], targets[:, s : s + chunk]
         if recompute:
-            parts.append(torch.utils.checkpoint.checkpoint(_chunk_logp, lg, tg, use_reentrant=False))
+            lp, lse = torch.utils.checkpoint.checkpoint(_chunk_logp, lg, tg, use_reentrant=False)
         else:
-            parts.append(_chunk_logp(lg, tg))
-    logp = torch.cat(parts, dim=1) if parts else logits.new_zeros((logits.shape[0], 0), dtype=torch.float32)
-    return torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)
-
-
-def token_logsumexp(logits: torch.Tensor, chunk: int = LOGP_CHUNK) -> torch.Tensor:
-    """logsumexp over the vocabulary at every position (B, T) in fp32 (the soft value V), in chunks."""
-    recompute = logits.requires_grad and logits.dtype != torch.float32
-    fn = lambda lg: torch.logsumexp(lg.float(), dim=-1)  # noqa: E731
-    parts = [torch.utils.checkpoint.checkpoint(fn, logits[:, s : s + chunk], use_reentrant=False) if recompute
-             else fn(logits[:, s : s + chunk]) for s in range(0, logits.shape[1], chunk)]
-    return torch.cat(parts, dim=1) if parts else logits.new_zeros(logits.shape[:2], dtype=torch.float32)
+            lp, lse = _chunk_logp(lg, tg)
+        logps.append(lp)
+        lses.append(lse)
+    empty = logits.new_zeros((logits.shape[0], 0), dtype=torch.float32)
+    logp = torch.cat(logps, dim=1) if logps else empty
+    if T:
+        logp = torch.cat([logits.new_zeros((logits.shape[0], 1), dtype=torch.float32), logp], dim=1)
+    if with_lse:
+        return logp, torch.cat(lses, dim=1) if lses else empty
+    return logp
 
 
 @torch.no_grad()
 def step_logprobs(model, tokenizer, chains: list[Chain], max_length: int, separator: str = "\n",
-                  batch_size: int = 64) -> list[list[float]]:
-    """The summed log-probability of every step under a causal LM (the policy log-prob baseline)."""
+                  batch_size: int = 64, finished: list[bool] | None = None, max_tokens: int = 0) -> list[list[float]]:
+    """The summed log-probability of every step under a causal LM (the policy log-prob baseline), in the
+    order given. Chains run longest first in passes of at most ``batch_size`` chains and ``max_tokens`` padded
+    tokens (0: no token cap), each pass trimmed to its longest chain; ``finished[i]`` False: chain ``i`` is
+    partial (``data.layout.encode_chains``)."""
+    from dense_irl.algo.microbatch import micro_batches, row_lengths, select_rows
+
     model.eval()
     device = next(model.parameters()).device
-    out: list[list[float]] = []
-    for i in range(0, len(chains), batch_size):
-        enc = encode_chains(tokenizer, chains[i : i + batch_size], max_length, separator)
-        logits = model(input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device)).logits
-        lp = token_logprobs(logits, enc.input_ids.to(device))
-        per_step = sum_by_step(lp, enc.step_ids.to(device), enc.step_mask.shape[1]).cpu()
-        out += [per_step[b, : enc.n_steps[b]].tolist() for b in range(len(enc.n_steps))]
+    out: list[list[float] | None] = [None] * len(chains)
+    for i in range(0, len(chains), 4 * batch_size):  # encode a slice at a time: a corpus is not one tensor
+        part = chains[i : i + 4 * batch_size]
+        enc = encode_chains(tokenizer, part, max_length, separator,
+                            None if finished is None else finished[i : i + len(part)])
+        groups = micro_batches(row_lengths(enc), max_tokens)
+        for rows in [g[j : j + batch_size] for g in groups for j in range(0, len(g), batch_size)]:
+            sub = select_rows(enc, rows)
+            ids = sub.input_ids.to(device)
+            lp = token_logprobs(model(input_ids=ids, attention_mask=sub.attention_mask.to(device)).logits, ids)
+            per_step = sum_by_step(lp, sub.step_ids.to(device), sub.step_mask.shape[1]).cpu()
+            for b, r in enumerate(rows):
+                out[i + r] = per_step[b, : sub.n_steps[b]].tolist()
     return out
 
 
 def cached_step_logprobs(model, tokenizer, chains: list[Chain], max_length: int, separator: str,
-                         cache: dict) -> list[list[float]]:
+                         cache: dict, finished: list[bool] | None = None, max_tokens: int = 0) -> list[list[float]]:
     """:func:`step_logprobs` of a frozen ``model``, each distinct chain computed once and kept in ``cache``
     (clear the cache when the model's weights change)."""
-    keys = [(p, tuple(s)) for p, s in chains]
+    flags = finished if finished is not None else [True] * len(chains)
+    keys = [(p, tuple(s), f) for (p, s), f in zip(chains, flags)]
     todo = list(dict.fromkeys(k for k in keys if k not in cache))
     if todo:
-        got = step_logprobs(model, tokenizer, [(p, list(s)) for p, s in todo], max_length, separator)
+        got = step_logprobs(model, tokenizer, [(p, list(s)) for p, s, _ in todo], max_length, separator,
+                            finished=[f for _, _, f in todo], max_tokens=max_tokens)
         cache.update(zip(todo, got))
     return [cache[k] for k in keys]
 

@@ -135,13 +135,17 @@ class RewardModel(nn.Module):
             hidden, logits = self.backbone_outputs(enc, backbone_grad)
             r_hidden, r_logits = (hidden.detach(), logits.detach()) if detach_backbone else (hidden, logits)
             # log pi_theta per token: the lm term's, and what the logit readout leaves out
-            logp = token_logprobs(r_logits, ids) if "lm" in self.config.terms or self.config.readout == "logit" else None
+            logp = lse = None
+            if "lm" in self.config.terms or self.config.readout == "logit":
+                logp, lse = token_logprobs(r_logits, ids, with_lse=True)
         else:
-            logits = None
+            logits = lse = None
             hidden, logp = (f.to(device=device, dtype=torch.float32) for f in features)
             r_hidden = hidden
         out = self.rewards(enc, r_hidden, logp)
-        return {**out, "logits": logits, "hidden": hidden, "token_logp": logp}
+        # token_lse: the logsumexp of the same pass (the iq terms reuse both rather than pass over the vocabulary
+        # again); they carry the backbone's graph unless detach_backbone
+        return {**out, "logits": logits, "hidden": hidden, "token_logp": logp, "token_lse": lse}
 
     def rewards(self, enc: EncodedBatch, hidden: torch.Tensor, logp: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The heads on the backbone's ``hidden`` states and token log-probs ``logp``: token rewards, step

@@ -24,7 +24,7 @@ from dense_irl.algo.batches import RewardBatch
 from dense_irl.algo.config import reward_model_config
 from dense_irl.algo.experience import perturbed_negatives, split_demos
 from dense_irl.algo.frozen_features import FrozenFeatures
-from dense_irl.algo.losses import reward_loss
+from dense_irl.algo.losses import loss_chains, reward_loss
 from dense_irl.algo.microbatch import Accumulator, micro_batches, row_lengths, select_rows
 from dense_irl.algo.optim import Optimizer
 from dense_irl.algo.sft import LocalSFT, budget, train_sft
@@ -95,7 +95,7 @@ def train_reward(rm: RewardModel, pi_old, demos, cfg: OfflineRewardConfig, kinds
         for i in experts if cfg.negative_pool > 0 else []:
             fixed_negatives(i)
         deadline = t0 + 0.9 * 60 * cfg.minutes if cfg.minutes > 0 else None
-        experts = cache_features(features, rm, demos, experts, pool, cfg.micro_batch_tokens, deadline, autocast_dtype)
+        experts = cache_features(features, rm, demos, experts, pool, cfg, deadline, autocast_dtype)
         if cfg.head_norm:
             rm.fit_head_norm(features.expert_hidden([(demos[i].prompt, demos[i].steps) for i in experts]))
     opt = reward_optimizer(rm, cfg, sft)
@@ -115,8 +115,9 @@ def train_reward(rm: RewardModel, pi_old, demos, cfg: OfflineRewardConfig, kinds
         batch = RewardBatch([(demos[i].prompt, demos[i].steps) for i in picked], negatives)
         logp = None
         if cfg.negative_pool > 0 and not cfg.gail and cfg.objective != "iq" and not frozen:  # pi_old runs once a chain
-            logp = cached_step_logprobs(pi_old, rm.tokenizer, batch.chains(), rm.config.max_length,
-                                        rm.config.separator, cache)
+            chains, finished = loss_chains(batch, cfg)
+            logp = cached_step_logprobs(pi_old, rm.tokenizer, chains, rm.config.max_length, rm.config.separator,
+                                        cache, finished, cfg.micro_batch_tokens)
         _, metrics = reward_loss(rm, batch, cfg, pi_old=pi_old, pi_old_logp=logp, acc=acc, forward=features,
                                  max_tokens=cfg.micro_batch_tokens, pi_old_is_backbone=frozen)
         metrics["grad_norm"] = acc.step()
@@ -129,18 +130,21 @@ def train_reward(rm: RewardModel, pi_old, demos, cfg: OfflineRewardConfig, kinds
 
 
 def cache_features(features: FrozenFeatures, rm: RewardModel, demos, experts: list[int], pool: dict,
-                   max_tokens: int, deadline: float | None, autocast_dtype=None) -> list[int]:
-    """Run each expert of ``experts`` and its fixed negatives (``pool``) through the frozen backbone once,
-    longest first, with a progress bar (under autocast to ``autocast_dtype`` when given); returns the experts
-    whose chains all ran before ``deadline``."""
+                   cfg: OfflineRewardConfig, deadline: float | None, autocast_dtype=None) -> list[int]:
+    """Run each expert of ``experts`` and its fixed negatives (``pool``) through the frozen backbone once, as
+    the reward steps will (``algo.losses.loss_chains``), longest first, in micro-batches of
+    ``cfg.micro_batch_tokens``, with a progress bar (under autocast to ``autocast_dtype`` when given); returns
+    the experts whose chains all ran before ``deadline``."""
     import contextlib
 
     from tqdm import tqdm
 
-    chains = {i: [(demos[i].prompt, demos[i].steps)] + [(n.prompt, n.steps) for ns in pool.get(i, []) for n in ns]
-              for i in experts}
-    flat = [c for i in experts for c in chains[i]]
-    enc = encode_chains(rm.tokenizer, flat, rm.config.max_length, rm.config.separator)
+    chains = {i: loss_chains(RewardBatch([(demos[i].prompt, demos[i].steps)],
+                                         [n for ns in pool.get(i, []) for n in ns]), cfg) for i in experts}
+    flat = [c for i in experts for c in chains[i][0]]
+    enc = encode_chains(rm.tokenizer, flat, rm.config.max_length, rm.config.separator,
+                        [f for i in experts for f in chains[i][1]])
+    max_tokens = cfg.micro_batch_tokens
     groups = micro_batches(row_lengths(enc), max_tokens or int(enc.attention_mask.numel()))
     done, device_type = 0, rm.g_head.weight.device.type
     with tqdm(total=int(enc.attention_mask.sum()), desc="reward features", unit="tok", unit_scale=True,
@@ -156,7 +160,7 @@ def cache_features(features: FrozenFeatures, rm: RewardModel, demos, experts: li
     if done < len(groups):
         missing = {tuple(enc.input_ids[r, : int(enc.attention_mask[r].sum())].tolist())
                    for rows in groups[done:] for r in rows}
-        keep = [i for i in experts if not any(k in missing for k in features.keys_of(chains[i]))]
+        keep = [i for i in experts if not any(k in missing for k in features.keys_of(*chains[i]))]
         print(f"note: reward.minutes: the frozen backbone's features cover {len(keep)} of {len(experts)} experts "
               "(the rest left out of the heads' steps)")
         return keep

@@ -41,6 +41,7 @@ from dense_irl.runtime.loop_config import LoopConfig
 from dense_irl.runtime.placement import actor_options, place_roles, rendezvous
 from dense_irl.runtime.rollout import RolloutWorker
 from dense_irl.runtime.stopping import GracefulStop, actor_died
+from dense_irl.runtime.timing import phase_compute
 from dense_irl.runtime.warm_start import warm_start
 from dense_irl.sampling.engines import RolloutConfig
 
@@ -192,7 +193,10 @@ class Driver:
 
         self.state["rng"] = self.rng.getstate()
         state = {**self.state, "rng": _rng_to_json(self.state["rng"])}
-        return write_checkpoint(self.out / "checkpoints", it, state, save_models)
+        t0 = time.monotonic()
+        path = write_checkpoint(self.out / "checkpoints", it, state, save_models)
+        self.log({"event": "checkpoint", "path": str(path), "time_checkpoint_s": time.monotonic() - t0})
+        return path
 
     def publish(self, reward_model: Path) -> None:
         """Load a new reward-model checkpoint into the running scoring app (``serve.publish_url``). A failed
@@ -212,6 +216,8 @@ class Driver:
     def iteration(self) -> dict:
         """One iteration, phase by phase; returns its metrics (with each phase's wall time)."""
         c, t = self.cfg, {}
+        t_start = time.monotonic()
+        self.pop_compute()  # (what an evaluation or checkpoint ran since the last iteration is not this one's)
         batch, self.state["cursor"] = next_prompts(self.train, self.state["cursor"], c.prompts_per_iteration,
                                                    c.seed)
         t0 = time.monotonic()
@@ -248,6 +254,8 @@ class Driver:
         self.state["iteration"] += 1
         self.push_weights(self.state["iteration"])
         t["sync"] = time.monotonic() - t0
+        compute = self.pop_compute()
+        t["iteration"] = time.monotonic() - t_start
         n = max(1, len(samples))
         return {
             "batch_ids": [d.id for d in batch], "samples": len(samples), "accuracy_samples": sum(outcomes) / n,
@@ -255,7 +263,18 @@ class Driver:
             **{f"reward/{k}": v for k, v in reward_metrics.items()},
             **{f"policy/{k}": v for k, v in policy_metrics.items()},
             **{f"time_{k}_s": v for k, v in t.items()},
+            **{f"compute_{k}_s": v for k, v in compute.items()},
         }
+
+    def pop_compute(self) -> dict[str, float]:
+        """Each phase's compute time inside the actors since the last call (``runtime.timing``)."""
+        clocks = []
+        for ref in [a.pop_compute_s.remote() for a in self.policy + self.reward + self.workers]:
+            try:
+                clocks.append(ray.get(ref))
+            except ray.exceptions.RayActorError:  # a dead worker: the phase that needs it replaces it or says so
+                clocks.append({})
+        return phase_compute(clocks[: len(self.policy)], clocks[len(self.policy) :])
 
     def periodic_eval(self) -> dict:
         """Reward model: localisation F1 on held-out perturbed chains; policy: accuracy on held-out prompts."""
@@ -367,7 +386,9 @@ def _iterate(drv: Driver, report, stop: GracefulStop) -> dict:
         bar.set_postfix(acc=f"{last['accuracy_samples']:.3f}", refresh=False)
         out_of_time = time.monotonic() > deadline
         if cfg.eval_every and it % cfg.eval_every == 0:
+            t0 = time.monotonic()
             ev = drv.periodic_eval()
+            ev["time_eval_s"] = time.monotonic() - t0
             drv.log(ev)
             last |= ev
         ckpt = None

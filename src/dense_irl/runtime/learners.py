@@ -24,6 +24,7 @@ from dense_irl.algo.optim import MAX_GRAD_NORM, Optimizer
 from dense_irl.data.layout import ChainLayout
 from dense_irl.errors import CheckpointError, ConfigError
 from dense_irl.models.factory import ModelConfig
+from dense_irl.runtime.timing import ComputeClock, timed
 
 
 @dataclass
@@ -64,7 +65,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class _Learner:
+class _Learner(ComputeClock):
     """Shared set-up: process group, model wrapping and the optimiser step for either backend."""
 
     def _setup(self, model: torch.nn.Module, opt, total_steps: int, cfg: LearnerConfig, group: RankSpec,
@@ -201,6 +202,7 @@ class PolicyLearner(_Learner):
         self.acc.step()
         return {"sft_nll": float(loss), "tokens": tokens}
 
+    @timed
     def policy_step(self, experience: Experience, rl: RLConfig) -> dict:
         """``rl.ppo_steps`` steps of ``algo.losses.policy_loss`` on this rank's experience.
 
@@ -262,6 +264,7 @@ class PolicyLearner(_Learner):
         stats["behaviour_logp_gap"] = (old_logp[batch["mask"]] - behaviour).abs().mean().item()
         return stats
 
+    @timed
     def state_dict(self) -> dict:
         return self._full_state_dict()
 
@@ -270,6 +273,7 @@ class PolicyLearner(_Learner):
 
         return spec_of(self._full_state_dict())
 
+    @timed
     def broadcast_weights(self) -> None:
         """Send the full weights to the weight group (rank 0 sends; under ZeRO-3 every rank gathers)."""
         from dense_irl.runtime.weight_sync import send
@@ -311,27 +315,31 @@ class RewardLearner(_Learner):
         # the same experts again and again, and pi_old stays fixed between weight pushes.
         self.pi_old_cache: dict = {}
 
+    @timed
     def reward_step(self, batch: RewardBatch) -> dict:
         """One step of ``algo.losses.reward_loss`` on this rank's experts and negatives."""
-        from dense_irl.algo.losses import reward_loss
+        from dense_irl.algo.losses import loss_chains, reward_loss
         from dense_irl.models.chains import cached_step_logprobs
 
         logp = None
         if not self.reward_cfg.gail and self.reward_cfg.objective != "iq":  # the discriminator's -log pi_old
             cfg = self.rm.config
-            logp = cached_step_logprobs(self.pi_old, self.rm.tokenizer, batch.chains(), cfg.max_length,
-                                        cfg.separator, self.pi_old_cache)
+            chains, finished = loss_chains(batch, self.reward_cfg)
+            logp = cached_step_logprobs(self.pi_old, self.rm.tokenizer, chains, cfg.max_length, cfg.separator,
+                                        self.pi_old_cache, finished, self.micro_batch_tokens)
         self.rm.train()
         _, metrics = reward_loss(self.rm, batch, self.reward_cfg, pi_old_logp=logp, forward=self.engine, acc=self.acc,
                                  max_tokens=self.micro_batch_tokens)
         metrics["grad_norm"] = self.acc.step()
         return metrics
 
+    @timed
     def update_pi_old(self, state_dict: dict) -> None:
         """pi_old of the AIRL logit follows the policy being trained."""
         self.pi_old.load_state_dict(state_dict)
         self.pi_old_cache.clear()
 
+    @timed
     def receive_pi_old(self, spec: list) -> None:
         """pi_old from the weight group's broadcast (``rollout.weight_sync: collective``)."""
         from dense_irl.runtime.weight_sync import receive
@@ -339,6 +347,7 @@ class RewardLearner(_Learner):
         self.pi_old.load_state_dict(receive(self.weight_group, spec, self.weight_device))
         self.pi_old_cache.clear()
 
+    @timed
     def score(self, chains: list) -> list[list[float]]:
         return [s.step_rewards for s in self.rm.score(chains)]
 

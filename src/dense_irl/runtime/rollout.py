@@ -11,11 +11,12 @@ import ray
 import torch
 
 from dense_irl.algo.batches import Rollout
+from dense_irl.runtime.timing import ComputeClock, timed
 from dense_irl.sampling.engines import HFEngine, RolloutConfig, VLLMEngine
 
 
 @ray.remote
-class RolloutWorker:
+class RolloutWorker(ComputeClock):
     """A Ray actor around one engine; the driver holds a list of them."""
 
     def __init__(self, policy_path: str, *, cfg: RolloutConfig, seed: int = 0):
@@ -29,6 +30,7 @@ class RolloutWorker:
             self.engine = VLLMEngine(policy_path, seed, cfg=cfg, gpu_share=share)
         self.version = 0
 
+    @timed
     def generate(self, prompts: list[str], n: int, cfg: RolloutConfig, separator: str,
                  seed: int | None = None) -> list[list[Rollout]]:
         groups = self.engine.generate(prompts, n, cfg, separator, seed)
@@ -37,6 +39,7 @@ class RolloutWorker:
                 c.policy_version = self.version
         return groups
 
+    @timed
     def update_weights(self, state_dict: dict, version: int) -> int:
         self.engine.update_weights(state_dict)
         self.version = version
@@ -49,6 +52,7 @@ class RolloutWorker:
         self.weight_group = make_group(master, rank, world, backend)
         self.weight_device = "cuda" if backend == "nccl" else "cpu"
 
+    @timed
     def receive_weights(self, spec: list, version: int) -> int:
         """New weights from the policy learner's broadcast."""
         from dense_irl.runtime.weight_sync import receive
