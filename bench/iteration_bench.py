@@ -66,9 +66,9 @@ def train(config: str, out: Path, sync: str, iterations: int, extra: list[str]) 
     from dense_irl.runtime.driver import train_online
     from dense_irl.runtime.loop_config import LoopConfig
 
-    overrides = [f"output_dir={out}", f"iterations={iterations}", "minutes=0", "sft.max_steps=60",
-                 f"rollout.weight_sync={sync}", f"checkpoint_every={max(1, iterations // 2)}",
-                 f"eval_every={iterations}", *extra]
+    overrides = [f"--output_dir={out}", f"--iterations={iterations}", "--minutes=0", "--sft.max_steps=60",
+                 f"--rollout.weight_sync={sync}", f"--checkpoint_every={max(1, iterations // 2)}",
+                 f"--eval_every={iterations}", *(x if x.startswith("--") else f"--{x}" for x in extra)]
     train_online(load_config(LoopConfig, config, overrides))
     return out
 

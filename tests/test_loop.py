@@ -116,6 +116,66 @@ def test_loop_runs_checkpoints_and_resumes_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_train_process_stopped_then_killed_while_checkpointing_resumes_exactly(tmp_path):
+    """``dense-irl train`` as its own process: SIGTERM ends it with exit 0 after a checkpoint; a resumed process
+    then SIGKILLed while it writes its next checkpoint leaves a half-written folder that is never picked; and
+    ``--resume=auto`` goes on from the last whole checkpoint. Every attempt at an iteration draws its batch."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    args = [*TINY_LOOP, "--iterations=3", "--checkpoint_every=1", f"--output_dir={out}"]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # this session's cluster
+
+    def start(*extra):
+        return subprocess.Popen([sys.executable, "-m", "dense_irl.cli", "train", *args, *extra], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait_for(proc, done, what):
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline and not done():
+            time.sleep(0.002)
+        if not done():
+            proc.kill()
+            pytest.fail(f"the train process ended or timed out before {what}")
+
+    proc = start()
+    wait_for(proc, lambda: (out / "metrics.jsonl").is_file() and any("batch_ids" in r for r in _metrics(out)),
+             "its first iteration")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 0
+    stopped = [r for r in _metrics(out) if r.get("event") == "stopped"]
+    assert len(stopped) == 1 and stopped[0]["signal"] == "SIGTERM"
+    k = int((ckpts / "latest").read_text().removeprefix("iter_"))
+    assert stopped[0]["checkpoint"].endswith(f"iter_{k:06d}") and k < 3
+
+    proc = start("--resume=auto")
+    partial = ckpts / f".iter_{k + 1:06d}.tmp"
+    wait_for(proc, partial.exists, "it wrote its next checkpoint")
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(60) == -signal.SIGKILL and not (ckpts / f"iter_{k + 1:06d}").exists()
+    assert (ckpts / "latest").read_text() == f"iter_{k:06d}"
+
+    cfg = load_config(LoopConfig, None, [*args, "--resume=auto"])
+    train_online(cfg)
+    rows = [r for r in _metrics(out) if "batch_ids" in r]
+    assert [r["iteration"] for r in rows] == [*range(1, k + 2), *range(k + 1, 4)]  # iteration k+1 twice
+    resumed = [r["from"] for r in _metrics(out) if r.get("event") == "resumed"]
+    assert [Path(r).name for r in resumed] == [f"iter_{k:06d}"] * 2
+    drv_demos = load_data(cfg.data)
+    random.Random(cfg.seed).shuffle(drv_demos)
+    train = drv_demos[min(cfg.data.calibration_chains, len(drv_demos) // 5):]
+    cursor, want = {"epoch": 0, "pos": 0}, []
+    for _ in range(3):
+        batch, cursor = next_prompts(train, cursor, 4, cfg.seed)
+        want.append([d.id for d in batch])
+    assert all(r["batch_ids"] == want[r["iteration"] - 1] for r in rows)
+    assert (ckpts / "latest").read_text() == "iter_000003" and not partial.exists()
+
+
 def test_resume_without_the_reference_policy_is_a_clear_error(tmp_path):
     import shutil
 

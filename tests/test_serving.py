@@ -426,6 +426,34 @@ def test_body_size_limit_with_and_without_content_length(server):
     assert c.get("/v1/score").status_code == 405
 
 
+def test_slow_bodies_hold_no_one_up(server):
+    """Slowloris: 16 connections send their bodies a byte at a time and stay open; meanwhile every other client
+    is answered at once, and each slow request gets its own answer when its body is complete."""
+    c, body = server["client"], json.dumps(_chain()).encode()
+    head = (f"POST /v1/score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    slow = [socket.create_connection(("127.0.0.1", server["port"]), timeout=60) for _ in range(16)]
+    try:
+        for s in slow:
+            s.sendall(head + body[:5])
+        for i in range(5, 10):
+            for s in slow:
+                s.sendall(body[i : i + 1])
+            t0 = time.monotonic()
+            assert c.get("/health").status_code == 200
+            assert c.post("/v1/score", json=_chain()).status_code == 200
+            assert time.monotonic() - t0 < 10
+            time.sleep(0.2)
+        for s in slow:
+            s.sendall(body[10:])
+        for s in slow:
+            assert s.recv(64).startswith(b"HTTP/1.1 200"), "a slow body's request was not answered"
+    finally:
+        for s in slow:
+            s.close()
+    assert c.get("/health").status_code == 200
+
+
 def test_schema_generated_requests_never_fail_the_server(server):
     """schemathesis: requests generated from the live OpenAPI schema (valid and invalid bodies, headers and
     query strings) to the open app and to the token-protected one without a token: no 5xx, no stack trace or
