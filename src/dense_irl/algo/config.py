@@ -27,9 +27,9 @@ class SFTConfig:
     lr_schedule: str = "constant"  # after warm-up: "constant", or "linear" / "cosine" decay over max_steps
     min_lr_ratio: float = 0.0  # where the decay ends, as a share of lr
     # Padded tokens per forward pass, rows grouped by length, gradients accumulated (0: the whole batch in one
-    # pass, padded to its longest chain); 2,048 measured fastest on CPU for both the tiny model and SmolLM2
+    # pass, padded to its longest chain); 1,024 measured fastest on CPU for both the tiny model and SmolLM2
     # (bench/learner_bench.py); GPUs take more (the GPU presets' 8-16k).
-    micro_batch_tokens: int = 2048
+    micro_batch_tokens: int = 1024
 
     def check(self) -> None:
         """Raise a ConfigError naming the first option with a bad value."""
@@ -57,7 +57,7 @@ class RewardConfig:
     warmup_steps: int = 0  # linear learning-rate warm-up (a fresh optimiser on a warm-started backbone)
     lr_schedule: str = "constant"  # after warm-up: "constant", or "linear" / "cosine" decay over the run's steps
     min_lr_ratio: float = 0.0
-    micro_batch_tokens: int = 2048  # padded tokens per forward pass, length-grouped, accumulated (0: one pass)
+    micro_batch_tokens: int = 1024  # padded tokens per forward pass, length-grouped, accumulated (0: one pass)
     batch_size: int = 32  # experts per step
     # A negative's leading steps that equal its expert's are expert state-actions, not negatives: leave them
     # out of its discriminator loss (False: label every step of a negative 0, plain chain-level AIRL).
@@ -107,7 +107,7 @@ class RLConfig:
     warmup_steps: int = 4
     lr_schedule: str = "constant"  # after warm-up: "constant", or "linear" / "cosine" decay over the run's steps
     min_lr_ratio: float = 0.0
-    micro_batch_tokens: int = 2048  # padded tokens per forward pass, length-grouped, accumulated (0: one pass)
+    micro_batch_tokens: int = 1024  # padded tokens per forward pass, length-grouped, accumulated (0: one pass)
     clip: float = 0.2
     kl_coef: float = 0.05
     gamma: float = 1.0
