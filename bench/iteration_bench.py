@@ -119,7 +119,7 @@ def main() -> None:
         print(json.dumps(r), file=sys.stderr)
     stem = Path(args.out) if args.out else RESULTS / "iteration"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    command = "python bench/iteration_bench.py " + " ".join(sys.argv[1:])
+    command = " ".join(["python bench/iteration_bench.py", *sys.argv[1:]])
     write_json(stem.with_suffix(".json"), {"command": command, "results": results})
     plot(results, labels, stem.with_suffix(".png"))
     atomic_write_text(stem.with_suffix(".md"), report(results, command, stem.with_suffix(".png").name))

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import statistics
@@ -40,19 +39,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from bench_common import RESULTS, default_data, heading, write_results  # noqa: E402
 
 from dense_irl.algo.batches import Experience, RewardBatch, Rollout  # noqa: E402
 from dense_irl.algo.config import RewardConfig, RLConfig, SFTConfig, reward_model_config  # noqa: E402
 from dense_irl.algo.experience import perturbed_negatives  # noqa: E402
 from dense_irl.data.demos import DataConfig, load_data  # noqa: E402
 from dense_irl.data.layout import ChainLayout, encode_chains, prompt_ids  # noqa: E402
-from dense_irl.io import atomic_write_text, write_json  # noqa: E402
 from dense_irl.models.factory import ModelConfig, load_policy, save_policy  # noqa: E402
 from dense_irl.models.reward_model import RewardModel  # noqa: E402
 from dense_irl.runtime.learners import LearnerConfig, PolicyLearner, RewardLearner  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
-GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 3.0) -> float:
@@ -122,7 +118,7 @@ def main() -> None:  # noqa: C901 (one benchmark, top to bottom)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
 
-    data = args.data or ("synthetic" if args.model == "tiny" else str(GSM8K))
+    data = default_data(args.model, args.data)
     dcfg = DataConfig(train=data)
     demos = load_data(dcfg)
     max_length = args.max_length or (256 if args.model == "tiny" else 448)
@@ -222,9 +218,7 @@ def main() -> None:  # noqa: C901 (one benchmark, top to bottom)
               "command": "python bench/learner_bench.py " + " ".join(sys.argv[1:])}
     print(json.dumps(result))
     stem = Path(args.out) if args.out else RESULTS / f"learner_{Path(args.model).name}_{args.backend}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    write_json(stem.with_suffix(".json"), result)
-    atomic_write_text(stem.with_suffix(".md"), report(result))
+    write_results(stem, result, report(result))
     tmp.cleanup()
 
 
@@ -239,18 +233,14 @@ GOALS = {"sft_over_bare": 1.2, "reward_over_sft": 2.5}
 
 def report(r: dict) -> str:
     """The Markdown of one run."""
-    hw = (f"{r['threads']} CPU threads ({platform.machine()}), torch {torch.__version__}" if r["device"] == "cpu"
-          else torch.cuda.get_device_name(0))
-    lines = [
-        f"# Learner benchmark: {r['model']}, {r['backend']} backend",
-        "",
-        f"`{r['command']}` on {hw}: {r['params'] / 1e6:.1f}M parameters, {r['batch']} expert chains per step "
+    lines = heading(
+        f"Learner benchmark: {r['model']}, {r['backend']} backend", r,
+        f"{r['batch']} expert chains per step "
         f"({r['rows'].get('sft', r['rows'].get('bare', {})).get('tokens_per_step', 0):.0f} tokens), "
         f"max_length {r['max_length']}, micro-batches of {r['micro_batch_tokens'] or 'all'} tokens, {r['dtype']}. "
         f"Matmul peak {r['matmul_peak_flop_per_s'] / 1e9:.1f} GFLOP/s (square {r['dtype']} matmul, 2048). "
         f"Model FLOPs: 6 x parameters per trained token, 2 x per token of a no-grad pass. Peak RSS "
-        f"{r['peak_rss_gb']:.1f} GB.",
-        "",
+        f"{r['peak_rss_gb']:.1f} GB.") + [
         "| step | s/step | tokens/s | GFLOP/s | MFU |",
         "|---|---:|---:|---:|---:|",
     ]

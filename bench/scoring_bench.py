@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,15 +28,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from bench_common import RESULTS, default_data, heading, write_results  # noqa: E402
 
 from dense_irl.data.demos import DataConfig, load_data  # noqa: E402
 from dense_irl.data.layout import encode_chains  # noqa: E402
-from dense_irl.io import atomic_write_text, write_json  # noqa: E402
 from dense_irl.models.factory import ModelConfig, load_policy  # noqa: E402
 from dense_irl.models.reward_model import RewardModel, RewardModelConfig  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
-GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 
 def chains_of(demos, n: int, k: int) -> list:
@@ -85,7 +81,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    data = args.data or ("synthetic" if args.model == "tiny" else str(GSM8K))
+    data = default_data(args.model, args.data)
     demos = load_data(DataConfig(train=data))
     max_length = 1024 if args.model != "tiny" else 512
     model, tok = load_policy(ModelConfig(name=args.model, max_length=max_length),
@@ -137,23 +133,17 @@ def main() -> None:
               "command": "python bench/scoring_bench.py " + " ".join(sys.argv[1:])}
     print(json.dumps(result))
     stem = Path(args.out) if args.out else RESULTS / f"scoring_{Path(args.model).name}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    write_json(stem.with_suffix(".json"), result)
-    atomic_write_text(stem.with_suffix(".md"), report(result))
+    write_results(stem, result, report(result))
 
 
 def report(r: dict) -> str:
     """The Markdown of one run."""
-    hw = (f"{r['threads']} CPU threads ({platform.machine()}), torch {torch.__version__}" if r["device"] == "cpu"
-          else torch.cuda.get_device_name(0))
-    lines = [
-        f"# Scoring benchmark: {r['model']}",
-        "",
-        f"`{r['command']}` on {hw}: {r['params'] / 1e6:.1f}M parameters, batches of {r['batch_size']} chains, "
-        f"median of {r['rounds']} rounds (after one warm-up), no gradients. `forward`: the reward model's forward "
-        "(backbone, heads, token log-probs, step sums, readout) on the backbone's batches; `score`: "
-        "`RewardModel.score` with tokenisation; `per prefix`: one pass per step prefix, each chain alone.",
-        "",
+    lines = heading(
+        f"Scoring benchmark: {r['model']}", r,
+        f"batches of {r['batch_size']} chains, median of {r['rounds']} rounds (after one warm-up), no gradients. "
+        "`forward`: the reward model's forward (backbone, heads, token log-probs, step sums, readout) on the "
+        "backbone's batches; `score`: `RewardModel.score` with tokenisation; `per prefix`: one pass per step "
+        "prefix, each chain alone.") + [
         "| steps | chains | tokens | backbone s | forward s | score s | forward / backbone | score / backbone | "
         "per chain s | per prefix s | per prefix / per chain |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -100,3 +100,22 @@ def test_policy_loss_clips_penalises_kl_and_adds_ptx():
                               torch.tensor([[0.0, -1.0, 5.0]]), torch.tensor([[1.0, 1.0, 9.0]]),
                               torch.tensor([[1, 1, 0]]), 0.2, 0.0)
     assert loss_pad.item() == pytest.approx(-(1.2 + 1.0) / 2, abs=1e-5)
+
+
+def test_lm_outputs_give_the_nll_and_the_td_terms_of_one_vocabulary_pass():
+    """The iq terms from one pass (log-probs + logsumexp) equal their definitions on the raw logits."""
+    from dense_irl.algo.losses import lm_outputs
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 11, requires_grad=True)
+    ids = torch.randint(0, 11, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    lp, lse = lm_outputs({"logits": logits, "token_lse": None}, ids, backbone_grad=True)
+    q_taken = logits[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # Q(s, a): the taken token's logit
+    v_next = torch.logsumexp(logits[:, 1:], -1)  # V(s') = logsumexp of the next position
+    assert torch.allclose(lp[:, 1:] + lse[:, :-1] - 0.9 * lse[:, 1:], q_taken - 0.9 * v_next, atol=1e-5)
+    assert torch.allclose(-(lp[:, 1:]).sum() / 12, expert_nll(logits, ids, mask), atol=1e-6)
+    # the reward model's own pass is reused only when it carries the backbone's graph
+    own = {"logits": logits, "token_logp": lp * 0, "token_lse": lse * 0}
+    assert lm_outputs(own, ids, backbone_grad=True)[0].abs().sum() == 0
+    assert torch.allclose(lm_outputs(own, ids, backbone_grad=False)[0], lp)

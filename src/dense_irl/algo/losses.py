@@ -193,7 +193,10 @@ def reward_loss(rm, batch: RewardBatch, cfg: RewardConfig, *, pi_old=None,
     expert_tokens = (enc.step_ids >= 0) & (is_expert[:, None] > 0)
     norms = level_counts(loss_mask, cfg.paragraph_steps)
     n_tokens = nll_count(expert_tokens)
-    groups = plan(acc, _reward_groups(enc, n, cfg, max_tokens, uniform=acc is not None and acc.across_ranks()))
+    # DeepSpeed across ranks: every rank's micro-batch j must build the same graph (ZeRO-3 gathers parameters
+    # and reduces gradient buckets as the backward reaches them; a rank that skips a term hangs the others)
+    uniform = acc is not None and acc.across_ranks()
+    groups = plan(acc, _reward_groups(enc, n, cfg, max_tokens, uniform=uniform))
     total: torch.Tensor | float = 0.0
     sums = {"reward_expert": [0.0, 0], "reward_negative": [0.0, 0]}
     parts: dict[str, float] = {}
@@ -223,7 +226,7 @@ def reward_loss(rm, batch: RewardBatch, cfg: RewardConfig, *, pi_old=None,
                 for k, v in bce.items():
                     parts[f"bce_{k}"] = parts.get(f"bce_{k}", 0.0) + weight * v.item()
             e_tok = expert_tokens[idx, :T].to(dev)
-            if iq and (cfg.lm_weight > 0 or cfg.td_weight > 0) and bool(e_tok.any()):
+            if iq and (cfg.lm_weight > 0 or cfg.td_weight > 0) and (uniform or bool(e_tok.any())):
                 tok_lp, lse = lm_outputs(out, ids, cfg.disc_backbone_grad)
                 m = e_tok[:, 1:].to(tok_lp.dtype)
                 if cfg.lm_weight > 0:  # expert_nll, from the pass the rewards already took

@@ -41,7 +41,7 @@ from dense_irl.runtime.loop_config import LoopConfig
 from dense_irl.runtime.placement import actor_options, place_roles, rendezvous
 from dense_irl.runtime.rollout import RolloutWorker
 from dense_irl.runtime.stopping import GracefulStop, actor_died
-from dense_irl.runtime.timing import phase_compute
+from dense_irl.runtime.timing import collect_compute
 from dense_irl.runtime.warm_start import warm_start
 from dense_irl.sampling.engines import RolloutConfig
 
@@ -268,13 +268,7 @@ class Driver:
 
     def pop_compute(self) -> dict[str, float]:
         """Each phase's compute time inside the actors since the last call (``runtime.timing``)."""
-        clocks = []
-        for ref in [a.pop_compute_s.remote() for a in self.policy + self.reward + self.workers]:
-            try:
-                clocks.append(ray.get(ref))
-            except ray.exceptions.RayActorError:  # a dead worker: the phase that needs it replaces it or says so
-                clocks.append({})
-        return phase_compute(clocks[: len(self.policy)], clocks[len(self.policy) :])
+        return collect_compute(self.policy, self.reward + self.workers)
 
     def periodic_eval(self) -> dict:
         """Reward model: localisation F1 on held-out perturbed chains; policy: accuracy on held-out prompts."""

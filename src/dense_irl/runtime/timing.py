@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import time
 
+import ray
+
 # which iteration phase each timed actor method belongs to
 PHASE_OF = {"generate": "rollout", "reward_step": "reward", "score": "score", "policy_step": "policy",
             "state_dict": "sync", "broadcast_weights": "sync", "update_weights": "sync", "receive_weights": "sync",
@@ -60,3 +62,15 @@ def phase_compute(senders: list[dict[str, float]], receivers: list[dict[str, flo
         for phase, s in best.items():
             out[phase] = out.get(phase, 0.0) + s if phase == "sync" else max(out.get(phase, 0.0), s)
     return out
+
+
+def collect_compute(senders: list, receivers: list) -> dict[str, float]:
+    """:func:`phase_compute` of the actors' clocks (``senders``: the policy learners; ``receivers``: the other
+    actors), each clock popped; a dead actor counts as idle (the phase that needs it replaces it or says so)."""
+    clocks = []
+    for ref in [a.pop_compute_s.remote() for a in senders + receivers]:
+        try:
+            clocks.append(ray.get(ref))
+        except ray.exceptions.RayActorError:
+            clocks.append({})
+    return phase_compute(clocks[: len(senders)], clocks[len(senders) :])
