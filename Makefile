@@ -84,7 +84,7 @@ fuzz: setup
 
 # Every benchmark (learners, scoring, serving, one iteration broken down; rollouts when .venv-vllm exists), each
 # measuring its baseline in the same run, then the README's benchmark table from bench/results/*.json. The tiny
-# model's sizes take ~12 min on 2 cores; `make bench-full` adds SmolLM2-135M (~30 min more).
+# model's sizes take ~7 min on 2 cores; `make bench-full` adds SmolLM2-135M (~30 min more).
 .PHONY: bench bench-full
 bench: setup
 	$(PY) bench/run_all.py $(BENCH_ALL_ARGS)
