@@ -72,11 +72,10 @@ def table_rows() -> list[str]:
     for p in sorted(RESULTS.glob("scoring_*.json")):
         r = json.loads(p.read_text())
         name = f"scoring, {r['model']}"
-        last = r["rows"][-1]
-        rows.append((name, f"reward-model forward / backbone forward ({last['steps']} steps)",
-                     f"{last['forward_over_backbone']:.2f}", "<= 1.10", r["command"]))
-        rows.append((name, "one pass per prefix / one per chain (" + ", ".join(f"{x['steps']}" for x in r["rows"])
-                     + " steps)", ", ".join(f"{x['prefix_over_chain']:.1f}x" for x in r["rows"]), "report",
+        steps = ", ".join(f"{x['steps']}" for x in r["rows"])
+        rows.append((name, f"reward-model forward / backbone forward ({steps} steps)",
+                     ", ".join(f"{x['forward_over_backbone']:.2f}" for x in r["rows"]), "<= 1.10", r["command"]))
+        rows.append((name, f"one pass per prefix / one per chain ({steps} steps)", ", ".join(f"{x['prefix_over_chain']:.1f}x" for x in r["rows"]), "report",
                      r["command"]))
     serve = _load("serve_bench.json")
     if serve:
