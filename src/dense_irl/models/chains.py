@@ -64,7 +64,7 @@ def step_logprobs(model, tokenizer, chains: list[Chain], max_length: int, separa
         part = chains[i : i + 4 * batch_size]
         enc = encode_chains(tokenizer, part, max_length, separator,
                             None if finished is None else finished[i : i + len(part)])
-        groups = micro_batches(row_lengths(enc), max_tokens)
+        groups = micro_batches(row_lengths(enc), max_tokens or int(enc.attention_mask.numel()))  # longest first
         for rows in [g[j : j + batch_size] for g in groups for j in range(0, len(g), batch_size)]:
             sub = select_rows(enc, rows)
             ids = sub.input_ids.to(device)
