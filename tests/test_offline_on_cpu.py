@@ -13,7 +13,7 @@ import torch
 from dense_irl.algo.batches import Negative, RewardBatch
 from dense_irl.algo.config import SFTConfig, reward_model_config
 from dense_irl.algo.experience import perturbed_negatives, shared_prefix
-from dense_irl.algo.frozen_features import FrozenFeatures
+from dense_irl.algo.frozen_features import FrozenFeatures, branch_start
 from dense_irl.algo.losses import loss_chains, reward_loss
 from dense_irl.algo.sft import LocalSFT, train_sft
 from dense_irl.data.layout import ChainLayout, encode_chains
@@ -229,6 +229,39 @@ def test_a_frozen_backbone_is_pi_old_and_only_the_heads_train(policy, demos):
     assert train_reward(rm, None, demos, cfg, list(KINDS), lambda m: None) == 3
     assert all(torch.equal(a, b) for a, b in zip(backbone, rm.backbone.parameters()))
     assert not torch.equal(heads, rm.g_head.weight)
+
+
+@pytest.mark.parametrize("max_tokens", [0, 60])
+def test_negatives_run_from_where_they_leave_their_expert_with_the_same_features(policy, demos, max_tokens):
+    """fill_family: the experts once, each negative over its expert's key/value cache from where it leaves it;
+    the cached states and log-probs equal a pass over each whole chain, for far fewer tokens."""
+    cfg = RewardConfig(disc_backbone_grad=False, lm_weight=0.0, td_weight=0.0, continue_sft_optimizer=False)
+    rm = _rm(policy, cfg)
+    rm.eval()
+    rng = random.Random(3)
+    experts = [(d.prompt, d.steps) for d in demos[:5]]
+    negatives = [perturbed_negatives([d], list(KINDS), rng) for d in demos[:5] for _ in range(3)]
+    chains, finished = loss_chains(RewardBatch(experts, [n for ns in negatives for n in ns]), cfg)
+    whole = FrozenFeatures(rm, dtype=torch.float32)
+    whole.fill(encode_chains(rm.tokenizer, chains, 256, "\n", finished))
+    shared = FrozenFeatures(rm, dtype=torch.float32)
+    expert_keys = shared.keys_of(experts)
+    branches = [(b, k) for b, k in zip([i // 3 for i in range(15) for _ in negatives[i]],
+                                       shared.keys_of(chains[5:], finished[5:]))]
+    assert len(branches) == len(chains) - 5 and any(branch_start(expert_keys[b], k) > 10 for b, k in branches)
+    shared.fill_family(encode_chains(rm.tokenizer, experts, 256, "\n"), branches, max_tokens)
+    assert shared.cache.keys() == whole.cache.keys()
+    for k, (h, lp) in whole.cache.items():
+        assert torch.allclose(shared.cache[k][0], h, atol=1e-4) and torch.allclose(shared.cache[k][1], lp, atol=1e-4)
+    assert shared.tokens_computed < 0.7 * whole.tokens_computed
+    assert shared.tokens_computed == sum(map(len, expert_keys)) + sum(
+        len(k) - branch_start(expert_keys[b], k) for b, k in {k: (b, k) for b, k in branches}.values())
+
+
+def test_branch_start_is_the_last_shared_token():
+    assert branch_start((1, 2, 3, 4), (1, 2, 9)) == 1  # the logits at 2 give 9's log-prob
+    assert branch_start((1, 2, 3), (1, 2, 3, 4)) == 2
+    assert branch_start((1, 2), (5, 6)) == 0
 
 
 def test_the_frozen_recipe_end_to_end(tmp_path, demos):

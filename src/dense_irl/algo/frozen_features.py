@@ -6,6 +6,12 @@ step draws it and never again. The discriminator is then a small model (the g, h
 fixed features, and a pool of experts that the steps revisit trains it for many epochs on few forward passes.
 On SmolLM2-135M on 2 CPU cores a forward pass is ~150 tokens/s and a heads step on cached features a few
 milliseconds (docs/experiments.md).
+
+A perturbed negative repeats its expert's tokens up to the step where it leaves it, and the backbone is causal:
+its states there are the expert's. :meth:`FrozenFeatures.fill_family` runs the experts once, keeps their
+key/value cache, and runs each negative only from where it leaves its expert (the divergent step of a cut
+negative, ~30 tokens of a GSM8K chain's ~190), so a pool of several negatives per expert costs less than one
+whole negative did.
 """
 
 from __future__ import annotations
@@ -15,6 +21,40 @@ import torch
 from dense_irl.algo.microbatch import select_rows
 from dense_irl.data.layout import Chain, EncodedBatch, encode_chains
 from dense_irl.models.chains import token_logprobs
+
+
+def branch_start(parent: tuple[int, ...], ids: tuple[int, ...]) -> int:
+    """The first position of ``ids`` a pass continuing ``parent``'s cache runs: the last token the two share
+    (its logits give the first differing token's log-prob), 0 when they share none."""
+    n = min(len(parent), len(ids))
+    p = next((t for t in range(n) if parent[t] != ids[t]), n)
+    return max(0, min(p, len(ids)) - 1)
+
+
+def _cache_arg(model) -> str:
+    # transformers 5.2x renamed forward's past_key_values to cache (the old name still works, with a warning)
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
+def _branch_passes(todo: dict[tuple[int, ...], tuple[int, int]], max_tokens: int) -> list[list[tuple[int, ...]]]:
+    # Longest runs first; a pass holds at most max_tokens padded new tokens, and its copies of the parents'
+    # keys and values at most 4x that many positions (46 KB a position for SmolLM2-135M).
+    order = sorted(todo, key=lambda ids: -(len(ids) - todo[ids][1]))
+    if max_tokens <= 0:
+        return [order] if order else []
+    passes: list[list[tuple[int, ...]]] = []
+    for ids in order:
+        g = passes[-1] if passes else None
+        longest = len(g[0]) - todo[g[0]][1] if g else 0
+        if g and (len(g) + 1) * longest <= max_tokens and \
+                (len(g) + 1) * max(todo[i][1] for i in g + [ids]) <= 4 * max_tokens:
+            g.append(ids)
+        else:
+            passes.append([ids])
+    return passes
 
 
 class FrozenFeatures:
@@ -70,6 +110,57 @@ class FrozenFeatures:
         if missing:
             self._fill(enc, missing, keys)
         return keys
+
+    @torch.no_grad()
+    def fill_family(self, experts: EncodedBatch, branches: list[tuple[int, tuple[int, ...]]],
+                    max_tokens: int = 1024) -> None:
+        """Cache ``experts`` (one backbone pass, its key/value cache kept) and ``branches``: ``(row, ids)``,
+        chains that repeat row ``row``'s tokens up to some position (its perturbed negatives). Each branch runs
+        from its :func:`branch_start` on, over that row's cached keys and values, in passes of at most
+        ``max_tokens`` padded new tokens; its states before that are the row's (the backbone is causal), so
+        its cached outputs equal a pass over the whole branch to float rounding."""
+        from transformers import DynamicCache
+
+        keys = self._keys(experts)
+        device = self.rm.g_head.weight.device
+        out = self.rm.backbone(input_ids=experts.input_ids.to(device),
+                               attention_mask=experts.attention_mask.to(device), output_hidden_states=True,
+                               use_cache=True)
+        hidden = out.hidden_states[self.rm.config.head_layer]
+        logp = token_logprobs(out.logits, experts.input_ids.to(device))
+        past = out["cache" if "cache" in out else "past_key_values"]  # transformers >= 5.2x renamed it
+        del out
+        for b, k in enumerate(keys):
+            if k not in self.cache:
+                self.cache[k] = (hidden[b, : len(k)].to("cpu", self.dtype), logp[b, : len(k)].float().cpu())
+                self.tokens_computed += len(k)
+        todo = {ids: (b, branch_start(keys[b], ids)) for b, ids in branches if ids not in self.cache}
+        for group in _branch_passes(todo, max_tokens):
+            parent = torch.tensor([todo[ids][0] for ids in group], device=device)
+            start = torch.tensor([todo[ids][1] for ids in group], device=device)
+            n_new = [len(ids) - todo[ids][1] for ids in group]
+            P, L = int(start.max()), max(n_new)
+            new = torch.zeros(len(group), L, dtype=torch.long, device=device)
+            new_mask = torch.zeros(len(group), L, dtype=torch.long, device=device)
+            for j, ids in enumerate(group):
+                new[j, : n_new[j]] = torch.tensor(ids[todo[ids][1]:], device=device)
+                new_mask[j, : n_new[j]] = 1
+            # each row sees its parent's first `start` positions (the rest of the shared past is masked) and
+            # continues at position `start`
+            past_mask = (torch.arange(P, device=device)[None] < start[:, None]).long()
+            cache = DynamicCache([(layer.keys[parent, :, :P], layer.values[parent, :, :P]) for layer in past.layers]
+                                 ) if P else None
+            out = self.rm.backbone(input_ids=new, attention_mask=torch.cat([past_mask, new_mask], 1),
+                                   position_ids=start[:, None] + torch.arange(L, device=device)[None],
+                                   use_cache=P > 0, output_hidden_states=True, **{_cache_arg(self.rm.backbone): cache})
+            h_new = out.hidden_states[self.rm.config.head_layer]
+            lp_new = token_logprobs(out.logits, new)
+            for j, ids in enumerate(group):
+                b, s = todo[ids]
+                h = torch.cat([hidden[b, :s], h_new[j, : n_new[j]]])
+                lp = torch.cat([logp[b, : s + 1], lp_new[j, 1 : n_new[j]]])
+                self.cache[ids] = (h.to("cpu", self.dtype), lp.float().cpu())
+                self.tokens_computed += n_new[j]
 
     def __call__(self, enc: EncodedBatch, detach_backbone: bool = True, backbone_grad: bool = False) -> dict:
         if not detach_backbone or backbone_grad:

@@ -23,7 +23,7 @@ import torch
 from dense_irl.algo.batches import RewardBatch
 from dense_irl.algo.config import reward_model_config
 from dense_irl.algo.experience import perturbed_negatives, split_demos
-from dense_irl.algo.frozen_features import FrozenFeatures
+from dense_irl.algo.frozen_features import FrozenFeatures, branch_start
 from dense_irl.algo.losses import loss_chains, reward_loss
 from dense_irl.algo.microbatch import Accumulator, micro_batches, row_lengths, select_rows
 from dense_irl.algo.optim import Optimizer
@@ -132,39 +132,40 @@ def train_reward(rm: RewardModel, pi_old, demos, cfg: OfflineRewardConfig, kinds
 def cache_features(features: FrozenFeatures, rm: RewardModel, demos, experts: list[int], pool: dict,
                    cfg: OfflineRewardConfig, deadline: float | None, autocast_dtype=None) -> list[int]:
     """Run each expert of ``experts`` and its fixed negatives (``pool``) through the frozen backbone once, as
-    the reward steps will (``algo.losses.loss_chains``), longest first, in micro-batches of
-    ``cfg.micro_batch_tokens``, with a progress bar (under autocast to ``autocast_dtype`` when given); returns
-    the experts whose chains all ran before ``deadline``."""
+    the reward steps will (``algo.losses.loss_chains``): the experts longest first, in micro-batches of
+    ``cfg.micro_batch_tokens``, each negative only from where it leaves its expert
+    (``FrozenFeatures.fill_family``), with a progress bar (under autocast to ``autocast_dtype`` when given);
+    returns the experts whose chains all ran before ``deadline``."""
     import contextlib
 
     from tqdm import tqdm
 
     chains = {i: loss_chains(RewardBatch([(demos[i].prompt, demos[i].steps)],
                                          [n for ns in pool.get(i, []) for n in ns]), cfg) for i in experts}
-    flat = [c for i in experts for c in chains[i][0]]
-    enc = encode_chains(rm.tokenizer, flat, rm.config.max_length, rm.config.separator,
-                        [f for i in experts for f in chains[i][1]])
-    max_tokens = cfg.micro_batch_tokens
-    groups = micro_batches(row_lengths(enc), max_tokens or int(enc.attention_mask.numel()))
-    done, device_type = 0, rm.g_head.weight.device.type
-    with tqdm(total=int(enc.attention_mask.sum()), desc="reward features", unit="tok", unit_scale=True,
-              mininterval=2) as bar:
+    enc = encode_chains(rm.tokenizer, [chains[i][0][0] for i in experts], rm.config.max_length,
+                        rm.config.separator)
+    expert_keys = features.keys_of([chains[i][0][0] for i in experts])
+    negative_keys = [features.keys_of(chains[i][0][1:], chains[i][1][1:]) if len(chains[i][0]) > 1 else []
+                     for i in experts]
+    total = sum(map(len, expert_keys)) + sum(len(k) - branch_start(expert_keys[r], k)
+                                             for r, ks in enumerate(negative_keys) for k in ks)
+    groups = micro_batches(row_lengths(enc), cfg.micro_batch_tokens or int(enc.attention_mask.numel()))
+    device_type = rm.g_head.weight.device.type
+    with tqdm(total=total, desc="reward features", unit="tok", unit_scale=True, mininterval=2) as bar:
         for rows in groups:
             if deadline is not None and time.monotonic() > deadline:
                 break
             before = features.tokens_computed
             with torch.autocast(device_type, autocast_dtype) if autocast_dtype else contextlib.nullcontext():
-                features.fill(select_rows(enc, rows))
+                features.fill_family(select_rows(enc, rows), [(j, k) for j, r in enumerate(rows)
+                                                              for k in negative_keys[r]], cfg.micro_batch_tokens)
             bar.update(features.tokens_computed - before)
-            done += 1
-    if done < len(groups):
-        missing = {tuple(enc.input_ids[r, : int(enc.attention_mask[r].sum())].tolist())
-                   for rows in groups[done:] for r in rows}
-        keep = [i for i in experts if not any(k in missing for k in features.keys_of(*chains[i]))]
+    keep = [i for r, i in enumerate(experts)
+            if all(k in features.cache for k in [expert_keys[r], *negative_keys[r]])]
+    if len(keep) < len(experts):
         print(f"note: reward.minutes: the frozen backbone's features cover {len(keep)} of {len(experts)} experts "
               "(the rest left out of the heads' steps)")
-        return keep
-    return experts
+    return keep
 
 
 def calibrate_readout(rm: RewardModel, cal_rows: list[dict], weights: list[float]) -> float:
