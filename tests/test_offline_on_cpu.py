@@ -246,8 +246,8 @@ def test_negatives_run_from_where_they_leave_their_expert_with_the_same_features
     whole.fill(encode_chains(rm.tokenizer, chains, 256, "\n", finished))
     shared = FrozenFeatures(rm, dtype=torch.float32)
     expert_keys = shared.keys_of(experts)
-    branches = [(b, k) for b, k in zip([i // 3 for i in range(15) for _ in negatives[i]],
-                                       shared.keys_of(chains[5:], finished[5:]))]
+    parents = [i // 3 for i in range(15) for _ in negatives[i]]  # negatives[i] perturbs expert i // 3
+    branches = list(zip(parents, shared.keys_of(chains[5:], finished[5:])))
     assert len(branches) == len(chains) - 5 and any(branch_start(expert_keys[b], k) > 10 for b, k in branches)
     shared.fill_family(encode_chains(rm.tokenizer, experts, 256, "\n"), branches, max_tokens)
     assert shared.cache.keys() == whole.cache.keys()

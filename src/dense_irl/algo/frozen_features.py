@@ -69,14 +69,15 @@ class FrozenFeatures:
         self.cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self.tokens_computed = 0  # tokens that ran through the backbone (cache misses)
 
-    def _keys(self, enc: EncodedBatch) -> list[tuple[int, ...]]:
+    def batch_keys(self, enc: EncodedBatch) -> list[tuple[int, ...]]:
+        """The cache key of every row of ``enc``: its unpadded token ids."""
         lengths = enc.attention_mask.sum(1).tolist()
         return [tuple(enc.input_ids[b, : int(n)].tolist()) for b, n in enumerate(lengths)]
 
     def keys_of(self, chains: list[Chain], finished: list[bool] | None = None) -> list[tuple[int, ...]]:
         """The cache keys of ``chains`` (their token ids as the reward model encodes them)."""
         cfg = self.rm.config
-        return self._keys(encode_chains(self.rm.tokenizer, chains, cfg.max_length, cfg.separator, finished))
+        return self.batch_keys(encode_chains(self.rm.tokenizer, chains, cfg.max_length, cfg.separator, finished))
 
     def expert_hidden(self, chains: list[Chain], max_tokens: int = 200_000) -> torch.Tensor:
         """The cached hidden states of the step tokens of ``chains`` (at most ``max_tokens`` of them), (N, H):
@@ -84,7 +85,7 @@ class FrozenFeatures:
         cfg = self.rm.config
         enc = encode_chains(self.rm.tokenizer, chains, cfg.max_length, cfg.separator)
         out, n = [], 0
-        for b, k in enumerate(self._keys(enc)):
+        for b, k in enumerate(self.batch_keys(enc)):
             if k in self.cache and n < max_tokens:
                 steps = enc.step_ids[b, : len(k)] >= 0
                 out.append(self.cache[k][0][steps].float())
@@ -105,7 +106,7 @@ class FrozenFeatures:
 
     def fill(self, enc: EncodedBatch) -> list[tuple[int, ...]]:
         """Run the rows of ``enc`` not cached yet through the backbone; returns every row's cache key."""
-        keys = self._keys(enc)
+        keys = self.batch_keys(enc)
         missing = [b for b, k in enumerate(keys) if k not in self.cache]
         if missing:
             self._fill(enc, missing, keys)
@@ -121,7 +122,7 @@ class FrozenFeatures:
         its cached outputs equal a pass over the whole branch to float rounding."""
         from transformers import DynamicCache
 
-        keys = self._keys(experts)
+        keys = self.batch_keys(experts)
         device = self.rm.g_head.weight.device
         out = self.rm.backbone(input_ids=experts.input_ids.to(device),
                                attention_mask=experts.attention_mask.to(device), output_hidden_states=True,

@@ -144,11 +144,11 @@ def cache_features(features: FrozenFeatures, rm: RewardModel, demos, experts: li
                                          [n for ns in pool.get(i, []) for n in ns]), cfg) for i in experts}
     enc = encode_chains(rm.tokenizer, [chains[i][0][0] for i in experts], rm.config.max_length,
                         rm.config.separator)
-    expert_keys = features.keys_of([chains[i][0][0] for i in experts])
+    expert_keys = features.batch_keys(enc)
     negative_keys = [features.keys_of(chains[i][0][1:], chains[i][1][1:]) if len(chains[i][0]) > 1 else []
                      for i in experts]
-    total = sum(map(len, expert_keys)) + sum(len(k) - branch_start(expert_keys[r], k)
-                                             for r, ks in enumerate(negative_keys) for k in ks)
+    total = sum(map(len, expert_keys)) + sum(len(k) - branch_start(expert_keys[r], k)  # a repeated negative runs once
+                                             for r, ks in enumerate(negative_keys) for k in set(ks))
     groups = micro_batches(row_lengths(enc), cfg.micro_batch_tokens or int(enc.attention_mask.numel()))
     device_type = rm.g_head.weight.device.type
     with tqdm(total=total, desc="reward features", unit="tok", unit_scale=True, mininterval=2) as bar:
