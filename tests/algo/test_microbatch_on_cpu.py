@@ -44,9 +44,12 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 
 def _close(a: dict, b: dict, tol: float = 1e-5) -> None:
+    """Equal up to float summation order: the absolute slack grows with the tensor's largest entry (an
+    embedding gradient reaches ~1e4 here, so an entry near 0 may differ by 1e-3 from adding in another order)."""
     assert a.keys() == b.keys() and a
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=tol, rtol=1e-4), k
+        slack = tol + 1e-6 * float(a[k].abs().max())
+        assert torch.allclose(a[k], b[k], atol=slack, rtol=1e-4), (k, float((a[k] - b[k]).abs().max()), slack)
 
 
 def test_micro_batches_fit_the_budget_longest_first():
