@@ -354,6 +354,11 @@ def test_search_endpoint_best_of_n_and_beam(server):
     for res in r.json()["results"]:
         assert len(res["candidates"]) <= 2 and len(res["steps"]) <= 3
         assert len(res["step_scores"]) == len(res["steps"])
+    # Left-out token fields fit this server's max_search_tokens (200; the built-in defaults would not).
+    r = c.post("/v1/search", json={"prompt": PROMPT, "method": "beam", "max_step_tokens": 50, "beam_width": 1,
+                                   "expand": 1})
+    assert r.status_code == 200, r.text
+    assert (r.json()["config"]["max_step_tokens"], r.json()["config"]["max_steps"]) == (50, 4)
     # A server without a policy says how to get one.
     r = c.post("/secure/v1/search", json={"prompt": PROMPT, "max_new_tokens": 24}, headers=AUTH)
     assert r.status_code == 501 and "--policy" in r.json()["detail"]
@@ -394,9 +399,10 @@ BAD = [
     ("search: unknown method", "/v1/search", {"prompt": "a", "method": "mcts"}, 422, "best_of_n"),
     ("search: greedy temperature", "/v1/search", {"prompt": "a", "temperature": 0}, 422, "search.temperature"),
     ("search: too many samples", "/v1/search", {"prompts": ["a", "b", "c"], "n": 4}, 413, "max_search_samples=8"),
-    ("search: too many tokens", "/v1/search", {"prompt": "a", "method": "beam", "max_step_tokens": 50}, 413,
+    ("search: too many tokens", "/v1/search", {"prompt": "a", "method": "beam", "max_step_tokens": 50,
+                                                       "max_steps": 16}, 413,
      "max_step_tokens x max_steps), over the limit max_search_tokens=200"),
-    ("search: too many tokens (best_of_n)", "/v1/search", {"prompt": "a"}, 413, "(max_new_tokens), over the limit"),
+    ("search: too many tokens (best_of_n)", "/v1/search", {"prompt": "a", "max_new_tokens": 300}, 413, "(max_new_tokens), over the limit"),
     ("relative reload path", "/admin/reload", {"reward_model": "runs/rm"}, 422, "absolute"),
     ("reload outside reload_root", "/admin/reload", {"reward_model": "/etc/../nonexistent/rm"}, 403, "reload_root"),
 ]
@@ -454,36 +460,117 @@ def test_slow_bodies_hold_no_one_up(server):
     assert c.get("/health").status_code == 200
 
 
-def test_schema_generated_requests_never_fail_the_server(server):
-    """schemathesis: requests generated from the live OpenAPI schema (valid and invalid bodies, headers and
-    query strings) to the open app and to the token-protected one without a token: no 5xx, no stack trace or
-    file path in an answer, and /health answers throughout. `make fuzz` runs many more cases."""
+def _follow_stated_rules(path: str, body, schema_raw: dict, tokenizer, separator: str):
+    """A schema-valid ``body`` made to follow the rules the live schema states beyond JSON Schema
+    (``x-dense-irl-rules``), or None where only a smaller body would (the size limits). Every id it knows is in
+    FOLLOWED; the test checks that the schema states exactly those."""
+    from dense_irl.data.layout import chain_length, split_steps
+    from dense_irl.serving import vllm_api
+    from dense_irl.serving.requests import item_chain, query_chains
+    from dense_irl.serving.schemas import ChainIn, GetRewardRequest
+
+    lim = schema_raw["x-dense-irl-limits"]
+    body = copy.deepcopy(body)
+    chains = []
+    if path == "/v1/score":
+        for item in body.get("items", [body]):
+            if "text" in item and not split_steps(item["text"], item.get("step_separator", separator)):
+                item["text"] += "x"  # text-has-a-step
+        parse = lambda: [item_chain(ChainIn.model_validate(i), separator) for i in body.get("items", [body])]  # noqa: E731
+    elif path == "/get_reward":
+        n = len(body["query"])
+        for name, pad in (("prompts", ""), ("labels", None), ("metas", None)):  # equal-lengths
+            if body.get(name) is not None:
+                body[name] = (body[name] + [pad] * n)[:n]
+        for i, prompt in enumerate(body.get("prompts") or []):  # query-holds-its-prompt
+            if prompt not in body["query"][i]:
+                body["query"][i] = prompt + body["query"][i]
+        parse = lambda: query_chains(GetRewardRequest.model_validate(body), tokenizer, separator)  # noqa: E731
+    elif path in ("/pooling", "/classify"):
+        msgs = body.get("messages")
+        if msgs is not None:  # assistant-after-user
+            last_user = max(i for i, m in enumerate(msgs) if m.get("role") == "user")
+            if not any(m.get("role") == "assistant" for m in msgs[last_user:]):
+                msgs.append({"role": "assistant", "content": "x"})
+        model = vllm_api.PoolingIn if path == "/pooling" else vllm_api.ClassifyIn
+        parse = lambda: vllm_api.request_chains(vllm_api.parse(model, body), tokenizer, separator, "<extra_0>")  # noqa: E731
+    elif path == "/v1/search":
+        prompts = len(body.get("prompts") or [0])
+        samples, method = lim["max_search_samples"], body.get("method", "best_of_n")
+        if method == "best_of_n":  # search-samples
+            body["n"] = min(body.get("n", 4), samples // prompts)
+        elif method == "beam":
+            body["beam_width"] = min(body.get("beam_width", 2), samples // prompts)
+            body["expand"] = min(body.get("expand", 2), samples // (prompts * body["beam_width"]))
+            if "max_step_tokens" in body and "max_steps" in body:  # search-tokens
+                body["max_steps"] = max(1, min(body["max_steps"], lim["max_search_tokens"] // body["max_step_tokens"]))
+        parse = list
+    else:  # /admin/reload: a generated path is no checkpoint under reload_root (a-checkpoint): 403, which
+        parse = list  # the positive check takes as a refusal of this caller
+    try:
+        chains = parse()
+    except Exception:  # the server must take it: let it answer (and the checks judge that answer)
+        chains = []
+    for prompt, steps in chains:  # chain-characters, chain-tokens
+        if len(prompt) + sum(map(len, steps)) > lim["max_chars"] or \
+                chain_length(tokenizer, (prompt, steps), separator) > lim["max_tokens"]:
+            return None
+    if len(json.dumps(body).encode()) > lim["max_body_bytes"]:  # body-bytes
+        return None
+    return body
+
+
+FOLLOWED = {"text-has-a-step", "equal-lengths", "query-holds-its-prompt", "assistant-after-user",
+            "search-samples", "search-tokens", "a-checkpoint", "chain-characters", "chain-tokens", "body-bytes"}
+
+
+def test_schema_generated_requests_never_fail_the_server(server, checkpoints):
+    """schemathesis: requests generated from each live OpenAPI schema (valid and invalid bodies, headers and
+    query strings) to the open app, and to the token app with and without its token, judged by every
+    schemathesis check: no 5xx, answers as documented (status, headers, body schema), every schema-valid
+    request accepted (made to follow the rules the schema states in words) and every invalid one refused;
+    no stack trace or file path in an answer, and /health answers throughout. `make fuzz` runs more cases."""
     schemathesis = pytest.importorskip("schemathesis", reason="make test installs schemathesis")
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import HealthCheck, assume, given, settings
     from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
 
-    schema = schemathesis.openapi.from_url(server["url"] + "/openapi.json")
+    rm = checkpoints[1]["1"]
     calls = []
-
-    def check(case):
-        for base in (server["url"], server["url"] + "/secure"):
-            r = case.call(base_url=base, timeout=60)
-            calls.append(r.status_code)
-            assert r.status_code < 500, (case.method, case.path, base, r.status_code, r.text[:500])
-            assert not any(leak in r.text for leak in ("Traceback", "site-packages", '.py"', 'File "')), r.text
-
     examples = settings(max_examples=int(os.environ.get("DENSE_IRL_FUZZ_EXAMPLES", "8")), deadline=None,
                         suppress_health_check=list(HealthCheck), database=None)
-    operations = [result.ok() for result in schema.get_all_operations()]
-    for op in operations:
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            try:
-                examples(given(case=op.as_strategy(mode))(check))()
-            except Unsatisfiable:  # nothing invalid to send (GET /health takes no input)
-                assert mode is GenerationMode.NEGATIVE
-    assert len(operations) >= 8 and server["client"].get("/health").status_code == 200
-    print({"schemathesis_operations": len(operations), "requests": len(calls),
+    runs = [(server["url"], {}), (server["url"] + "/secure", {}), (server["url"] + "/secure", AUTH)]
+
+    def checker(base: str, headers: dict, raw: dict):
+        def check(case):
+            positive = case.meta.generation.mode is GenerationMode.POSITIVE
+            if positive and case.method.lower() == "post":
+                case.body = _follow_stated_rules(case.path, case.body, raw, rm.tokenizer, rm.config.separator)
+                assume(case.body is not None)
+            r = case.call_and_validate(base_url=base, headers=headers, timeout=60)
+            calls.append(r.status_code)
+            assert not any(leak in r.text for leak in ("Traceback", "site-packages", '.py"', 'File "')), r.text
+        return check
+
+    for base, headers in runs:
+        raw = server["client"].get(base + "/openapi.json").json()
+        stated = {r["id"] for op in raw["paths"].values() for m in op.values() for r in m.get("x-dense-irl-rules", [])}
+        assert stated == FOLLOWED, stated ^ FOLLOWED
+        schema = schemathesis.openapi.from_dict(raw)
+        # A request over a stated limit is refused with 413 (documented on every POST).
+        schema.config.checks.negative_data_rejection.expected_statuses = ["400", "401", "403", "413", "422"]
+
+        operations = [result.ok() for result in schema.get_all_operations()]
+        for op in operations:
+            if headers and op.path == "/v1/search":
+                continue  # the token app has no policy: the documented 501 (test_search_endpoint_best_of_n_and_beam)
+            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+                try:
+                    examples(given(case=op.as_strategy(mode))(checker(base, headers, raw)))()
+                except Unsatisfiable:  # nothing invalid to send (GET /health takes no input)
+                    assert mode is GenerationMode.NEGATIVE
+        assert len(operations) >= 8 and server["client"].get("/health").status_code == 200
+    print({"schemathesis_runs": len(runs), "requests": len(calls),
            "statuses": {c: calls.count(c) for c in sorted(set(calls))}})
 
 
@@ -501,6 +588,8 @@ HOSTILE = [
     ("a string where a chain is", "/v1/score", b'{"items": ["not a chain"]}', 422),
     ("null body", "/classify", b"null", 400),
     ("token ids outside the vocabulary", "/pooling", b'{"model": "m", "input": [[1000000000000, -1]]}', 400),
+    ("a NUL in a reload path", "/admin/reload", json.dumps({"reward_model": "/tmp/a\u0000b"}).encode(), 422),
+    ("a denormal temperature", "/v1/search", b'{"prompt": "a", "temperature": 5e-324, "max_new_tokens": 4}', 200),
 ]
 
 
@@ -518,6 +607,39 @@ def test_server_keeps_serving_after_bad_input(server):
     assert c.post("/v1/score", json=_chain()).status_code == 200
     paths = c.get("/openapi.json").json()["paths"]
     assert {"/v1/score", "/get_reward", "/health", "/v1/models", "/admin/reload"} <= set(paths)
+
+
+def test_live_schema_states_this_servers_limits(server, checkpoints):
+    """Each app's /openapi.json carries its own replica's limits as JSON Schema keywords, the rules JSON
+    Schema cannot state as x-dense-irl-rules, and only JSON Schema keywords (no pydantic 'ge')."""
+    c, vocab = server["client"], len(checkpoints[1]["1"].tokenizer)
+
+    def keys(node):
+        if isinstance(node, dict):
+            yield from node
+            for v in node.values():
+                yield from keys(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from keys(v)
+
+    for prefix, search_samples in (("", 8), ("/secure", 64)):
+        spec = c.get(prefix + "/openapi.json").json()
+        s = spec["components"]["schemas"]
+        assert not {"ge", "gt", "le", "lt"} & set(keys(spec))
+        assert s["BatchIn"]["properties"]["items"]["maxItems"] == LIMITS["max_chains"]
+        assert s["ChainIn"]["properties"]["steps"]["maxItems"] == LIMITS["max_steps"]
+        assert s["ChainIn"]["dependentRequired"] == {"step_separator": ["text"]}
+        ids = s["PoolingIn"]["properties"]["input"]["anyOf"][2]["items"]
+        assert ids == {"type": "integer", "minimum": 0, "maximum": vocab - 1}
+        assert spec["x-dense-irl-limits"]["max_search_samples"] == search_samples
+        rules = {r["id"]: r for r in spec["paths"]["/v1/score"]["post"]["x-dense-irl-rules"]}
+        assert f"at most {LIMITS['max_tokens']} tokens" in rules["chain-tokens"]["rule"]
+        assert "else 413" in spec["paths"]["/v1/score"]["post"]["description"]
+    # /v1/search's token defaults are fitted to the open app's max_search_tokens (200).
+    props = c.get("/openapi.json").json()["components"]["schemas"]["SearchRequest"]["properties"]
+    assert (props["max_new_tokens"]["default"], props["max_step_tokens"]["default"], props["max_steps"]["default"]) \
+        == (200, 64, 3)
 
 
 # ---------------------------------------------------------------------------- auth and client
@@ -735,3 +857,4 @@ def test_binding_beyond_loopback_without_a_token_warns(monkeypatch):
     assert exposure_warning("127.0.0.1", None) is None and exposure_warning("0.0.0.0", "t") is None
     monkeypatch.setenv("DENSE_IRL_TOKEN", "t")
     assert exposure_warning("0.0.0.0", None) is None
+

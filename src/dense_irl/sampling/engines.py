@@ -22,6 +22,10 @@ from dense_irl.algo.batches import Rollout
 from dense_irl.data.layout import Chain, prefix_ids, prompt_ids, split_steps
 from dense_irl.errors import ConfigError
 
+# Temperatures below this decode greedily, as vLLM's (_SAMPLING_EPS): dividing the logits by 1e-300 would
+# overflow them to inf and the sampler would fail.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class RolloutConfig:
@@ -122,7 +126,7 @@ class HFEngine(_Engine):
                 # temperature 0 means greedy decoding (evaluation), as in vLLM.
                 **(
                     {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
-                    if cfg.temperature > 0
+                    if cfg.temperature >= GREEDY_BELOW
                     else {"do_sample": False}
                 ),
                 eos_token_id=tok.eos_token_id,
@@ -212,7 +216,7 @@ class VLLMEngine(_Engine):
         from vllm import SamplingParams, TokensPrompt
 
         tok = self.tokenizer
-        greedy = cfg.temperature <= 0
+        greedy = cfg.temperature < GREEDY_BELOW
         params = [SamplingParams(
             n=1 if greedy else n,  # vLLM refuses n > 1 with greedy decoding: the n copies are identical
             temperature=cfg.temperature,

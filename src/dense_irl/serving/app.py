@@ -44,9 +44,10 @@ from dense_irl.errors import ConfigError
 from dense_irl.models.reward_model import ChainScore, RewardModel, check_checkpoint
 from dense_irl.serving import search_api, vllm_api
 from dense_irl.serving.model_source import ModelSource
-from dense_irl.serving.openapi_spec import complete_openapi
+from dense_irl.serving.openapi_spec import complete_openapi, state_limits
 from dense_irl.serving.requests import item_chain, query_chains
 from dense_irl.serving.schemas import (
+    LIMIT_NAMES,
     BatchIn,
     BatchResult,
     ChainResult,
@@ -92,15 +93,17 @@ api.add_exception_handler(RequestValidationError, _validation_error)
 
 
 def _openapi() -> dict:
-    """FastAPI's schema with every error answer and the vLLM routes' bodies (serving/openapi_spec.py)."""
-    if api.openapi_schema is None:
+    """FastAPI's schema with every error answer, the vLLM routes' bodies and this replica's limits
+    (serving/openapi_spec.py); rebuilt when the limits change (a reload to another vocabulary)."""
+    try:  # in a replica (the app is copied into each): its token and limits
+        scorer = serve.get_replica_context().servable_object
+        token, limits = bool(scorer.args.token), scorer.schema_limits()
+    except Exception:  # built outside Serve (a test, a docs build): the default settings
+        token, limits = False, {n: ServeArgs.model_fields[n].default for n in LIMIT_NAMES}
+    if api.openapi_schema is None or api.openapi_schema.get("x-dense-irl-limits") != limits:
         spec = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
-        try:  # in a replica (the app is copied into each): does it ask for a token?
-            token = bool(_replica_guard()[0])
-        except Exception:  # built outside Serve (a test, a docs build)
-            token = False
         bodies = {"/pooling": vllm_api.PoolingIn, "/classify": vllm_api.ClassifyIn}
-        api.openapi_schema = complete_openapi(spec, bodies, token)
+        api.openapi_schema = state_limits(complete_openapi(spec, bodies, token), limits)
     return api.openapi_schema
 
 
@@ -144,6 +147,10 @@ class RewardScorer:
                                                     self.args.num_gpus)
         self._score_batch.set_max_batch_size(self.args.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+
+    def schema_limits(self) -> dict:
+        """The limits this replica enforces, for its OpenAPI schema: the settings and the vocabulary size."""
+        return {**{n: getattr(self.args, n) for n in LIMIT_NAMES}, "vocab_size": len(self._live.rm.tokenizer)}
 
     def guard_settings(self) -> tuple[str | None, int]:
         return self.args.token, self.args.max_body_bytes
@@ -341,7 +348,11 @@ class RewardScorer:
         if not os.path.isabs(body.reward_model):
             raise HTTPException(422, "reward_model must be an absolute path (replicas do not share your cwd)")
         root = Path(self.args.reload_root or "/")
-        if not Path(body.reward_model).resolve().is_relative_to(root):
+        try:
+            inside = Path(body.reward_model).resolve().is_relative_to(root)
+        except (ValueError, OSError) as e:  # a NUL character, a symlink loop
+            raise HTTPException(422, f"reward_model is not a usable path: {e}") from None
+        if not inside:
             raise HTTPException(403, f"reward_model must be under this server's reload_root {root} "
                                      "(dense-irl serve --reload-root DIR)")
         async with self._lock:

@@ -18,6 +18,9 @@ from pydantic.json_schema import SkipJsonSchema
 from dense_irl.models.reward_model import ChainScore
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
+# A character that str.strip() keeps, as a JSON Schema pattern: what "not blank" means to the server. (ECMA's
+# \S differs from Python's: it matches \x1c-\x1f and \x85, which strip() removes, and not \ufeff, which it keeps.)
+NOT_BLANK = "[^" + "".join(f"\\u{c:04x}" for c in range(0x10000) if chr(c).isspace()) + "]"
 _FORBID = ConfigDict(extra="forbid")
 
 
@@ -91,16 +94,27 @@ LIMIT_NAMES = ("max_body_bytes", "max_chains", "max_steps", "max_chars", "max_to
                "max_search_tokens")
 
 
+def search_defaults(max_search_tokens: int, max_step_tokens: int | None = None,
+                    max_steps: int | None = None) -> dict[str, int]:
+    """/v1/search's token defaults fitted to the server's ``max_search_tokens``, so that a request leaving
+    them out fits: ``max_new_tokens`` 256, ``max_step_tokens`` 64 and ``max_steps`` 16, each lowered to fit
+    (beside the request's own ``max_step_tokens`` or ``max_steps`` when it gives one of the two)."""
+    step_tokens = max(1, min(64, max_search_tokens // (max_steps or 1)))
+    return {"max_new_tokens": min(256, max_search_tokens), "max_step_tokens": step_tokens,
+            "max_steps": max(1, min(16, max_search_tokens // (max_step_tokens or step_tokens)))}
+
+
 class ChainIn(BaseModel):
     """One chain: a prompt and either its steps or one text split by ``step_separator``."""
 
     # The schema states the rule the validator enforces: exactly one of steps and text (neither may be null).
-    model_config = request_config(json_schema_extra={"oneOf": [{"required": ["steps"]}, {"required": ["text"]}]})
+    model_config = request_config(json_schema_extra={"oneOf": [{"required": ["steps"]}, {"required": ["text"]}],
+                                                     "dependentRequired": {"step_separator": ["text"]}})
 
     prompt: str
     steps: Annotated[list[NonEmptyStr], Field(min_length=1)] | SkipJsonSchema[None] = Field(
         None, description="the steps, in order")
-    text: str | SkipJsonSchema[None] = Field(None, json_schema_extra={"pattern": r"\S"},
+    text: str | SkipJsonSchema[None] = Field(None, json_schema_extra={"pattern": NOT_BLANK},
                                              description="the whole solution; split into steps by step_separator")
     step_separator: NonEmptyStr | SkipJsonSchema[None] = Field(None, description="with text: where steps end "
                                                                "(default: the checkpoint's separator)")
@@ -187,7 +201,7 @@ class ReloadRequest(BaseModel):
     model_config = _REQUEST
 
     # (the schema states the rule; the route checks it, with a message saying why)
-    reward_model: NonEmptyStr = Field(json_schema_extra={"pattern": "^/"},
+    reward_model: NonEmptyStr = Field(json_schema_extra={"pattern": "^/[^\\u0000]*$"},
                                       description="an absolute path, under the server's reload_root")
 
 
@@ -272,8 +286,15 @@ def chain_result(score: ChainScore, version: str, steps_given: int) -> dict:
 OPEN_PATHS = {"/health", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"}
 
 
-async def _send_json(send, status: int, detail: str, headers: list | None = None) -> None:
-    body = json.dumps({"detail": detail}).encode()
+# Routes in vLLM's wire format: their errors, the guard's too, come as {"error": {...}} (vllm_api.VLLMError).
+VLLM_ROUTES = ("/pooling", "/classify")
+
+
+async def _send_json(send, status: int, detail: str, headers: list | None = None, vllm: bool = False) -> None:
+    kind = "AuthenticationError" if status == 401 else "BadRequestError"
+    answer = {"error": {"message": detail, "type": kind, "param": None, "code": status}} if vllm else \
+        {"detail": detail}
+    body = json.dumps(answer).encode()
     await send(
         {
             "type": "http.response.start",
@@ -305,6 +326,7 @@ class Guard:
         path, root = scope.get("path", ""), scope.get("root_path", "")
         path = path[len(root) :] if root and path.startswith(root) else path
         headers = dict(scope.get("headers") or [])
+        vllm = path in VLLM_ROUTES
         if token and path not in OPEN_PATHS:
             sent = headers.get(b"authorization", b"")
             if not hmac.compare_digest(sent, b"Bearer " + token.encode()):
@@ -313,6 +335,7 @@ class Guard:
                     401,
                     "missing or wrong bearer token (Authorization: Bearer <token>)",
                     [(b"www-authenticate", b"Bearer")],
+                    vllm,
                 )
         too_big = f"request body exceeds the limit max_body_bytes={max_body}"
         length = headers.get(b"content-length")
@@ -321,6 +344,7 @@ class Guard:
                 send,
                 413 if length.isdigit() else 400,
                 too_big if length.isdigit() else "bad Content-Length header",
+                vllm=vllm,
             )
         # Read the body ourselves (chunked requests carry no length), then replay it to the app.
         chunks, n = [], 0
@@ -330,7 +354,7 @@ class Guard:
                 return
             n += len(msg.get("body", b""))
             if n > max_body:
-                return await _send_json(send, 413, too_big)
+                return await _send_json(send, 413, too_big, vllm=vllm)
             chunks.append(msg.get("body", b""))
             if not msg.get("more_body"):
                 break

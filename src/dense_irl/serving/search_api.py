@@ -25,7 +25,7 @@ from pydantic.json_schema import SkipJsonSchema
 from dense_irl.errors import ConfigError
 from dense_irl.search.config import SearchConfig
 from dense_irl.search.step_search import Candidate, reward_model_scorer, search
-from dense_irl.serving.schemas import JsonInt, explicit_null, request_config
+from dense_irl.serving.schemas import NOT_BLANK, JsonInt, explicit_null, request_config, search_defaults
 
 
 def policy_engine(policy: str, engine: str, device: str, gpu_share: float):
@@ -54,8 +54,8 @@ class SearchRequest(BaseModel):
         "then": {"properties": {"temperature": {"exclusiveMinimum": 0}}}})
 
     # (the schema states what the validator checks; the validator's message says why)
-    prompt: str | SkipJsonSchema[None] = Field(None, json_schema_extra={"pattern": r"\S"})
-    prompts: Annotated[list[Annotated[str, Field(json_schema_extra={"pattern": r"\S"})]], Field(min_length=1)] | \
+    prompt: str | SkipJsonSchema[None] = Field(None, json_schema_extra={"pattern": NOT_BLANK})
+    prompts: Annotated[list[Annotated[str, Field(json_schema_extra={"pattern": NOT_BLANK})]], Field(min_length=1)] | \
         SkipJsonSchema[None] = None
     method: Literal["best_of_n", "beam", "greedy"] = "best_of_n"
     n: JsonInt = Field(4, ge=1, description="best_of_n: chains sampled per prompt")
@@ -82,6 +82,14 @@ class SearchRequest(BaseModel):
 
     def config(self) -> SearchConfig:
         return SearchConfig(**self.model_dump(exclude={"prompt", "prompts"}))
+
+
+def fit_defaults(body: SearchRequest, max_search_tokens: int) -> SearchRequest:
+    """``body`` with the token fields it leaves out fitted to the server's limit (``schemas.search_defaults``)."""
+    given = body.model_fields_set
+    fitted = search_defaults(max_search_tokens, body.max_step_tokens if "max_step_tokens" in given else None,
+                             body.max_steps if "max_steps" in given else None)
+    return body.model_copy(update={k: v for k, v in fitted.items() if k not in given})
 
 
 def _samples(body: SearchRequest, n_prompts: int) -> int:
@@ -119,6 +127,7 @@ async def respond(body: SearchRequest, engine, rm, version: str, lock: asyncio.L
     """Run the search of ``body`` with ``engine`` sampling and ``rm`` ranking; the response body."""
     if engine is None:
         raise HTTPException(501, NO_POLICY)
+    body = fit_defaults(body, args.max_search_tokens)
     cfg = body.config()
     try:
         cfg.check()

@@ -73,7 +73,7 @@ class _Common(BaseModel):
     user: str | None = None
     request_id: str | None = None
     priority: JsonInt = 0
-    truncate_prompt_tokens: JsonInt | None = Field(None, ge=-1)
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1), BeforeValidator(integral)] | None = None
     use_activation: bool | None = None
     # Older vLLM (0.11) names of use_activation; verl's reward loop sent "activation" for a while.
     activation: bool | None = None
@@ -94,7 +94,10 @@ class PoolingIn(_Common):
                                                                {"required": ["messages"]}]})
 
     input: Input | SkipJsonSchema[None] = None
-    messages: list[ChatMessage] | SkipJsonSchema[None] = None
+    # (the schema states the roles a chat needs; the order, an assistant after the last user, is a stated rule)
+    messages: list[ChatMessage] | SkipJsonSchema[None] = Field(None, json_schema_extra={"allOf": [
+        {"contains": {"type": "object", "required": ["role"], "properties": {"role": {"const": role}}}}
+        for role in ("user", "assistant")]})
     task: Literal["token_classify"] | None = None
     encoding_format: Literal["float"] = "float"
     dimensions: JsonInt | None = None
