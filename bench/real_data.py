@@ -467,7 +467,8 @@ def main(argv: list[str] | None = None) -> dict:
     # 6. Best-of-4 (the reward model's step rewards, every aggregation; the per-token mean and the
     # calculator-note rule as extra rows)
     bon_table = keyed(bon_chains, [o["shipped"] for o in rm_bon])
-    bon = evaluate_bon(lookup(bon_table), problems, aggregations=tuple(AGGREGATIONS), check=False)
+    bon = evaluate_bon(lookup(bon_table), problems, aggregations=tuple(AGGREGATIONS), check=False,
+                       threshold=rm.config.threshold)
     other = "sum" if rm.config.readout == "logit" else "logit"  # the readout the checkpoint does not serve
     bon_other = evaluate_bon(lookup(keyed(bon_chains, [o[other] for o in rm_bon])), problems,
                              aggregations=("min", "sum"), check=False)
@@ -597,7 +598,8 @@ def render(result, args, loc, length_loc, bon, bon_extra, bon_calc, corr, upfron
     # 2. Best-of-4
     bon_rows = []
     for method, acc in bon["accuracy"].items():
-        kind = f"reward model, {READOUT_TITLES[shipped]}" if method in bon["aggregations"] else "baseline"
+        ours = method in bon["aggregations"] or method == "weighted_vote"
+        kind = f"reward model, {READOUT_TITLES[shipped]}" if ours else "baseline"
         bon_rows.append({"method": method, "picked by": kind, "accuracy": acc, "95% CI": _ci(bon["ci95"][method])})
     extra = [(f"reward model, {READOUT_TITLES[k]}", r) for k, r in bon_extra.items()]
     for label, rep in (*extra, ("calculator-note rule", bon_calc)):
@@ -609,7 +611,9 @@ def render(result, args, loc, length_loc, bon, bon_extra, bon_calc, corr, upfron
               f"read as the step `The answer is <answer>.`, as GSM8K chains end here: `eval.bon.load_bon`). Aggregations of a candidate's step rewards: min, last, sum, mean; "
               f"{bon['tie_rule']}. Random pick is the exact expectation; intervals: bootstrap over questions. "
               f"{bon['n_truncated']} of {bon['n_candidates']} candidates were longer than max_length (aggregated "
-              f"over the steps that fit).\n", markdown_table(bon_rows)]
+              f"over the steps that fit). weighted_vote: each answer's votes weighted by sigmoid(min step reward - "
+              f"the stored threshold), the model's probability that the chain has no wrong step; majority: ties "
+              f"go to the answer given first.\n", markdown_table(bon_rows)]
 
     # 3. step length
     len_rows = []

@@ -146,6 +146,27 @@ def majority_pick(candidates: list[dict]) -> int:
     return answers.index(winner)
 
 
+def weighted_vote_hit(candidates: list[dict], step_scores: list[list[float]], threshold: float) -> float:
+    """Expected correctness of the weighted vote: each candidate with an answer votes for it with weight
+    ``sigmoid(min step score - threshold)``, the scorer's probability that the chain has no wrong step (the
+    ``p_right`` of its worst step, as ``/pooling`` answers it); the answer of largest total wins, ties count
+    as a uniform pick among the tied answers. Candidates without an answer do not vote; with no vote at all,
+    the candidates with the highest minimum step score are picked."""
+    totals: dict[str, float] = {}
+    correct: dict[str, list[bool]] = {}
+    for c, s in zip(candidates, step_scores):
+        if c.get("answer") is None or not s:
+            continue
+        a = normalise_answer(c["answer"])
+        totals[a] = totals.get(a, 0.0) + float(1.0 / (1.0 + np.exp(threshold - min(s))))
+        correct.setdefault(a, []).append(c["is_correct"])
+    if not totals:
+        v = np.array([aggregate("min", s) for s in step_scores])
+        return float(np.mean([candidates[j]["is_correct"] for j in np.flatnonzero(v == v.max())]))
+    best = max(totals.values())
+    return float(np.mean([np.mean(correct[a]) for a, t in totals.items() if t == best]))
+
+
 def _bootstrap_ci(hits: np.ndarray, rng: np.random.Generator, n_boot: int = 1000) -> list[float]:
     idx = rng.integers(0, len(hits), size=(n_boot, len(hits)))
     means = hits[idx].mean(axis=1)
@@ -161,6 +182,7 @@ def evaluate_bon(
     name: str = "scorer",
     check: bool = True,
     progress: str | None = None,
+    threshold: float | None = None,
 ) -> dict:
     """Best-of-N accuracy of reranking by aggregated step scores, with baselines.
 
@@ -173,6 +195,8 @@ def evaluate_bon(
     ``n_truncated`` candidates scored on fewer steps than they have (:data:`BON_TRUNCATION_RULE`;
     ``n_unscored`` of them had no step scored). With ``check`` and a scorer that knows its tokenizer
     (``localisation.with_layout``) the lengths are checked before any compute, with a one-line note.
+    With the scorer's first-error ``threshold`` there is also ``weighted_vote`` (:func:`weighted_vote_hit`).
+    ``scores`` holds each problem's candidates' step scores, for other aggregations later.
     """
     bad = [a for a in aggregations if a not in AGGREGATIONS]
     if bad:
@@ -209,6 +233,9 @@ def evaluate_bon(
         [p["candidates"][majority_pick(p["candidates"])]["is_correct"] for p in problems], dtype=np.float64
     )
     hits["oracle"] = np.array([any(c) for c in correct], dtype=np.float64)
+    if threshold is not None:
+        hits["weighted_vote"] = np.array([weighted_vote_hit(p["candidates"], s, threshold)
+                                          for p, s in zip(problems, per_problem)], dtype=np.float64)
 
     rng = np.random.default_rng(seed)
     sizes = [len(c) for c in correct]
@@ -226,4 +253,5 @@ def evaluate_bon(
         "n_truncated": n_truncated(chains, scores),
         "n_unscored": sum(not s for s in scores),
         "truncation_rule": BON_TRUNCATION_RULE,
+        "scores": per_problem,
     }
