@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> dict:
     # calculator-note rule as extra rows)
     bon_table = keyed(bon_chains, [o["shipped"] for o in rm_bon])
     bon = evaluate_bon(lookup(bon_table), problems, aggregations=tuple(AGGREGATIONS), check=False,
-                       threshold=rm.config.threshold)
+                       threshold=rm.config.threshold, keep_scores=True)
     other = "sum" if rm.config.readout == "logit" else "logit"  # the readout the checkpoint does not serve
     bon_other = evaluate_bon(lookup(keyed(bon_chains, [o[other] for o in rm_bon])), problems,
                              aggregations=("min", "sum"), check=False)

@@ -367,7 +367,8 @@ def test_evaluate_bon_exact_accuracies(tmp_path):
     lo, hi = rep["ci95"]["min"]
     assert 0.0 <= lo <= acc["min"] <= hi <= 1.0
     assert rep == evaluate_bon(numeric_scorer, problems)  # seeded: reproducible
-    assert rep["scores"][1] == [[3.0, 3.0, 3.0], [4.0, 4.0]]
+    assert "scores" not in rep
+    assert evaluate_bon(numeric_scorer, problems, keep_scores=True)["scores"][1] == [[3.0, 3.0, 3.0], [4.0, 4.0]]
     # Weighted vote at threshold 0, weights sigmoid(min step). A: "1000" (c0 + c1: 0.73 + 0.05) beats "7" (0.27),
     # half its voters correct. B: "6" (0.98) beats "5.0" (0.95). C: "4" (2 x 0.88) beats "3".
     voted = evaluate_bon(numeric_scorer, problems, threshold=0.0)["accuracy"]

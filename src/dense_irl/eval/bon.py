@@ -183,6 +183,7 @@ def evaluate_bon(
     check: bool = True,
     progress: str | None = None,
     threshold: float | None = None,
+    keep_scores: bool = False,
 ) -> dict:
     """Best-of-N accuracy of reranking by aggregated step scores, with baselines.
 
@@ -196,7 +197,7 @@ def evaluate_bon(
     ``n_unscored`` of them had no step scored). With ``check`` and a scorer that knows its tokenizer
     (``localisation.with_layout``) the lengths are checked before any compute, with a one-line note.
     With the scorer's first-error ``threshold`` there is also ``weighted_vote`` (:func:`weighted_vote_hit`).
-    ``scores`` holds each problem's candidates' step scores, for other aggregations later.
+    With ``keep_scores``, ``scores`` holds each problem's candidates' step scores (other aggregations later).
     """
     bad = [a for a in aggregations if a not in AGGREGATIONS]
     if bad:
@@ -239,7 +240,7 @@ def evaluate_bon(
 
     rng = np.random.default_rng(seed)
     sizes = [len(c) for c in correct]
-    return {
+    report = {
         "accuracy": {k: float(v.mean()) for k, v in hits.items()},
         "ci95": {k: _bootstrap_ci(v, rng) for k, v in hits.items()},
         "aggregations": list(aggregations),
@@ -253,5 +254,7 @@ def evaluate_bon(
         "n_truncated": n_truncated(chains, scores),
         "n_unscored": sum(not s for s in scores),
         "truncation_rule": BON_TRUNCATION_RULE,
-        "scores": per_problem,
     }
+    if keep_scores:
+        report["scores"] = per_problem
+    return report
