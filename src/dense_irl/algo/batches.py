@@ -38,11 +38,17 @@ class Negative:
     """A chain labelled "not expert": a policy sample or a perturbed expert.
 
     ``shared``: how many leading steps equal its prompt's demonstration (where it leaves the expert's path).
+    ``label_all``: every step after the shared ones counts in the discriminator loss, not only the divergent
+    one (``reward.divergence_only`` is for perturbed experts, whose later steps are right given the error): a
+    policy's continuation of an expert prefix, whose every step is the policy's. ``finished`` False: the
+    chain stopped at a token limit, so its last step is closed by the separator, not ``</s>``.
     """
 
     prompt: str
     steps: list[str]
     shared: int = 0
+    label_all: bool = False
+    finished: bool = True
 
 
 @dataclass

@@ -111,23 +111,23 @@ def loss_chains(batch: RewardBatch, cfg: RewardConfig) -> tuple[list, list[bool]
     """
     chains, finished = list(batch.experts), [True] * len(batch.experts)
     for neg in batch.negatives:
-        cut = cfg.mask_expert_prefix and cfg.divergence_only and neg.shared + 1 < len(neg.steps)
+        cut = cfg.mask_expert_prefix and cfg.divergence_only and not neg.label_all and neg.shared + 1 < len(neg.steps)
         chains.append((neg.prompt, neg.steps[: neg.shared + 1] if cut else neg.steps))
-        finished.append(not cut)
+        finished.append(neg.finished and not cut)
     return chains, finished
 
 
-def negative_loss_mask(step_mask: torch.Tensor, n_experts: int, shared: list[int], cfg: RewardConfig
-                       ) -> torch.Tensor:
+def negative_loss_mask(step_mask: torch.Tensor, n_experts: int, shared: list[int], cfg: RewardConfig,
+                       label_all: list[bool] | None = None) -> torch.Tensor:
     """Which steps count in the discriminator loss: every expert step; of a negative, with
     ``mask_expert_prefix`` not its first ``shared`` (expert) steps, and with ``divergence_only`` only the
-    step where it leaves its expert."""
+    step where it leaves its expert (unless its ``label_all``: a policy continuation, every step after)."""
     if not cfg.mask_expert_prefix:
         return step_mask
     mask = step_mask.clone()
     for b, k in enumerate(shared):
         mask[n_experts + b, :k] = False
-        if cfg.divergence_only:
+        if cfg.divergence_only and not (label_all and label_all[b]):
             mask[n_experts + b, k + 1 :] = False
     return mask
 
@@ -181,7 +181,8 @@ def reward_loss(rm, batch: RewardBatch, cfg: RewardConfig, *, pi_old=None,
     chains, finished = loss_chains(batch, cfg)
     enc = encode_chains(rm.tokenizer, chains, rm.config.max_length, rm.config.separator, finished)
     is_expert = torch.tensor([1.0] * n + [0.0] * len(batch.negatives))
-    loss_mask = negative_loss_mask(enc.step_mask, n, [neg.shared for neg in batch.negatives], cfg)
+    loss_mask = negative_loss_mask(enc.step_mask, n, [neg.shared for neg in batch.negatives], cfg,
+                                   [neg.label_all for neg in batch.negatives])
     discriminator = cfg.objective in ("airl", "airl+iq")
     iq = cfg.objective in ("iq", "airl+iq")
     pol_logp = None

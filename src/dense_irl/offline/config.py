@@ -32,6 +32,15 @@ class OfflineRewardConfig(RewardConfig):
     # expert-token hidden states (RewardModel.fit_head_norm), so one lr suits every dimension.
     head_norm: bool = False
     readout_weights: list[float] = field(default_factory=lambda: [1.0])  # heads' weight, calibrated
+    # > 0: that many continuations of each pool expert's first k steps (k drawn at random) are sampled from the
+    # SFT policy and join its fixed negatives (offline.policy_negatives): the policy's own mistakes, AIRL's
+    # negatives. "incorrect": those whose final answer the outcome verifier rejects; "all": every one that is
+    # not the expert's chain.
+    policy_negatives: int = 0
+    policy_negatives_keep: Literal["incorrect", "all"] = "incorrect"
+    policy_temperature: float = 0.7
+    policy_max_new_tokens: int = 96
+    policy_batch_size: int = 48  # continuations per generate call
     # The backbone learns from the iq terms (expert NLL + chi^2) alone; the discriminator trains the heads on its
     # features. Its gradient in the backbone cost arithmetic offline (docs/experiments.md).
     disc_backbone_grad: bool = False
@@ -59,6 +68,19 @@ class OfflineRewardConfig(RewardConfig):
         if self.negative_pool < 0:
             raise ConfigError(f"reward.negative_pool must be >= 0 (0: fresh negatives each step), got "
                               f"{self.negative_pool}")
+        if self.policy_negatives < 0:
+            raise ConfigError(f"reward.policy_negatives must be >= 0 (continuations per expert), got "
+                              f"{self.policy_negatives}")
+        if self.policy_negatives and self.negative_pool < 1:
+            raise ConfigError("reward.policy_negatives join each expert's fixed negatives: they need "
+                              "reward.negative_pool >= 1")
+        if self.policy_negatives_keep not in ("incorrect", "all"):
+            raise ConfigError(f"reward.policy_negatives_keep must be 'incorrect' or 'all', got "
+                              f"{self.policy_negatives_keep!r}")
+        if self.policy_negatives and (self.policy_max_new_tokens < 1 or self.policy_batch_size < 1
+                                      or self.policy_temperature < 0):
+            raise ConfigError("reward.policy_max_new_tokens and reward.policy_batch_size must be >= 1 and "
+                              "reward.policy_temperature >= 0")
         if not self.readout_weights or min(self.readout_weights) < 0:
             raise ConfigError(f"reward.readout_weights must be a non-empty list of weights >= 0, got "
                               f"{self.readout_weights}")

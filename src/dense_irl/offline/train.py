@@ -3,12 +3,14 @@
     data -> (calibration, train) split
     SFT warm start of the policy on the train demonstrations
     reward model = the SFT policy + zero-init heads; pi_old = the frozen SFT policy
-    reward steps: experts (label 1) vs perturbed experts (label 0), the AIRL + iq losses (algo.losses)
+    policy negatives (optional): the SFT policy continues expert prefixes; its wrong chains join the negatives
+    reward steps: experts (label 1) vs negatives (label 0), the AIRL + iq losses (algo.losses)
     calibrate the first-error threshold on the held-out calibration chains
     checkpoint (atomic)
 
-Policy samples as negatives come with the online loop (``dense_irl.runtime``); here the negatives are
-perturbations of the experts, and only chain-level labels (expert or not) are used.
+Here the negatives are perturbations of the experts and, with ``reward.policy_negatives``, the SFT policy's
+continuations of expert prefixes (``offline.policy_negatives``); the online loop (``dense_irl.runtime``) samples
+its policy afresh each iteration. Only chain-level labels (expert or not) are used.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from dense_irl.models.factory import load_policy, save_policy
 from dense_irl.models.reward_model import RewardModel
 from dense_irl.models.training import autocast_dtype, merged, prepare_for_training, resolve_device
 from dense_irl.offline.config import OfflineRewardConfig, TrainRewardConfig
+from dense_irl.offline.policy_negatives import FILE as POLICY_NEGATIVES
+from dense_irl.offline.policy_negatives import sample_policy_negatives
 
 SFT_STATE = "sft_state.pt"  # the warm start's AdamW and sampler state, beside sft_policy/
 
@@ -70,11 +74,13 @@ def reward_optimizer(rm: RewardModel, cfg: OfflineRewardConfig, sft: tuple[dict,
 
 
 def train_reward(rm: RewardModel, pi_old, demos, cfg: OfflineRewardConfig, kinds, log, log_every: int = 25,
-                 sft: tuple[dict, float] | None = None, autocast_dtype=None) -> int:
-    """Reward steps on ``rm``: experts vs perturbed experts; returns the steps taken.
+                 sft: tuple[dict, float] | None = None, autocast_dtype=None,
+                 sampled: dict[int, list] | None = None) -> int:
+    """Reward steps on ``rm``: experts vs perturbed experts (and policy continuations); returns the steps taken.
 
-    With ``cfg.negative_pool`` > 0 each expert has that many fixed negatives, drawn once, and pi_old's step
-    log-probs of every chain are computed the first time it is seen, then reused. With a frozen backbone
+    With ``cfg.negative_pool`` > 0 each expert has that many fixed negatives, drawn once, plus its policy
+    continuations ``sampled[i]`` (``offline.policy_negatives``), and pi_old's step log-probs of every chain are
+    computed the first time it is seen, then reused. With a frozen backbone
     (``cfg.backbone_frozen()``) ``pi_old`` is None: the backbone is pi_old, each chain runs through it once
     (``algo.frozen_features``) and the heads train on its cached outputs; ``cfg.expert_pool`` bounds the
     experts the steps draw from, so that they revisit cached chains.
@@ -86,9 +92,10 @@ def train_reward(rm: RewardModel, pi_old, demos, cfg: OfflineRewardConfig, kinds
     def fixed_negatives(i: int) -> list:
         if i not in pool:
             pool[i] = [perturbed_negatives([demos[i]], kinds, rng) for _ in range(cfg.negative_pool)]
+            pool[i] += [[neg] for neg in (sampled or {}).get(i, [])]
         return pool[i]
 
-    experts = list(range(min(cfg.expert_pool, len(demos)) if cfg.expert_pool > 0 else len(demos)))
+    experts = pool_experts(cfg, demos)
     features = FrozenFeatures(rm) if frozen else None
     t0 = time.monotonic()
     if frozen:  # every chain of the pool through the backbone once, before the (fast) heads steps
@@ -127,6 +134,11 @@ def train_reward(rm: RewardModel, pi_old, demos, cfg: OfflineRewardConfig, kinds
         if log_every and step % log_every == 0:
             log({"phase": "reward", "step": step, **metrics})
     return steps
+
+
+def pool_experts(cfg: OfflineRewardConfig, demos) -> list[int]:
+    """The train demonstrations the reward steps draw their experts from (``reward.expert_pool``)."""
+    return list(range(min(cfg.expert_pool, len(demos)) if cfg.expert_pool > 0 else len(demos)))
 
 
 def cache_features(features: FrozenFeatures, rm: RewardModel, demos, experts: list[int], pool: dict,
@@ -255,10 +267,15 @@ def train_reward_model(cfg: TrainRewardConfig) -> dict:
     else:
         pi_old = merged(policy).requires_grad_(False)
     del policy
+    sampled = None
+    if cfg.reward.policy_negatives:
+        sampled, summary["policy_negatives"] = sample_policy_negatives(
+            str(out_dir / "sft_policy"), train, pool_experts(cfg.reward, train), cfg.reward, layout.separator,
+            out_dir / POLICY_NEGATIVES, seed=cfg.seed, device=str(device))
     t = time.monotonic()
     warm = (sft_state, cfg.sft.lr) if sft_state is not None and cfg.reward.init == "sft" else None
     summary["reward_steps"] = train_reward(rm, pi_old, train, cfg.reward, cfg.data.perturbations, log,
-                                           cfg.log_every, warm, amp)
+                                           cfg.log_every, warm, amp, sampled)
     summary["reward_s"] = round(time.monotonic() - t, 1)
 
     cal_rows = calibration_rows(calib, cfg.data.perturbations, cfg.seed)

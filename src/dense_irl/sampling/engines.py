@@ -81,6 +81,14 @@ class _Engine:
         heads = [prompt_ids(self.tokenizer, p, separator) for p in prompts]
         return self._sample(prompts, heads, n, cfg, separator, seed, one_step=False)
 
+    def continue_chains(self, chains: list[Chain], n: int, cfg: RolloutConfig, separator: str,
+                        seed: int | None = None) -> list[list[Rollout]]:
+        """``n`` completions of each partial chain ``(prompt, steps so far)``, to the end (``</s>``) or
+        ``cfg.max_new_tokens``: each continues from ``data.layout.prefix_ids``; a rollout's ``steps`` are the
+        new ones only (the offline run's policy continuations of expert prefixes)."""
+        heads = [prefix_ids(self.tokenizer, p, steps, separator) for p, steps in chains]
+        return self._sample([p for p, _ in chains], heads, n, cfg, separator, seed, one_step=False)
+
     def next_steps(self, chains: list[Chain], n: int, cfg: RolloutConfig, separator: str,
                    seed: int | None = None) -> list[list[Rollout]]:
         """``n`` samples of the next step of each partial chain ``(prompt, steps so far)``: each continues from
