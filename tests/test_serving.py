@@ -334,6 +334,7 @@ def test_concurrent_requests_are_batched(server):
     assert after["chains"] - before["chains"] == n
     assert after["batches"] - before["batches"] < n  # several chains shared a forward pass
     assert after["largest_batch"] >= 2
+    assert after["rss_bytes"] > 50e6  # the replica's resident memory: at least the model and torch
 
 
 def test_search_endpoint_best_of_n_and_beam(server):

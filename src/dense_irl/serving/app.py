@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import psutil
 from fastapi import Body, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -338,7 +339,7 @@ class RewardScorer:
             "object": "list",
             "data": [self._info()],
             "replica": self.replica_id,
-            "replica_stats": dict(self.stats),
+            "replica_stats": {**self.stats, "rss_bytes": psutil.Process().memory_info().rss},
         }
 
     @api.post("/admin/reload", response_model=ReloadResult, summary="Load another checkpoint, no downtime")

@@ -230,7 +230,8 @@ class ModelList(BaseModel):
     data: list[ModelInfo]
     replica: str = Field(description="id of the replica that answered")
     replica_stats: dict[str, int] = Field(
-        description="of the replica that answered: requests, chains, batches (forward passes), largest_batch"
+        description="of the replica that answered: requests, chains, batches (forward passes), largest_batch, "
+        "rss_bytes (its resident memory now)"
     )
 
 
