@@ -95,10 +95,34 @@ def test_the_offline_run_samples_keeps_and_records_policy_negatives(tmp_path, ke
     RewardModel.from_pretrained(tmp_path / "run" / "reward_model")  # trained and saved with them
 
 
+def test_the_first_unsupported_step_is_the_first_wrong_note_or_new_result():
+    from dense_irl.data.calc_notes import first_unsupported_step
+
+    q = "Janet's ducks lay 16 eggs a day. She eats 3 and bakes with 4. She sells the rest at $2 each."
+    expert = ["She sells 16 - 3 - 4 = <<16-3-4=9>>9 eggs.", "She makes 9 * 2 = $<<9*2=18>>18.", "The answer is 18."]
+    assert first_unsupported_step(q, expert, expert) is None
+    assert first_unsupported_step(q, expert, ["She has 16 * 3 = <<16*3=48>>48 eggs.", "The answer is 96."]) == 0
+    assert first_unsupported_step(q, expert, [expert[0], "She makes 9 * 2 = $<<9*2=19>>19.", "The answer is 19."]) == 1
+    assert first_unsupported_step(q, expert, expert[:2] + ["The answer is 17."]) == 2  # only the answer is new
+    assert first_unsupported_step(q, expert, ["So 16 * 2 = <<16*2=32>>32.", "The answer is 32."], start=1) == 1
+
+
+def test_first_error_labels_read_one_step_of_each_policy_negative(tmp_path):
+    cfg = _frozen_run(tmp_path, "--reward.policy_negatives=2", "--reward.policy_negatives_keep=all",
+                      "--reward.policy_negatives_label=first_error")
+    summary = train_reward_model(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "policy_negatives.jsonl").read_text().splitlines()]
+    assert summary["reward_steps"] == 6 and sum(r["kept"] for r in rows) > 0
+    for r in rows:  # labelled from where the chain leaves its expert on, at most its last step
+        assert (r["first_error"] is None) == (not r["kept"])
+        assert not r["kept"] or 0 <= r["first_error"] < len(r["steps"])
+
+
 @pytest.mark.parametrize(("args", "msg"), [
     (["--reward.policy_negatives=-1"], "reward.policy_negatives must be >= 0"),
     (["--reward.policy_negatives=1", "--reward.negative_pool=0"], "need reward.negative_pool >= 1"),
     (["--reward.policy_negatives=1", "--reward.policy_max_new_tokens=0"], "reward.policy_max_new_tokens"),
+    (["--reward.policy_negatives=1", "--reward.policy_negatives_label=every"], "policy_negatives_label"),
 ])
 def test_bad_policy_negative_options_are_named(tmp_path, args, msg):
     with pytest.raises(ValueError, match=msg):

@@ -156,7 +156,8 @@ def test_search_with_the_real_engine_and_reward_model(tiny):
 
 def test_search_config_errors_name_the_option():
     for bad, match in ((dict(method="mcts"), "search.method"), (dict(aggregation="max"), "search.aggregation"),
-                       (dict(n=0), "search.n"), (dict(temperature=0.0), "search.temperature")):
+                       (dict(n=0), "search.n"), (dict(temperature=0.0), "search.temperature"),
+                       (dict(seed=-1), "search.seed"), (dict(seed=2**64), "search.seed")):
         with pytest.raises(ConfigError, match=match):
             SearchConfig(**bad).check()
     with pytest.raises(ConfigError, match="policy is required"):

@@ -397,6 +397,7 @@ BAD = [
     ("lengths differ", "/get_reward", {"query": ["a", "b"], "prompts": ["a"]}, 422, "'prompts' has 1"),
     ("unknown get_reward field", "/get_reward", {"query": ["a"], "responses": ["b"]}, 422, "responses"),
     ("search: prompt and prompts", "/v1/search", {"prompt": "a", "prompts": ["b"]}, 422, "exactly one"),
+    ("search: seed out of range", "/v1/search", {"prompt": "a", "seed": 2**64}, 422, "seed"),
     ("search: unknown method", "/v1/search", {"prompt": "a", "method": "mcts"}, 422, "best_of_n"),
     ("search: greedy temperature", "/v1/search", {"prompt": "a", "temperature": 0}, 422, "search.temperature"),
     ("search: too many samples", "/v1/search", {"prompts": ["a", "b", "c"], "n": 4}, 413, "max_search_samples=8"),

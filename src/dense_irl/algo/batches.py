@@ -37,7 +37,9 @@ class Rollout:
 class Negative:
     """A chain labelled "not expert": a policy sample or a perturbed expert.
 
-    ``shared``: how many leading steps equal its prompt's demonstration (where it leaves the expert's path).
+    ``shared``: how many leading steps equal its prompt's demonstration (where it leaves the expert's path), or
+    more generally count as right: a policy continuation labelled at its first error counts its steps before
+    that error (``reward.policy_negatives_label: first_error``).
     ``label_all``: every step after the shared ones counts in the discriminator loss, not only the divergent
     one (``reward.divergence_only`` is for perturbed experts, whose later steps are right given the error): a
     policy's continuation of an expert prefix, whose every step is the policy's. ``finished`` False: the

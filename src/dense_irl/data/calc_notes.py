@@ -10,6 +10,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from dense_irl.data.answers import final_answer
+
 _NOTE_RE = re.compile(r"<<([^<>]*)>>")
 _NUMBER_RE = re.compile(r"\d+\.?\d*|\.\d+")
 _OPERATOR_RE = re.compile(r"[+\-*/]")
@@ -147,3 +149,34 @@ def check_calc_note(note: CalcNote) -> bool | None:
         return None
     tol = 0.5 * 10.0**-decimals + 1e-9 * max(1.0, abs(value))
     return abs(value - target) <= tol
+
+
+def _values(text: str) -> set[float]:
+    return {round(float(n), 6) for n in _NUMBER_RE.findall(text.replace(",", ""))}
+
+
+def step_claims(step: str) -> list[str]:
+    """The values a step states as results: its notes' results, and its final answer when it gives one."""
+    claims = [n.result for n in parse_calc_notes(step) if n.result]
+    answer = final_answer(step)
+    return claims + ([answer] if answer is not None else [])
+
+
+def first_unsupported_step(question: str, expert_steps: list[str], steps: list[str], start: int = 0) -> int | None:
+    """The first step of ``steps`` (from ``start`` on) that a wrong chain likely goes wrong at: one whose notes'
+    arithmetic is wrong, or that states a result (a note's or its final answer) found neither in the question
+    nor anywhere in the expert's solution ``expert_steps``. None when no step does.
+
+    A heuristic first-error label for a sampled chain whose final answer is wrong, with no step labels: a
+    correct alternative route through other intermediate values is flagged too early, an error that reuses
+    one of the expert's values too late.
+    """
+    known = _values(question) | {v for s in expert_steps for v in _values(s)}
+    for k in range(start, len(steps)):
+        if any(check_calc_note(n) is False for n in parse_calc_notes(steps[k])):
+            return k
+        for claim in step_claims(steps[k]):
+            vals = _values(claim)
+            if vals and not vals & known:
+                return k
+    return None

@@ -35,9 +35,13 @@ class OfflineRewardConfig(RewardConfig):
     # > 0: that many continuations of each pool expert's first k steps (k drawn at random) are sampled from the
     # SFT policy and join its fixed negatives (offline.policy_negatives): the policy's own mistakes, AIRL's
     # negatives. "incorrect": those whose final answer the outcome verifier rejects; "all": every one that is
-    # not the expert's chain.
+    # not the expert's chain. Which steps count as negative: "all" from where it leaves the expert on; "first_error"
+    # only the first step whose notes' arithmetic is wrong or whose result is in neither the question nor the
+    # expert's solution (data.calc_notes.first_unsupported_step; the last step when none is), the steps before
+    # it unlabelled.
     policy_negatives: int = 0
     policy_negatives_keep: Literal["incorrect", "all"] = "incorrect"
+    policy_negatives_label: Literal["all", "first_error"] = "all"
     policy_temperature: float = 0.7
     policy_max_new_tokens: int = 96
     policy_batch_size: int = 48  # continuations per generate call
@@ -77,6 +81,9 @@ class OfflineRewardConfig(RewardConfig):
         if self.policy_negatives_keep not in ("incorrect", "all"):
             raise ConfigError(f"reward.policy_negatives_keep must be 'incorrect' or 'all', got "
                               f"{self.policy_negatives_keep!r}")
+        if self.policy_negatives_label not in ("all", "first_error"):
+            raise ConfigError(f"reward.policy_negatives_label must be 'all' or 'first_error', got "
+                              f"{self.policy_negatives_label!r}")
         if self.policy_negatives and (self.policy_max_new_tokens < 1 or self.policy_batch_size < 1
                                       or self.policy_temperature < 0):
             raise ConfigError("reward.policy_max_new_tokens and reward.policy_batch_size must be >= 1 and "

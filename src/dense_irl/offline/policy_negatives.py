@@ -7,7 +7,10 @@ phase's pool it continues the expert's first ``k`` steps (``k`` drawn uniformly,
 alone) to the end, and with ``reward.policy_negatives_keep: incorrect`` a continuation is kept when the
 outcome verifier (``data.answers.is_correct``) rejects its final answer. A kept continuation leaves the expert
 at step ``k`` or later, and every step from there on is the policy's, so each counts as a negative
-(``Negative.label_all``).
+(``Negative.label_all``); or, with ``reward.policy_negatives_label: first_error``, only its first step that
+states a result found neither in the question nor in the expert's solution, or whose notes' arithmetic is
+wrong (``data.calc_notes.first_unsupported_step``; its last step when none is), read as a perturbed expert's
+divergent step is: the steps before it count as right (``Negative.shared``), the steps after it not at all.
 
 The samples are written to ``policy_negatives.jsonl`` in the run's folder (one row per continuation, kept or
 not), atomically, so a run can be read back and checked by eye.
@@ -21,6 +24,7 @@ import time
 from dense_irl.algo.batches import Negative
 from dense_irl.algo.experience import shared_prefix
 from dense_irl.data.answers import is_correct
+from dense_irl.data.calc_notes import first_unsupported_step
 from dense_irl.data.schema import Demonstration
 from dense_irl.io import write_jsonl
 from dense_irl.sampling.engines import HFEngine, RolloutConfig
@@ -55,16 +59,22 @@ def sample_policy_negatives(policy_path: str, demos: list[Demonstration], expert
                 steps = demo.steps[:k] + r.steps
                 correct = is_correct(demo, separator.join(steps)) if r.finished else False
                 keep = bool(r.steps) and steps != demo.steps and (cfg.policy_negatives_keep == "all" or not correct)
+                shared = shared_prefix(steps, demo.steps)
+                first_error = None
+                if cfg.policy_negatives_label == "first_error" and keep:
+                    first_error = first_unsupported_step(demo.prompt, demo.steps, steps, shared)
+                    first_error = len(steps) - 1 if first_error is None else first_error
                 if keep:
-                    kept.setdefault(i, []).append(Negative(demo.prompt, steps, shared_prefix(steps, demo.steps),
-                                                           label_all=True, finished=r.finished))
+                    kept.setdefault(i, []).append(
+                        Negative(demo.prompt, steps, shared, label_all=True, finished=r.finished) if first_error is None
+                        else Negative(demo.prompt, steps, first_error, finished=r.finished))
                 stats["sampled"] += 1
                 stats["kept"] += keep
                 stats["correct"] += correct
                 stats["finished"] += r.finished
                 stats["tokens"] += len(r.token_ids)
                 rows.append({"id": demo.id, "prompt": demo.prompt, "expert_steps_kept": k, "steps": steps,
-                             "finished": r.finished, "correct": correct, "kept": keep})
+                             "finished": r.finished, "correct": correct, "kept": keep, "first_error": first_error})
             bar.update(len(chunk))
             bar.set_postfix(tok_s=f"{stats['tokens'] / max(1e-9, time.monotonic() - t0):.0f}", refresh=False)
     del engine

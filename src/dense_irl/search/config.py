@@ -47,6 +47,8 @@ class SearchConfig:
                               "use method: greedy for one greedy chain")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"search.top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.seed <= 2**32 - 1:
+            raise ConfigError(f"search.seed must be in [0, 2**32 - 1], got {self.seed}")
 
 
 @dataclass

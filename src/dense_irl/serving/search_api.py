@@ -67,7 +67,8 @@ class SearchRequest(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: JsonInt = Field(256, ge=1, description="best_of_n / greedy: tokens per chain")
     max_step_tokens: JsonInt = Field(64, ge=1, description="beam: tokens per step")
-    seed: JsonInt = 0
+    # the engines seed torch / vLLM with seed + a sample's index: a 32-bit seed keeps that inside their range
+    seed: JsonInt = Field(0, ge=0, le=2**32 - 1, description="sampling seed")
 
     @model_validator(mode="after")
     def _one_of(self) -> SearchRequest:
