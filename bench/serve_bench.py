@@ -261,6 +261,34 @@ def median_run(runs: list[dict]) -> dict:
 SERVE, RAW = "Ray Serve app", "raw batched forward (no HTTP)"
 
 
+ROLES = (("ServeReplica", "Serve replicas"), ("ProxyActor", "Serve HTTP proxy"),
+         ("ServeController", "Serve controller"), ("ray", "Ray system (raylet, GCS, idle workers)"))
+
+
+def cpu_by_role(naive_pids: set[int]) -> dict[str, float]:
+    """CPU seconds used so far by each kind of process of the run (a process-level profile): the Serve
+    replicas, its HTTP proxy, its controller, the rest of Ray, the naive servers and this process (the load
+    generator). Ray names its actor processes ``ray::<Class>`` (setproctitle)."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        if proc.info["pid"] == os.getpid():
+            role = "load generator (this process)"
+        elif proc.info["pid"] in naive_pids:
+            role = "naive servers (idle)"
+        else:
+            role = next((name for key, name in ROLES if key in cmd), None)
+        if role is not None:
+            out[role] = out.get(role, 0.0) + t.user + t.system
+    return out
+
+
 def _replica_stats(port: int, replicas: int) -> dict:
     """Every replica's batch counters, summed: /v1/models answers from one replica, so ask until all did."""
     seen: dict[str, dict] = {}
@@ -269,7 +297,8 @@ def _replica_stats(port: int, replicas: int) -> dict:
         seen[got["replica"]] = got["replica_stats"]
         if len(seen) >= replicas:
             break
-    return {k: sum(st.get(k, 0) for st in seen.values()) for k in ("batches", "chains")} | {"replicas_seen": len(seen)}
+    keys = ("batches", "chains", "score_ms")
+    return {k: sum(st.get(k, 0) for st in seen.values()) for k in keys} | {"replicas_seen": len(seen)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -321,6 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
                                              args=(path, ports[name], args.naive_threads, workers))
              for name, workers in naive.items()]  # fmt: skip
     [proc.start() for proc in procs]
+    naive_pids = {proc.pid for proc in procs}
     # Ray starts its workers at nice 15, the naive servers run at the bench's own priority: against a
     # busy neighbour that alone starves the Serve side, so all run at the same niceness by default.
     os.environ.setdefault("RAY_worker_niceness", str(args.ray_niceness))
@@ -345,11 +375,17 @@ def main(argv: list[str] | None = None) -> dict:
                 runs[c][RAW].append(raw)  # the limit does not depend on the clients
                 for name, port in ports.items():
                     before = _replica_stats(ports[SERVE], args.replicas) if name == SERVE else None
+                    cpu0, t0 = cpu_by_role(naive_pids) if name == SERVE else None, time.monotonic()
                     res = run_load(port, chains, c, args)
                     if before is not None:
+                        wall, cpu1 = time.monotonic() - t0, cpu_by_role(naive_pids)
                         after = _replica_stats(ports[SERVE], args.replicas)
                         n_b = after["batches"] - before["batches"]
                         res["mean_batch"] = (after["chains"] - before["chains"]) / n_b if n_b > 0 else None
+                        # each role's share of the machine's cores over the load (warm-up included)
+                        res["cpu_share"] = {k: (v - cpu0.get(k, 0.0)) / (wall * os.cpu_count()) for k, v in cpu1.items()}
+                        res["cpu_share"]["replicas: in forward passes"] = \
+                            (after["score_ms"] - before["score_ms"]) / 1000 / (wall * os.cpu_count())
                     runs[c][name].append(res)
                     print(f"round {r}, {c} clients: {name}: {res}", flush=True)
     finally:
@@ -398,6 +434,18 @@ def main(argv: list[str] | None = None) -> dict:
             md.append(f"| {c} | {name} | {r['chains_s']:.1f} | {r['steps_s']:.1f} | {r['p50_ms']:.1f} | "
                       f"{r['p99_ms']:.1f} | {r['requests']} | {r['errors']} | {'' if mb is None else f'{mb:.1f}'} | "
                       f"{ratio} |")
+    roles = sorted({k for res in by_clients.values() for k in res["median"][SERVE].get("cpu_share", {})})
+    if roles:
+        md += ["", "Where the CPU went while the Serve app was measured (the median round; share of the "
+               f"{os.cpu_count()} cores' time, warm-up included; `replicas: in forward passes` is the wall time "
+               "inside `RewardModel.score`, part of the replicas' share):", "",
+               "| clients | " + " | ".join(roles) + " | rest (other processes, idle) |",
+               "|---:|" + "---:|" * (len(roles) + 1)]
+        for c, res in by_clients.items():
+            share = res["median"][SERVE].get("cpu_share", {})
+            idle = 1 - sum(v for k, v in share.items() if not k.startswith("replicas:"))
+            md.append(f"| {c} | " + " | ".join(f"{100 * share.get(k, 0):.0f}%" for k in roles) +
+                      f" | {100 * idle:.0f}% |")
     md += ["", "Chains/s per round: " + "; ".join(
         f"{c} clients, {name}: " + ", ".join(f"{x['chains_s']:.1f}" for x in rs)
         for c in client_counts for name, rs in runs[c].items() if name != RAW) + ".", ""]

@@ -335,6 +335,7 @@ def test_concurrent_requests_are_batched(server):
     assert after["batches"] - before["batches"] < n  # several chains shared a forward pass
     assert after["largest_batch"] >= 2
     assert after["rss_bytes"] > 50e6  # the replica's resident memory: at least the model and torch
+    assert after["score_ms"] > 0 and after["cpu_ms"] > 1000  # forward time; CPU time with the imports and load
 
 
 def test_search_endpoint_best_of_n_and_beam(server):

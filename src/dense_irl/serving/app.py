@@ -139,7 +139,7 @@ class RewardScorer:
         self._user_config = {"reward_model": self.args.reward_model}
         self._seen, self._poller = 0, None
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.stats = {"requests": 0, "chains": 0, "batches": 0, "largest_batch": 0}
+        self.stats = {"requests": 0, "chains": 0, "batches": 0, "largest_batch": 0, "score_ms": 0}
         rm = RewardModel.from_pretrained(self.args.reward_model, self.device)
         self._live = _Live(rm, self.args.reward_model, rm.config.version, time.time())
         self._engine, self._search_lock = None, asyncio.Lock()
@@ -209,7 +209,9 @@ class RewardScorer:
         st = self.stats
         st["batches"], st["chains"] = st["batches"] + 1, st["chains"] + len(chains)
         st["largest_batch"] = max(st["largest_batch"], len(chains))
+        t = time.monotonic()
         scores = await asyncio.to_thread(live.rm.score, chains, self.args.forward_batch_size)  # length-batched
+        st["score_ms"] += round(1000 * (time.monotonic() - t))
         return [(s, live.version) for s in scores]
 
     def _check(self, prompt: str, steps: list[str], where: str) -> None:
@@ -335,11 +337,14 @@ class RewardScorer:
 
     @api.get("/v1/models", response_model=ModelList, summary="The live checkpoint")
     async def models(self) -> dict:
+        proc = psutil.Process()
+        cpu = proc.cpu_times()
         return {
             "object": "list",
             "data": [self._info()],
             "replica": self.replica_id,
-            "replica_stats": {**self.stats, "rss_bytes": psutil.Process().memory_info().rss},
+            "replica_stats": {**self.stats, "rss_bytes": proc.memory_info().rss,
+                              "cpu_ms": round(1000 * (cpu.user + cpu.system))},
         }
 
     @api.post("/admin/reload", response_model=ReloadResult, summary="Load another checkpoint, no downtime")

@@ -231,7 +231,8 @@ class ModelList(BaseModel):
     replica: str = Field(description="id of the replica that answered")
     replica_stats: dict[str, int] = Field(
         description="of the replica that answered: requests, chains, batches (forward passes), largest_batch, "
-        "rss_bytes (its resident memory now)"
+        "score_ms (time in the reward model's forward passes), rss_bytes (its resident memory now), cpu_ms (its "
+        "process's CPU time)"
     )
 
 
