@@ -35,6 +35,8 @@ def jobs(full: bool) -> list[tuple[str, list[str]]]:
                      "--backend", "deepspeed"]),
         ("scoring", [py, "bench/scoring_bench.py", "--model", "tiny", "--chains", "32"]),
         ("serving", [py, "bench/serve_bench.py", "--seconds", "6"]),
+        ("serving", [py, "bench/serve_bench.py", "--seconds", "6", "--clients", "8,32,128", "--chains-per-request",
+                     "8", "--out", "bench/results/serve_bench_batched.md"]),
         ("iteration", [py, "bench/iteration_bench.py"]),
         ("cost", [py, "bench/cost_bench.py", "--parts", "tree,serve_memory"]),
     ]
@@ -92,6 +94,8 @@ def table_rows() -> list[str]:
         if not many:
             continue
         counts = ", ".join(many)
+        per = serve.get("chains_per_request", 1)
+        counts += f" ({per} chains a request)" if per > 1 else ""
         ratios = [min(r["ratios"].values()) for r in many.values()]  # against the stronger naive server
         rows.append((f"serving, {serve['model']}", f"Serve app / stronger naive per-prefix server, chains/s at "
                      f"{counts} clients", ", ".join(f"{x:.1f}x" for x in ratios), ">= 4x", serve["command"]))

@@ -453,6 +453,7 @@ def main(argv: list[str] | None = None) -> dict:
     atomic_write_text(args.out, "\n".join(md))
     write_json(Path(args.out).with_suffix(".json"), {
         "command": cmd.strip(), "model": model, "chains": args.chains or "synthetic",
+        "chains_per_request": args.chains_per_request,
         "clients": client_counts, "by_clients": {str(c): v for c, v in by_clients.items()}})
     print("\n".join(md))
     return {"runs": runs, "by_clients": by_clients}
