@@ -35,6 +35,8 @@ def jobs(full: bool) -> list[tuple[str, list[str]]]:
                      "--backend", "deepspeed"]),
         ("scoring", [py, "bench/scoring_bench.py", "--model", "tiny", "--chains", "32"]),
         ("serving", [py, "bench/serve_bench.py", "--seconds", "6"]),
+        ("serving", [py, "bench/serve_bench.py", "--seconds", "6", "--clients", "8,32,128", "--ingress", "proxy",
+                     "--out", "bench/results/serve_bench_proxy.md"]),
         ("serving", [py, "bench/serve_bench.py", "--seconds", "6", "--clients", "8,32,128", "--chains-per-request",
                      "8", "--out", "bench/results/serve_bench_batched.md"]),
         ("iteration", [py, "bench/iteration_bench.py"]),
@@ -97,9 +99,10 @@ def table_rows() -> list[str]:
         per = serve.get("chains_per_request", 1)
         counts += f" ({per} chains a request)" if per > 1 else ""
         ratios = [min(r["ratios"].values()) for r in many.values()]  # against the stronger naive server
-        rows.append((f"serving, {serve['model']}", f"Serve app / stronger naive per-prefix server, chains/s at "
+        name = f"serving, {serve['model']}, {serve.get('ingress', 'proxy')}"
+        rows.append((name, f"Serve app / stronger naive per-prefix server, chains/s at "
                      f"{counts} clients", ", ".join(f"{x:.1f}x" for x in ratios), ">= 4x", serve["command"]))
-        rows.append((f"serving, {serve['model']}", f"Serve app / raw batched forward (no HTTP), chains/s at "
+        rows.append((name, f"Serve app / raw batched forward (no HTTP), chains/s at "
                      f"{counts} clients", ", ".join(f"{100 * r['share_of_raw']:.0f}%" for r in many.values()),
                      ">= 80% (SmolLM2)", serve["command"]))
     it = _load("iteration.json")

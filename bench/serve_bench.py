@@ -2,7 +2,7 @@
 batched forward pass, in one run.
 
     python bench/serve_bench.py [--reward-model PATH] [--chains FILE] [--clients 1,8,32,128] [--rounds 3]
-        [--seconds 10] [--replicas 2] [--out bench/results/serve_bench.md]
+        [--seconds 10] [--replicas 2] [--ingress haproxy|proxy] [--out bench/results/serve_bench.md]
 
 C concurrent clients on loopback (each count of ``--clients`` in turn), each sending one chain per request in
 a closed loop, against
@@ -46,6 +46,7 @@ import torch  # noqa: E402
 
 from dense_irl.data.synthetic import SyntheticConfig, generate  # noqa: E402
 from dense_irl.io import atomic_write_text, write_json  # noqa: E402
+from dense_irl.serving.ingress import INGRESS, use_ingress  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_bench.md"
 MODELS = {"tiny": "random, default tiny preset (hidden 128, 4 layers)",
@@ -261,7 +262,9 @@ def median_run(runs: list[dict]) -> dict:
 SERVE, RAW = "Ray Serve app", "raw batched forward (no HTTP)"
 
 
-ROLES = (("ServeReplica", "Serve replicas"), ("ProxyActor", "Serve HTTP proxy"),
+INGRESS_TEXT = {"proxy": "Serve's HTTP proxy actor",
+                "haproxy": "HAProxy straight to the replicas (RAY_SERVE_ENABLE_HA_PROXY, RAY_SERVE_THROUGHPUT_OPTIMIZED)"}
+ROLES = (("ServeReplica", "Serve replicas"), ("ProxyActor", "Serve HTTP proxy"), ("haproxy", "HAProxy ingress"),
          ("ServeController", "Serve controller"), ("ray", "Ray system (raylet, GCS, idle workers)"))
 
 
@@ -318,9 +321,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--forward-batch-size", type=int, default=8)
     p.add_argument("--naive-threads", type=int, default=1, help="torch threads of the naive servers")
     p.add_argument("--ray-niceness", type=int, default=0, help="niceness of Ray workers (Ray's default: 15)")
+    p.add_argument("--ingress", choices=sorted(INGRESS), default="haproxy", help="haproxy (dense-irl serve's "
+                   "default): HAProxy straight to the replicas; proxy: Serve's Python HTTP proxy (serving.ingress)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     client_counts = [int(c) for c in str(args.clients).split(",")]
+    use_ingress(args.ingress)  # before Ray and ray.serve start: they read it at import
 
     import ray
     from ray import serve
@@ -416,7 +422,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"Model: {path if args.reward_model else MODELS.get(args.model, args.model)}; "
         f"{args.chains or 'synthetic'} chains, {mean_steps:.2f} steps on average. Serve: {args.replicas} "
         f"replica(s), max_batch_size {args.max_batch_size}, forward_batch_size {args.forward_batch_size}, "
-        f"batch_wait_timeout_s {args.batch_wait_s}. Naive servers: FastAPI + uvicorn, a sync handler that scores "
+        f"batch_wait_timeout_s {args.batch_wait_s}, ingress: {INGRESS_TEXT[args.ingress]}. Naive servers: "
+        f"FastAPI + uvicorn, a sync handler that scores "
         f"each request alone with one forward pass per step prefix, torch threads {args.naive_threads}. The raw "
         f"batched forward: `RewardModel.score` on {args.max_batch_size} chains at a time in this process, "
         f"{os.cpu_count()} threads, no HTTP. Ray workers at niceness {os.environ['RAY_worker_niceness']}. Load "
@@ -453,7 +460,7 @@ def main(argv: list[str] | None = None) -> dict:
     atomic_write_text(args.out, "\n".join(md))
     write_json(Path(args.out).with_suffix(".json"), {
         "command": cmd.strip(), "model": model, "chains": args.chains or "synthetic",
-        "chains_per_request": args.chains_per_request,
+        "chains_per_request": args.chains_per_request, "ingress": args.ingress,
         "clients": client_counts, "by_clients": {str(c): v for c, v in by_clients.items()}})
     print("\n".join(md))
     return {"runs": runs, "by_clients": by_clients}

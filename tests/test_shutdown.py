@@ -13,6 +13,7 @@ import threading
 import time
 
 import httpx
+import psutil
 import pytest
 
 from dense_irl.data.synthetic import SyntheticConfig, generate
@@ -38,6 +39,7 @@ def _port() -> int:
 
 
 def test_serve_drains_the_request_in_flight_and_exits_0_on_sigterm(run):
+    """Through the default ingress (HAProxy straight to the replica): the search in flight is answered."""
     root, prompt = run
     port = _port()
     env = {**os.environ, "RAY_ADDRESS": "local"}  # its own Ray, not the test session's
@@ -48,6 +50,9 @@ def test_serve_drains_the_request_in_flight_and_exits_0_on_sigterm(run):
         url = f"http://127.0.0.1:{port}"
         ready = proc.stdout.readline()  # its URLs, printed once the app is up and the handlers are set
         assert json.loads(ready)["url"] == url, proc.stderr.read()
+        # the default ingress: HAProxy (a child of Ray's processes, which are this server's) on the port
+        names = {p.name() for p in psutil.Process(proc.pid).children(recursive=True)}
+        assert "haproxy" in names, names
         answers = []
         body = {"prompt": prompt, "n": 8, "max_new_tokens": 200, "temperature": 1.0}
 

@@ -12,7 +12,7 @@
                                 [--calibration FILE.jsonl] [--policy PATH] [--plots N]
     dense-irl eval bon --reward-model PATH --data FILE.jsonl [--out report.json] [--policy PATH]
     dense-irl search --policy PATH --reward-model PATH --data FILE [--out F] [--config FILE] [--search.key=value ...]
-    dense-irl serve --reward-model PATH [--policy PATH] [--host 127.0.0.1] [--port 8000] [--replicas N] [--token T] ...
+    dense-irl serve --reward-model PATH [--policy PATH] [--host 127.0.0.1] [--port 8000] [--replicas N] [--token T] [--ingress haproxy|proxy] ...
     dense-irl score [--url URL] (--prompt P --step S [--step S ...] | --text T | --data FILE [--out F] | --info)
     dense-irl demo [--out runs/demo] [--config FILE] [--offline] [--key.sub=value ...]
 
@@ -143,6 +143,9 @@ def _tune(args, overrides: list[str]) -> int:
 
 
 def _serve(args) -> None:
+    from dense_irl.serving.ingress import use_ingress
+
+    use_ingress(args.ingress)  # before ray.serve is imported: Serve reads its switches at import
     from dense_irl.serving.launch import serve_forever
 
     serve_forever({"reward_model": args.reward_model, "num_replicas": args.replicas, "num_cpus": args.num_cpus,
@@ -284,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--step-tag", default="<extra_0>", help="/pooling, /classify: the marker that ends each step")
     sv.add_argument("--policy", default=None, help="a policy folder: enables POST /v1/search (sampled on the replica)")
     sv.add_argument("--policy-engine", choices=["hf", "vllm"], default="hf", help="/v1/search's sampler")
+    sv.add_argument("--ingress", choices=["haproxy", "proxy"], default=None,
+                    help="haproxy (default): HAProxy straight to the replicas, Ray Serve's high-throughput mode; "
+                    "proxy: Serve's Python proxy. Applies to the Ray that serve starts (on a cluster: its env)")
     sv.add_argument("--reload-root", default=None,
                     help="/admin/reload loads only checkpoints under this folder (default: the current folder)")
     sc = sub.add_parser("score", help="score chains with a running 'dense-irl serve'")
