@@ -98,14 +98,14 @@ def table_rows() -> list[str]:
             continue
         counts = ", ".join(many)
         per = serve.get("chains_per_request", 1)
-        counts += f" ({per} chains a request)" if per > 1 else ""
+        counts += " clients" + (f" ({per} chains a request)" if per > 1 else "")
         ratios = [min(r["ratios"].values()) for r in many.values()]  # against the stronger naive server
         name = f"serving, {serve['model']}, {serve.get('ingress', 'proxy')}"
         rows.append((name, f"Serve app / stronger naive per-prefix server, chains/s at "
-                     f"{counts} clients", ", ".join(f"{x:.1f}x" if x != float("inf") else "no naive request finished"
+                     f"{counts}", ", ".join(f"{x:.1f}x" if x != float("inf") else "no naive request finished"
                                             for x in ratios), ">= 4x", serve["command"]))
         rows.append((name, f"Serve app / raw batched forward (no HTTP), chains/s at "
-                     f"{counts} clients", ", ".join(f"{100 * r['share_of_raw']:.0f}%" for r in many.values()),
+                     f"{counts}", ", ".join(f"{100 * r['share_of_raw']:.0f}%" for r in many.values()),
                      ">= 80% (SmolLM2)", serve["command"]))
     it = _load("iteration.json")
     if it:
