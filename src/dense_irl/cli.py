@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from dense_irl.errors import UserError
+from dense_irl.serving.ingress import INGRESS, use_ingress
 
 
 def _data(args) -> None:
@@ -143,8 +144,6 @@ def _tune(args, overrides: list[str]) -> int:
 
 
 def _serve(args) -> None:
-    from dense_irl.serving.ingress import use_ingress
-
     use_ingress(args.ingress)  # before ray.serve is imported: Serve reads its switches at import
     from dense_irl.serving.launch import serve_forever
 
@@ -287,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--step-tag", default="<extra_0>", help="/pooling, /classify: the marker that ends each step")
     sv.add_argument("--policy", default=None, help="a policy folder: enables POST /v1/search (sampled on the replica)")
     sv.add_argument("--policy-engine", choices=["hf", "vllm"], default="hf", help="/v1/search's sampler")
-    sv.add_argument("--ingress", choices=["haproxy", "proxy"], default=None,
+    sv.add_argument("--ingress", choices=sorted(INGRESS), default=None,
                     help="haproxy (default): HAProxy straight to the replicas, Ray Serve's high-throughput mode; "
                     "proxy: Serve's Python proxy. Applies to the Ray that serve starts (on a cluster: its env)")
     sv.add_argument("--reload-root", default=None,

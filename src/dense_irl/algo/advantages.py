@@ -72,8 +72,7 @@ def group_advantages(step_rewards: list[list[float]], groups: list[int], chains=
 class _Node:
     children: dict[str, _Node] = field(default_factory=dict)
     visits: dict[str, int] = field(default_factory=dict)
-    reward: dict[str, list[float]] = field(default_factory=dict)  # rewards of the edge, one per rollout
-    mean: dict[str, float] = field(default_factory=dict)  # their mean, once per edge (a shared edge has many)
+    reward_sum: dict[str, float] = field(default_factory=dict)  # summed over the rollouts taking the edge
     value: float = 0.0
 
 
@@ -110,7 +109,7 @@ def _backup(chains: list[list[str]], step_rewards: list[list[float]], alpha: flo
             if child is None:  # (not setdefault: that would build a node for every step of every chain)
                 child = node.children[step] = _Node()
             node.visits[step] = node.visits.get(step, 0) + 1
-            node.reward.setdefault(step, []).append(r)
+            node.reward_sum[step] = node.reward_sum.get(step, 0.0) + r
             node = child
 
     order, stack = [], [root]  # post-order without recursion (chains can be long)
@@ -123,8 +122,8 @@ def _backup(chains: list[list[str]], step_rewards: list[list[float]], alpha: flo
             n.value = 0.0
             continue
         total = sum(n.visits.values())
-        n.mean = {s: sum(rs) / len(rs) for s, rs in n.reward.items()}
-        terms = [(math.log(n.visits[s] / total), (n.mean[s] + c.value) / alpha) for s, c in n.children.items()]
+        terms = [(math.log(n.visits[s] / total), (n.reward_sum[s] / n.visits[s] + c.value) / alpha)
+                 for s, c in n.children.items()]
         top = max(lw + q for lw, q in terms)
         n.value = alpha * (top + math.log(sum(math.exp(lw + q - top) for lw, q in terms)))
 
@@ -133,7 +132,7 @@ def _backup(chains: list[list[str]], step_rewards: list[list[float]], alpha: flo
         node, adv, val = root, [], []
         for step in steps:
             child = node.children[step]
-            adv.append(node.mean[step] + child.value - node.value)
+            adv.append(node.reward_sum[step] / node.visits[step] + child.value - node.value)
             val.append(node.value)
             node = child
         advantages.append(adv)
