@@ -613,7 +613,7 @@ def render(result, args, loc, length_loc, bon, bon_extra, bon_calc, corr, upfron
               f"{bon['n_truncated']} of {bon['n_candidates']} candidates were longer than max_length (aggregated "
               f"over the steps that fit). weighted_vote: each answer's votes weighted by sigmoid(min step reward - "
               f"the stored threshold), the model's probability that the chain has no wrong step; majority: ties "
-              f"go to the answer given first.\n", markdown_table(bon_rows)]
+              f"count as a uniform pick among the most-voted answers.\n", markdown_table(bon_rows)]
 
     # 3. step length
     len_rows = []

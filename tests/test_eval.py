@@ -11,7 +11,7 @@ import pytest
 
 from dense_irl.data.answers import normalise_answer
 from dense_irl.errors import DataError
-from dense_irl.eval.bon import evaluate_bon, load_bon, majority_pick
+from dense_irl.eval.bon import evaluate_bon, load_bon, majority_hit
 from dense_irl.eval.localisation import (
     calibrate_threshold,
     count_truncated,
@@ -360,8 +360,8 @@ def test_evaluate_bon_exact_accuracies(tmp_path):
     assert acc["sum"] == pytest.approx((0 + 1 + 1 / 3) / 3)
     assert acc["mean"] == pytest.approx((0 + 0 + 1 / 3) / 3)
     assert acc["random"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 3) / 3)
-    # A: "1,000" and "$1000" agree -> c0. B: 1-1 tie -> first ("5.0" == "5") -> c0. C: "4" wins -> wrong.
-    assert acc["majority"] == pytest.approx(2 / 3)
+    # A: "1,000" and "$1000" agree: the answer's mean correctness 1/2. B: a 1-1 tie: 1/2. C: "4" wins: wrong.
+    assert acc["majority"] == pytest.approx((1 / 2 + 1 / 2 + 0) / 3)
     assert acc["oracle"] == 1.0
     assert (rep["n"], rep["N"], rep["N_min"], rep["N_max"]) == (3, pytest.approx(8 / 3), 2, 3)
     lo, hi = rep["ci95"]["min"]
@@ -397,8 +397,14 @@ def test_bon_truncated_candidates_are_aggregated_over_the_steps_that_fit(tmp_pat
 def test_answer_normalisation_and_majority():
     assert normalise_answer(" $1,234.00 ") == "1234"
     assert normalise_answer("3.5") == "3.5"
-    assert majority_pick([{"answer": None}, {"answer": "2"}, {"answer": "3"}, {"answer": "3"}]) == 2
-    assert majority_pick([{"answer": None}, {"answer": None}]) == 0
+    def c(answer, ok):
+        return {"answer": answer, "is_correct": ok}
+
+    assert majority_hit([c(None, True), c("2", True), c("3", False), c("3", False)]) == 0.0
+    # a 2-2 tie does not depend on which answer comes first
+    assert majority_hit([c("2", True), c("3", False), c("2", True), c("3", False)]) == 0.5
+    assert majority_hit([c("3", False), c("2", True), c("3", False), c("2", True)]) == 0.5
+    assert majority_hit([c(None, True), c(None, False)]) == 0.5
 
 
 def test_load_bon_generic_reads_answer_from_last_step(tmp_path):
@@ -475,7 +481,7 @@ def test_markdown_table_and_summaries(tmp_path):
 
     brep = evaluate_bon(numeric_scorer, load_bon(write_jsonl(tmp_path / "b.jsonl", _bon_rows())))
     bmd = bon_markdown(brep)
-    assert "| min | reward model | 0.444 |" in bmd and "| majority | baseline | 0.667 |" in bmd
+    assert "| min | reward model | 0.444 |" in bmd and "| majority | baseline | 0.333 |" in bmd
     assert "3 problems" in bmd
 
     out = tmp_path / "out" / "loc.json"

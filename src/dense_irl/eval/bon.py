@@ -11,7 +11,6 @@ all ranks below every scored candidate. Such candidates are counted (``n_truncat
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -131,19 +130,22 @@ def load_bon(path: str | Path) -> list[dict]:
     return problems
 
 
-def majority_pick(candidates: list[dict]) -> int:
-    """Index of the candidate chosen by majority vote over normalised answers.
+def majority_hit(candidates: list[dict]) -> float:
+    """Expected correctness of majority vote over normalised answers.
 
-    Ties go to the answer that occurs first; the first candidate with that answer is picked.
-    Candidates without an answer do not vote; if none has one, the first candidate is picked.
+    Ties among the most-voted answers count as a uniform pick among them, and an answer counts the mean
+    correctness of the candidates that gave it (exact expectation, the rule of every other method here; a
+    fixed tie-break would depend on the order of the candidates). Candidates without an answer do not vote;
+    if none has one, the pick is uniform over all candidates.
     """
-    answers = [None if c.get("answer") is None else normalise_answer(c["answer"]) for c in candidates]
-    counts = Counter(a for a in answers if a is not None)
-    if not counts:
-        return 0
-    top = max(counts.values())
-    winner = next(a for a in answers if a is not None and counts[a] == top)
-    return answers.index(winner)
+    correct: dict[str, list[bool]] = {}
+    for c in candidates:
+        if c.get("answer") is not None:
+            correct.setdefault(normalise_answer(c["answer"]), []).append(bool(c["is_correct"]))
+    if not correct:
+        return float(np.mean([c["is_correct"] for c in candidates]))
+    top = max(len(v) for v in correct.values())
+    return float(np.mean([np.mean(v) for v in correct.values() if len(v) == top]))
 
 
 def weighted_vote_hit(candidates: list[dict], step_scores: list[list[float]], threshold: float) -> float:
@@ -190,7 +192,7 @@ def evaluate_bon(
     For each aggregation of a candidate's step scores (min, last, sum, mean) the top candidate
     is picked; ties count as a uniform random pick among the tied (exact expectation). Baselines:
     ``random`` (expected accuracy of a uniform pick = mean fraction correct, exact), ``majority``
-    (vote over normalised answers, see :func:`majority_pick`) and ``oracle`` (any candidate
+    (vote over normalised answers, ties exact, see :func:`majority_hit`) and ``oracle`` (any candidate
     correct). Returns ``accuracy`` and ``ci95`` (bootstrap over problems, seeded by ``seed``) per
     method, ``n`` problems, ``N`` mean candidates per problem (``N_min``, ``N_max``), and
     ``n_truncated`` candidates scored on fewer steps than they have (:data:`BON_TRUNCATION_RULE`;
@@ -230,9 +232,7 @@ def evaluate_bon(
         hits[agg] = np.array(h, dtype=np.float64)
     correct = [[c["is_correct"] for c in p["candidates"]] for p in problems]
     hits["random"] = np.array([np.mean(c) for c in correct], dtype=np.float64)
-    hits["majority"] = np.array(
-        [p["candidates"][majority_pick(p["candidates"])]["is_correct"] for p in problems], dtype=np.float64
-    )
+    hits["majority"] = np.array([majority_hit(p["candidates"]) for p in problems], dtype=np.float64)
     hits["oracle"] = np.array([any(c) for c in correct], dtype=np.float64)
     if threshold is not None:
         hits["weighted_vote"] = np.array([weighted_vote_hit(p["candidates"], s, threshold)
