@@ -10,7 +10,8 @@ machine's load hits every method alike):
   sft     the learners' SFT step (``PolicyLearner.sft_step``: ``algo.sft.sft_loss``, length-grouped micro-batches,
           the ``Accumulator`` and ``Optimizer`` of ``algo/``), on the chosen backend
   reward  the learners' reward step (``RewardLearner.reward_step``: ``algo.losses.reward_loss``) on the same experts
-          and one perturbed negative each, pi_old's log-prob pass included (no cache hits: every batch is new)
+          and one perturbed negative each, pi_old's log-prob pass included (no cache hits: every batch is new; each
+          negative runs from where it leaves its expert, over the expert's key/value cache)
   ppo     the learners' policy step (``PolicyLearner.policy_step``, one PPO step): the experts as rollouts, the
           old and reference log-prob passes, PPO-clip + KL (no PPO-ptx)
 and the machine's peak: a large ``torch.matmul`` in the training dtype. The learners are the Ray actors'
@@ -174,9 +175,15 @@ def main() -> None:  # noqa: C901 (one benchmark, top to bottom)
         rwl = RewardLearner.__ray_actor_class__(rm_dir, policy_dir, reward=rcfg, learner=lcfg, model=mcfg,
                                                 group=_group())
 
+        seen = []  # pi_old's real tokens: a negative runs only from where it leaves its expert (models.branching)
+        rwl.pi_old.register_forward_pre_hook(
+            lambda m, a, kw: seen.append(int(kw["attention_mask"][:, -kw["input_ids"].shape[1]:].sum())),
+            with_kwargs=True)
+
         def run_reward(i):
+            seen.clear()
             m = rwl.reward_step(RewardBatch(chains[i], negatives[i]))
-            return {"trained": m["tokens"], "nograd": m["tokens"]}  # pi_old sees every chain once
+            return {"trained": m["tokens"], "nograd": sum(seen)}
 
         runners["reward"] = run_reward
 

@@ -220,6 +220,20 @@ def raw_forward(rm, chains: list, batch: int, forward_batch: int, seconds: float
             "requests": len(lat), "errors": 0}
 
 
+def prefix_token_ratio(rm, chains: list, n: int = 256) -> float:
+    """Tokens the naive servers run per chain (one pass per step prefix) over the tokens of one pass per chain,
+    on the first ``n`` chains: where both sides are compute-bound, the most Serve / naive can reach."""
+    from dense_irl.data.layout import encode_chains
+
+    cfg, part = rm.config, chains[:n]
+
+    def tokens(cs: list) -> int:
+        return sum(int(encode_chains(rm.tokenizer, cs[i : i + 64], cfg.max_length, cfg.separator)
+                       .attention_mask.sum()) for i in range(0, len(cs), 64))
+
+    return tokens([(q, s[: k + 1]) for q, s in part for k in range(len(s))]) / tokens(part)
+
+
 def load_chains(path: str | None) -> list:
     """The chains every server scores: a data file's, or 512 synthetic ones."""
     if path is None:
@@ -365,6 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     runs: dict[int, dict[str, list[dict]]] = {c: {name: [] for name in [*ports, RAW]} for c in client_counts}
     raw_rm = RewardModel.from_pretrained(path).eval()
+    work_ratio = prefix_token_ratio(raw_rm, chains)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": ports[SERVE]})
         app = app_builder({
@@ -455,6 +470,9 @@ def main(argv: list[str] | None = None) -> dict:
             idle = 1 - sum(v for k, v in share.items() if not k.startswith("replicas:"))
             md.append(f"| {c} | " + " | ".join(f"{100 * share.get(k, 0):.0f}%" for k in roles) +
                       f" | {100 * idle:.0f}% |")
+    md += ["", f"Work: the naive servers run {work_ratio:.2f}x the tokens of one pass per chain on these chains (one "
+           "pass per step prefix). Where the replicas spend nearly all their time in forward passes (the table above), "
+           "Serve / naive cannot exceed that token ratio by more than the naive side's per-pass overheads."]
     md += ["", "Chains/s per round: " + "; ".join(
         f"{c} clients, {name}: " + ", ".join(f"{x['chains_s']:.1f}" for x in rs)
         for c in client_counts for name, rs in runs[c].items() if name != RAW) + ".", ""]
@@ -463,7 +481,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_json(Path(args.out).with_suffix(".json"), {
         "command": cmd.strip(), "model": model, "chains": args.chains or "synthetic",
         "chains_per_request": args.chains_per_request, "ingress": args.ingress,
-        "clients": client_counts, "by_clients": {str(c): v for c, v in by_clients.items()}})
+        "clients": client_counts, "prefix_token_ratio": work_ratio, "by_clients": {str(c): v for c, v in by_clients.items()}})
     print("\n".join(md))
     return {"runs": runs, "by_clients": by_clients}
 

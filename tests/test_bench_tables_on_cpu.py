@@ -47,6 +47,9 @@ def test_table_rows_read_every_result_format(tmp_path, monkeypatch):
         "command": "python bench/serve_bench.py", "model": "random tiny", "chains": "synthetic", "clients": [8, 32],
         "by_clients": {"8": {"ratios": {"a": 2.0, "b": 3.0}, "share_of_raw": 0.5},
                        "32": {"ratios": {"a": 9.0, "b": 4.5}, "share_of_raw": 0.41}}}))
+    (tmp_path / "serve_bench_smollm2.json").write_text(json.dumps({
+        "command": "sb", "model": "random smollm2", "chains": "gsm8k", "clients": [32], "prefix_token_ratio": 3.8,
+        "by_clients": {"32": {"ratios": {"a": 2.5}, "share_of_raw": 1.0}}}))
     (tmp_path / "serve_bench_old.json").write_text(json.dumps({"ratios": {"a": 1.0}}))  # an older format: skipped
     (tmp_path / "rollout_smollm2.json").write_text(json.dumps({
         "command": "rb", "model": "smollm2", "rows": [{"batch": 1, "vllm_over_hf": 0.8},
@@ -57,6 +60,7 @@ def test_table_rows_read_every_result_format(tmp_path, monkeypatch):
         "iteration": {"samples per prompt": {"slope": 0.6}}}))
     rows = "\n".join(run_all.table_rows())
     assert "| 4.5x |" in rows and "| 41% |" in rows  # the stronger naive server, at 32+ clients only
+    assert "| 2.5x (tokens per prefix / per chain: 3.80x) |" in rows
     assert "0.80x, 3.20x" in rows and ">= 3x at 32" in rows
     assert "up to 1,000,000" in rows and "| 1.04 |" in rows
     assert "0.010 (500 MB at most)" in rows and "iteration time vs samples per prompt" in rows

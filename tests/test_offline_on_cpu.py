@@ -13,12 +13,13 @@ import torch
 from dense_irl.algo.batches import Negative, RewardBatch
 from dense_irl.algo.config import SFTConfig, reward_model_config
 from dense_irl.algo.experience import perturbed_negatives, shared_prefix
-from dense_irl.algo.frozen_features import FrozenFeatures, branch_start
+from dense_irl.algo.frozen_features import FrozenFeatures
 from dense_irl.algo.losses import loss_chains, reward_loss
 from dense_irl.algo.sft import LocalSFT, train_sft
 from dense_irl.data.layout import ChainLayout, encode_chains
 from dense_irl.data.perturb import KINDS, make_processbench
 from dense_irl.data.synthetic import SyntheticConfig, generate
+from dense_irl.models.branching import branch_start
 from dense_irl.models.chains import step_logprobs
 from dense_irl.models.factory import ModelConfig, load_policy
 from dense_irl.models.reward_model import RewardModel

@@ -20,41 +20,8 @@ import torch
 
 from dense_irl.algo.microbatch import select_rows
 from dense_irl.data.layout import Chain, EncodedBatch, encode_chains
+from dense_irl.models.branching import branch_start, family_forward, row_ids
 from dense_irl.models.chains import token_logprobs
-
-
-def branch_start(parent: tuple[int, ...], ids: tuple[int, ...]) -> int:
-    """The first position of ``ids`` a pass continuing ``parent``'s cache runs: the last token the two share
-    (its logits give the first differing token's log-prob), 0 when they share none."""
-    n = min(len(parent), len(ids))
-    p = next((t for t in range(n) if parent[t] != ids[t]), n)
-    return max(0, min(p, len(ids)) - 1)
-
-
-def _cache_arg(model) -> str:
-    # transformers 5.2x renamed forward's past_key_values to cache (the old name still works, with a warning)
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
-
-
-def _branch_passes(todo: dict[tuple[int, ...], tuple[int, int]], max_tokens: int) -> list[list[tuple[int, ...]]]:
-    # Longest runs first; a pass holds at most max_tokens padded new tokens, and its copies of the parents'
-    # keys and values at most 4x that many positions (46 KB a position for SmolLM2-135M).
-    order = sorted(todo, key=lambda ids: -(len(ids) - todo[ids][1]))
-    if max_tokens <= 0:
-        return [order] if order else []
-    passes: list[list[tuple[int, ...]]] = []
-    for ids in order:
-        g = passes[-1] if passes else None
-        longest = len(g[0]) - todo[g[0]][1] if g else 0
-        if g and (len(g) + 1) * longest <= max_tokens and \
-                (len(g) + 1) * max(todo[i][1] for i in g + [ids]) <= 4 * max_tokens:
-            g.append(ids)
-        else:
-            passes.append([ids])
-    return passes
 
 
 class FrozenFeatures:
@@ -71,8 +38,7 @@ class FrozenFeatures:
 
     def batch_keys(self, enc: EncodedBatch) -> list[tuple[int, ...]]:
         """The cache key of every row of ``enc``: its unpadded token ids."""
-        lengths = enc.attention_mask.sum(1).tolist()
-        return [tuple(enc.input_ids[b, : int(n)].tolist()) for b, n in enumerate(lengths)]
+        return row_ids(enc)
 
     def keys_of(self, chains: list[Chain], finished: list[bool] | None = None) -> list[tuple[int, ...]]:
         """The cache keys of ``chains`` (their token ids as the reward model encodes them)."""
@@ -112,56 +78,24 @@ class FrozenFeatures:
             self._fill(enc, missing, keys)
         return keys
 
-    @torch.no_grad()
     def fill_family(self, experts: EncodedBatch, branches: list[tuple[int, tuple[int, ...]]],
                     max_tokens: int = 1024) -> None:
         """Cache ``experts`` (one backbone pass, its key/value cache kept) and ``branches``: ``(row, ids)``,
-        chains that repeat row ``row``'s tokens up to some position (its perturbed negatives). Each branch runs
-        from its :func:`branch_start` on, over that row's cached keys and values, in passes of at most
-        ``max_tokens`` padded new tokens; its states before that are the row's (the backbone is causal), so
-        its cached outputs equal a pass over the whole branch to float rounding."""
-        from transformers import DynamicCache
-
+        chains that repeat row ``row``'s tokens up to some position (its perturbed negatives), each run only
+        from where it leaves that row (``models.branching.family_forward``); their cached outputs equal a pass
+        over the whole branch to float rounding."""
         keys = self.batch_keys(experts)
-        device = self.rm.g_head.weight.device
-        out = self.rm.backbone(input_ids=experts.input_ids.to(device),
-                               attention_mask=experts.attention_mask.to(device), output_hidden_states=True,
-                               use_cache=True)
-        hidden = out.hidden_states[self.rm.config.head_layer]
-        logp = token_logprobs(out.logits, experts.input_ids.to(device))
-        past = out["cache" if "cache" in out else "past_key_values"]  # transformers >= 5.2x renamed it
-        del out
+        todo = [(b, ids) for b, ids in branches if ids not in self.cache]
+        logp, hidden, out = family_forward(self.rm.backbone, experts, todo, max_tokens, self.rm.config.head_layer)
         for b, k in enumerate(keys):
             if k not in self.cache:
                 self.cache[k] = (hidden[b, : len(k)].to("cpu", self.dtype), logp[b, : len(k)].float().cpu())
                 self.tokens_computed += len(k)
-        todo = {ids: (b, branch_start(keys[b], ids)) for b, ids in branches if ids not in self.cache}
-        for group in _branch_passes(todo, max_tokens):
-            parent = torch.tensor([todo[ids][0] for ids in group], device=device)
-            start = torch.tensor([todo[ids][1] for ids in group], device=device)
-            n_new = [len(ids) - todo[ids][1] for ids in group]
-            P, L = int(start.max()), max(n_new)
-            new = torch.zeros(len(group), L, dtype=torch.long, device=device)
-            new_mask = torch.zeros(len(group), L, dtype=torch.long, device=device)
-            for j, ids in enumerate(group):
-                new[j, : n_new[j]] = torch.tensor(ids[todo[ids][1]:], device=device)
-                new_mask[j, : n_new[j]] = 1
-            # each row sees its parent's first `start` positions (the rest of the shared past is masked) and
-            # continues at position `start`
-            past_mask = (torch.arange(P, device=device)[None] < start[:, None]).long()
-            cache = DynamicCache([(layer.keys[parent, :, :P], layer.values[parent, :, :P]) for layer in past.layers]
-                                 ) if P else None
-            out = self.rm.backbone(input_ids=new, attention_mask=torch.cat([past_mask, new_mask], 1),
-                                   position_ids=start[:, None] + torch.arange(L, device=device)[None],
-                                   use_cache=P > 0, output_hidden_states=True, **{_cache_arg(self.rm.backbone): cache})
-            h_new = out.hidden_states[self.rm.config.head_layer]
-            lp_new = token_logprobs(out.logits, new)
-            for j, ids in enumerate(group):
-                b, s = todo[ids]
-                h = torch.cat([hidden[b, :s], h_new[j, : n_new[j]]])
-                lp = torch.cat([logp[b, : s + 1], lp_new[j, 1 : n_new[j]]])
+        for b, ids in todo:
+            if ids not in self.cache:
+                lp, h = out[ids]
                 self.cache[ids] = (h.to("cpu", self.dtype), lp.float().cpu())
-                self.tokens_computed += n_new[j]
+                self.tokens_computed += len(ids) - branch_start(keys[b], ids)
 
     def __call__(self, enc: EncodedBatch, detach_backbone: bool = True, backbone_grad: bool = False) -> dict:
         if not detach_backbone or backbone_grad:

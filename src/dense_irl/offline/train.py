@@ -25,7 +25,7 @@ import torch
 from dense_irl.algo.batches import RewardBatch
 from dense_irl.algo.config import reward_model_config
 from dense_irl.algo.experience import perturbed_negatives, split_demos
-from dense_irl.algo.frozen_features import FrozenFeatures, branch_start
+from dense_irl.algo.frozen_features import FrozenFeatures
 from dense_irl.algo.losses import loss_chains, reward_loss
 from dense_irl.algo.microbatch import Accumulator, micro_batches, row_lengths, select_rows
 from dense_irl.algo.optim import Optimizer
@@ -37,7 +37,8 @@ from dense_irl.data.perturb import make_processbench
 from dense_irl.errors import ConfigError
 from dense_irl.eval.localisation import calibrate_threshold, first_error, processbench_metrics
 from dense_irl.io import MetricsLog, atomic_path, write_json
-from dense_irl.models.chains import cached_step_logprobs, report_truncated
+from dense_irl.models.branching import branch_start, family_step_logprobs
+from dense_irl.models.chains import report_truncated
 from dense_irl.models.factory import load_policy, save_policy
 from dense_irl.models.reward_model import RewardModel
 from dense_irl.models.training import autocast_dtype, merged, prepare_for_training, resolve_device
@@ -123,8 +124,8 @@ def train_reward(rm: RewardModel, pi_old, demos, cfg: OfflineRewardConfig, kinds
         logp = None
         if cfg.negative_pool > 0 and not cfg.gail and cfg.objective != "iq" and not frozen:  # pi_old runs once a chain
             chains, finished = loss_chains(batch, cfg)
-            logp = cached_step_logprobs(pi_old, rm.tokenizer, chains, rm.config.max_length, rm.config.separator,
-                                        cache, finished, cfg.micro_batch_tokens)
+            logp = family_step_logprobs(pi_old, rm.tokenizer, chains, rm.config.max_length, rm.config.separator,
+                                        cache, finished, cfg.micro_batch_tokens, len(batch.experts))
         _, metrics = reward_loss(rm, batch, cfg, pi_old=pi_old, pi_old_logp=logp, acc=acc, forward=features,
                                  max_tokens=cfg.micro_batch_tokens, pi_old_is_backbone=frozen)
         metrics["grad_norm"] = acc.step()

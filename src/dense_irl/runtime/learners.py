@@ -319,14 +319,14 @@ class RewardLearner(_Learner):
     def reward_step(self, batch: RewardBatch) -> dict:
         """One step of ``algo.losses.reward_loss`` on this rank's experts and negatives."""
         from dense_irl.algo.losses import loss_chains, reward_loss
-        from dense_irl.models.chains import cached_step_logprobs
+        from dense_irl.models.branching import family_step_logprobs
 
         logp = None
         if not self.reward_cfg.gail and self.reward_cfg.objective != "iq":  # the discriminator's -log pi_old
             cfg = self.rm.config
             chains, finished = loss_chains(batch, self.reward_cfg)
-            logp = cached_step_logprobs(self.pi_old, self.rm.tokenizer, chains, cfg.max_length, cfg.separator,
-                                        self.pi_old_cache, finished, self.micro_batch_tokens)
+            logp = family_step_logprobs(self.pi_old, self.rm.tokenizer, chains, cfg.max_length, cfg.separator,
+                                        self.pi_old_cache, finished, self.micro_batch_tokens, len(batch.experts))
         self.rm.train()
         _, metrics = reward_loss(self.rm, batch, self.reward_cfg, pi_old_logp=logp, forward=self.engine, acc=self.acc,
                                  max_tokens=self.micro_batch_tokens)
