@@ -173,15 +173,22 @@ def test_hf_engine_continues_from_prompt_ids(world, rollouts):
     assert any(r.finished for r in flat) and not all(r.finished for r in flat)
 
 
-def _spy_forward(monkeypatch, module, seen: list) -> None:
-    """Record every forward pass of ``module``: its rows, padding stripped (micro-batches may reorder them)."""
+def _spy_forward(monkeypatch, module, seen: list, continued: list | None = None) -> None:
+    """Record every forward pass of ``module``: its rows, padding stripped (micro-batches may reorder them).
+    A pass over a key/value cache (``models.branching``) goes to ``continued`` as (visible past positions, new
+    row) pairs."""
     forward = module.forward
 
     def spy(*args, **kw):
         ids = kw["input_ids"] if "input_ids" in kw else args[0]
         mask = kw.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
-        seen.extend(_rows(ids.detach().cpu(), mask.detach().cpu()))
+        ids, mask = ids.detach().cpu(), mask.detach().cpu()
+        if mask.shape[1] > ids.shape[1]:  # the past's columns come first
+            past = mask[:, : mask.shape[1] - ids.shape[1]].sum(1).tolist()
+            continued.extend(zip(past, _rows(ids, mask[:, -ids.shape[1]:])))
+        else:
+            seen.extend(_rows(ids, mask))
         return forward(*args, **kw)
 
     monkeypatch.setattr(module, "forward", spy)
@@ -289,8 +296,9 @@ def test_reward_learner_scores_and_trains_on_the_layout(world, rollouts, reward_
         group=RankSpec(master=f"127.0.0.1:{free_port()}"))
     rm_rows: list[list[int]] = []
     old_rows: list[list[int]] = []
+    old_continued: list[tuple[int, list[int]]] = []
     _spy_forward(monkeypatch, learner.rm.backbone, rm_rows)
-    _spy_forward(monkeypatch, learner.pi_old, old_rows)
+    _spy_forward(monkeypatch, learner.pi_old, old_rows, old_continued)
     samples = [r for g in rollouts.groups for r in g if r.steps]  # the driver scores samples with steps
     chains = [(r.prompt, r.steps) for r in samples]
     rewards = learner.score(chains)
@@ -309,7 +317,10 @@ def test_reward_learner_scores_and_trains_on_the_layout(world, rollouts, reward_
     assert sum(not f for f in finished) > 0 and chains[: len(world.demos)] == batch.experts
     want = sorted(layout_row(tok, p, s, f) for (p, s), f in zip(chains, finished))
     assert sorted(map(list, set(map(tuple, rm_rows)))) == sorted(map(list, set(map(tuple, want))))
-    assert sorted(old_rows) == want
+    # pi_old: the experts whole; each negative runs from where it leaves its expert, over that expert's cache
+    assert old_continued and sorted(old_rows) == sorted(layout_row(tok, p, s) for p, s in batch.experts)
+    rebuilt = [next(e[:n] + new for e in old_rows if e[:n] + new in want) for n, new in old_continued]
+    assert sorted(old_rows + rebuilt) == want
 
 
 def test_http_app_scores_the_layout(world, rollouts, reward_path, monkeypatch):
