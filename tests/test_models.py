@@ -157,6 +157,24 @@ def test_logit_readout_is_the_reward_minus_the_step_logprob(policy, demos, tmp_p
         RewardModel(model, tok, RewardModelConfig(readout="mean"))
 
 
+def test_scoring_without_gradients_equals_the_training_forward(policy, demos):
+    """Without gradients log pi is taken at the steps' tokens only (models.chains.token_logprobs_at): the same
+    rewards and scores as the training forward, which computes it everywhere."""
+    chains = [(d.prompt, d.steps) for d in demos[:4]]
+    rm = _rm(policy, terms="lm+heads", alpha=0.5, token_temperature=True, readout="logit")
+    torch.manual_seed(2)
+    for head in (rm.g_head, rm.h_head, rm.t_head):
+        torch.nn.init.normal_(head.weight, std=0.3)
+    rm.eval()
+    enc = encode_chains(rm.tokenizer, chains, 256)
+    with torch.no_grad():
+        fast = rm(enc)
+    full = rm(enc)
+    assert full["token_lse"] is not None and fast["token_lse"] is None
+    for k in ("step_rewards", "step_scores"):
+        assert torch.allclose(fast[k], full[k].detach(), atol=1e-5)
+
+
 def test_save_load_round_trip(policy, demos, tmp_path):
     rm = _rm(policy, version="v7", threshold=-1.25, token_temperature=True)
     torch.nn.init.normal_(rm.t_head.weight, std=0.5)

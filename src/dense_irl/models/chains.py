@@ -48,6 +48,21 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, chunk: int = L
     return logp
 
 
+def token_logprobs_at(logits: torch.Tensor, input_ids: torch.Tensor, keep: torch.Tensor,
+                      chunk: int = 1024) -> torch.Tensor:
+    """:func:`token_logprobs` at the positions ``keep`` (B, T) only (a step's tokens), 0 elsewhere: no log-softmax
+    over the vocabulary for the prompt's and the padding's positions. For passes without gradients."""
+    keep = keep.clone()
+    keep[:, 0] = False  # position 0 has no logits before it
+    b, t = keep.nonzero(as_tuple=True)
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=logits.device)
+    for s in range(0, len(b), chunk):
+        bb, tt = b[s : s + chunk], t[s : s + chunk]
+        lg = logits[bb, tt - 1].float()
+        out[bb, tt] = lg.gather(-1, input_ids[bb, tt][:, None])[:, 0] - torch.logsumexp(lg, dim=-1)
+    return out
+
+
 @torch.no_grad()
 def step_logprobs(model, tokenizer, chains: list[Chain], max_length: int, separator: str = "\n",
                   batch_size: int = 64, finished: list[bool] | None = None, max_tokens: int = 0) -> list[list[float]]:
