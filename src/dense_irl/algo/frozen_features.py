@@ -21,7 +21,7 @@ import torch
 from dense_irl.algo.microbatch import select_rows
 from dense_irl.data.layout import Chain, EncodedBatch, encode_chains
 from dense_irl.models.branching import branch_start, family_forward, row_ids
-from dense_irl.models.chains import token_logprobs
+from dense_irl.models.chains import logprobs_at_pass
 
 
 class FrozenFeatures:
@@ -63,8 +63,11 @@ class FrozenFeatures:
     @torch.no_grad()
     def _fill(self, enc: EncodedBatch, rows: list[int], keys: list[tuple[int, ...]]) -> None:
         sub = select_rows(enc, rows)
-        hidden, logits = self.rm.backbone_outputs(sub, backbone_grad=False)
-        logp = token_logprobs(logits, sub.input_ids.to(logits.device))
+        dev = self.rm.g_head.weight.device
+        # log pi at every token the cache keeps (as family_forward's), none at the padding
+        mask = sub.attention_mask.to(dev)
+        logp, hidden = logprobs_at_pass(self.rm.backbone, sub.input_ids.to(dev), mask, mask.bool(),
+                                        self.rm.config.head_layer)
         for j, b in enumerate(rows):
             n = len(keys[b])
             self.cache[keys[b]] = (hidden[j, :n].to("cpu", self.dtype), logp[j, :n].float().cpu())

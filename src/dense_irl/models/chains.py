@@ -52,15 +52,46 @@ def token_logprobs_at(logits: torch.Tensor, input_ids: torch.Tensor, keep: torch
                       chunk: int = 1024) -> torch.Tensor:
     """:func:`token_logprobs` at the positions ``keep`` (B, T) only (a step's tokens), 0 elsewhere: no log-softmax
     over the vocabulary for the prompt's and the padding's positions. For passes without gradients."""
+    return _logprobs_at(lambda b, t: logits[b, t], input_ids, keep, chunk)
+
+
+def _logprobs_at(logits_before, input_ids: torch.Tensor, keep: torch.Tensor, chunk: int) -> torch.Tensor:
+    # logits_before(b, t): the logits that predict token (b, t), i.e. those of position t - 1, for index tensors
     keep = keep.clone()
     keep[:, 0] = False  # position 0 has no logits before it
     b, t = keep.nonzero(as_tuple=True)
-    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=logits.device)
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     for s in range(0, len(b), chunk):
         bb, tt = b[s : s + chunk], t[s : s + chunk]
-        lg = logits[bb, tt - 1].float()
+        lg = logits_before(bb, tt - 1).float()
         out[bb, tt] = lg.gather(-1, input_ids[bb, tt][:, None])[:, 0] - torch.logsumexp(lg, dim=-1)
     return out
+
+
+@torch.no_grad()
+def logprobs_at_pass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor,
+                     hidden_layer: int | None = None, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One forward pass without gradients that applies the LM head only where log pi is wanted: ``(log pi at
+    the positions keep (B, T), 0 elsewhere; the hidden states of layer hidden_layer (None: not kept))``.
+
+    A reward model needs log pi at its steps' tokens only, yet a causal LM's forward projects every position
+    onto the vocabulary: on SmolLM2-135M (49k tokens) that projection is a fifth of the pass, and a batch's
+    prompts and padding are a third or more of its positions. The model runs with ``logits_to_keep=1`` and
+    its output embedding is applied to the final hidden states at the kept positions; where that does not
+    reproduce the model's own logits at the one position it kept (a model that scales or soft-caps its
+    logits, or whose forward takes no ``logits_to_keep``), the pass falls back to the full logits."""
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
+    except TypeError:  # a forward without logits_to_keep
+        out = None
+    head = model.get_output_embeddings() if out is not None and hasattr(model, "get_output_embeddings") else None
+    last = out.hidden_states[-1] if out is not None else None
+    if head is None or not torch.allclose(head(last[:, -1]).float(), out.logits[:, -1].float(), rtol=1e-3, atol=1e-3):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        logp = token_logprobs_at(out.logits, input_ids, keep, chunk)
+    else:
+        logp = _logprobs_at(lambda b, t: head(last[b, t]), input_ids, keep, chunk)
+    return logp, None if hidden_layer is None else out.hidden_states[hidden_layer]
 
 
 @torch.no_grad()

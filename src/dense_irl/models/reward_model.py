@@ -40,7 +40,7 @@ from torch import nn
 from dense_irl.data.layout import Chain, EncodedBatch, encode_chains, sum_by_step
 from dense_irl.errors import CheckpointError, MissingFileError
 from dense_irl.io import atomic_dir
-from dense_irl.models.chains import token_logprobs, token_logprobs_at
+from dense_irl.models.chains import logprobs_at_pass, token_logprobs
 from dense_irl.models.hf_files import check_model_folder, check_safetensors, load_causal_lm, load_tokenizer
 
 CONFIG_FILE = "reward_config.json"
@@ -131,15 +131,19 @@ class RewardModel(nn.Module):
         """
         device = self.g_head.weight.device
         ids = enc.input_ids.to(device)
-        if features is None:
+        needs_logp = "lm" in self.config.terms or self.config.readout == "logit"
+        if features is None and not torch.is_grad_enabled() and needs_logp:
+            # scoring: log pi at the steps' tokens only (the rewards are sums over steps), no lse, no full logits
+            logp, hidden = logprobs_at_pass(self.backbone, ids, enc.attention_mask.to(device),
+                                            enc.step_ids.to(device) >= 0, self.config.head_layer)
+            logits = lse = None
+            r_hidden = hidden
+        elif features is None:
             hidden, logits = self.backbone_outputs(enc, backbone_grad)
             r_hidden, r_logits = (hidden.detach(), logits.detach()) if detach_backbone else (hidden, logits)
             # log pi_theta per token: the lm term's, and what the logit readout leaves out
             logp = lse = None
-            if not torch.is_grad_enabled() and ("lm" in self.config.terms or self.config.readout == "logit"):
-                # scoring: only the steps' tokens need log pi (the rewards are sums over steps), and no lse
-                logp = token_logprobs_at(r_logits, ids, enc.step_ids.to(device) >= 0)
-            elif "lm" in self.config.terms or self.config.readout == "logit":
+            if needs_logp:
                 logp, lse = token_logprobs(r_logits, ids, with_lse=True)
         else:
             logits = lse = None
