@@ -85,7 +85,7 @@ fuzz: setup
 # Every benchmark (learners, scoring, serving, one iteration broken down, rollouts), each measuring its baseline in
 # the same run, then the README's benchmark table from bench/results/*.json. The rollout benchmark runs vLLM from
 # .venv-vllm, built first (scripts/setup_vllm_cpu.sh; BENCH_VLLM=0 skips it and the rollout rows). The tiny
-# model's sizes take ~7 min on 2 cores; `make bench-full` adds SmolLM2-135M (~30 min more).
+# model's sizes take ~30 min on 2 cores (serving is 22 of them); `make bench-full` adds SmolLM2-135M (~45 min more).
 BENCH_VLLM ?= 1
 .PHONY: bench bench-full bench-vllm-venv
 bench-vllm-venv:

@@ -4,9 +4,9 @@
 
 Each benchmark runs in its own process and measures its baseline in the same run (the ratios are what
 count; absolute times are context, and this machine may be shared). The small presets (the tiny model)
-take 20 s to 3 minutes each (7 in all); ``--full`` adds the real-model sizes (SmolLM2-135M: about 30 minutes more on 2
-cores). The rollout benchmark needs vLLM (``.venv-vllm``, ``make test-vllm`` builds it) and is skipped,
-with a note, without it. The table is written from every ``bench/results/*.json`` present, so a ``--full``
+take 20 s to 11 minutes each (about 30 in all, the three serving runs 22 of them); ``--full`` adds the
+real-model sizes (SmolLM2-135M: about 45 minutes more on 2 cores; ``--real-only`` runs those alone). The
+rollout benchmark needs vLLM (``.venv-vllm``; ``make bench`` builds it) and is skipped, with a note, without it. The table is written from every ``bench/results/*.json`` present, so a ``--full``
 row stays until the next ``--full`` run replaces it.
 """
 
