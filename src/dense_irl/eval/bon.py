@@ -169,6 +169,30 @@ def weighted_vote_hit(candidates: list[dict], step_scores: list[list[float]], th
     return float(np.mean([np.mean(correct[a]) for a, t in totals.items() if t == best]))
 
 
+def vote_then_reward_hit(candidates: list[dict], step_scores: list[list[float]]) -> float:
+    """Expected correctness of majority vote with its ties broken by the scorer: among the most-voted answers,
+    the one whose best candidate has the highest minimum step score wins (a further tie is a uniform pick).
+    Where the scorer tells nothing apart this is majority vote; it differs only where majority vote ties.
+    Candidates without an answer do not vote; with no vote at all, the highest minimum step score is picked."""
+    best: dict[str, float] = {}
+    votes: dict[str, int] = {}
+    correct: dict[str, list[bool]] = {}
+    for c, s in zip(candidates, step_scores):
+        if c.get("answer") is None:
+            continue
+        a = normalise_answer(c["answer"])
+        votes[a] = votes.get(a, 0) + 1
+        best[a] = max(best.get(a, -np.inf), aggregate("min", s))
+        correct.setdefault(a, []).append(bool(c["is_correct"]))
+    if not votes:
+        v = np.array([aggregate("min", s) for s in step_scores])
+        return float(np.mean([candidates[j]["is_correct"] for j in np.flatnonzero(v == v.max())]))
+    top = max(votes.values())
+    tied = [a for a in votes if votes[a] == top]
+    high = max(best[a] for a in tied)
+    return float(np.mean([np.mean(correct[a]) for a in tied if best[a] == high]))
+
+
 def _bootstrap_ci(hits: np.ndarray, rng: np.random.Generator, n_boot: int = 1000) -> list[float]:
     idx = rng.integers(0, len(hits), size=(n_boot, len(hits)))
     means = hits[idx].mean(axis=1)
@@ -198,7 +222,8 @@ def evaluate_bon(
     ``n_truncated`` candidates scored on fewer steps than they have (:data:`BON_TRUNCATION_RULE`;
     ``n_unscored`` of them had no step scored). With ``check`` and a scorer that knows its tokenizer
     (``localisation.with_layout``) the lengths are checked before any compute, with a one-line note.
-    With the scorer's first-error ``threshold`` there is also ``weighted_vote`` (:func:`weighted_vote_hit`).
+    ``vote_then_reward`` is majority vote with its ties broken by the scorer (:func:`vote_then_reward_hit`);
+    with the scorer's first-error ``threshold`` there is also ``weighted_vote`` (:func:`weighted_vote_hit`).
     With ``keep_scores``, ``scores`` holds each problem's candidates' step scores (other aggregations later).
     """
     bad = [a for a in aggregations if a not in AGGREGATIONS]
@@ -234,6 +259,8 @@ def evaluate_bon(
     hits["random"] = np.array([np.mean(c) for c in correct], dtype=np.float64)
     hits["majority"] = np.array([majority_hit(p["candidates"]) for p in problems], dtype=np.float64)
     hits["oracle"] = np.array([any(c) for c in correct], dtype=np.float64)
+    hits["vote_then_reward"] = np.array([vote_then_reward_hit(p["candidates"], s)
+                                         for p, s in zip(problems, per_problem)], dtype=np.float64)
     if threshold is not None:
         hits["weighted_vote"] = np.array([weighted_vote_hit(p["candidates"], s, threshold)
                                           for p, s in zip(problems, per_problem)], dtype=np.float64)

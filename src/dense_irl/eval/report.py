@@ -72,7 +72,8 @@ def bon_markdown(report: dict, title: str = "Best-of-N reranking") -> str:
     """Summary of an :func:`~dense_irl.eval.bon.evaluate_bon` report: one row per method."""
     rows = []
     for method, acc in report["accuracy"].items():
-        kind = "reward model" if method in [*report.get("aggregations", []), "weighted_vote"] else "baseline"
+        ours = [*report.get("aggregations", []), "weighted_vote", "vote_then_reward"]
+        kind = "reward model" if method in ours else "baseline"
         lo, hi = report.get("ci95", {}).get(method, (None, None))
         rows.append({"method": method, "kind": kind, "accuracy": acc, "ci95_low": lo, "ci95_high": hi})
     head = (
