@@ -105,3 +105,35 @@ def test_bench_real_data_skips_baselines(tiny_run, tmp_path):
     assert result["split"] == "recovered"
     assert "implicit_prm" not in result["localisation"] and result["baselines"] is None
     assert "skipped (--skip-baselines)" in (tmp_path / "r.md").read_text()
+
+
+def test_frozen_probe_caches_a_run_and_trains_heads_and_a_tower_on_it(tiny_run, tmp_path, monkeypatch, capsys):
+    """bench/frozen_probe.py: `cache` keeps the frozen backbone's states of the run's pool experts, their
+    negatives and the Best-of-4 candidates; `train` fits the heads (and a tower of decoder layers) on them and
+    reports Best-of-4 on the test questions."""
+    spec = importlib.util.spec_from_file_location("frozen_probe", ROOT / "bench" / "frozen_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    cache, out = tmp_path / "probe.pt", tmp_path / "probe.jsonl"
+    common = ["frozen_probe.py", "--threads", "1"]
+    monkeypatch.setattr("sys.argv", [*common, "cache", "--run", str(tiny_run), "--experts", "4", "--questions", "3",
+                                     "--keep-layers", "0,1", "--bon", str(GSM8K / "example_model_solutions.jsonl"),
+                                     "--cache", str(cache)])
+    probe.main()
+    import torch
+
+    saved = torch.load(cache, weights_only=False)
+    assert saved["layers"] == [0, 1] and len(saved["families"]) == 4 and len(saved["problems"]) == 3
+    assert all(f["h"].shape[0] == 2 for f in saved["feats"])  # one state per kept layer, for every chain
+    for extra in (["--layers", "1"], ["--layers", "0,1", "--negatives", "perturbed"], ["--layers", "0", "--tower", "1"]):
+        monkeypatch.setattr("sys.argv", [*common, "train", "--cache", str(cache), "--steps", "3", "--batch", "2",
+                                         "--out", str(out), *extra])
+        probe.main()
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["args"]["tower"] for r in rows] == [0, 0, 1]
+    for r in rows:
+        assert r["test"]["questions"] == 3 and r["dev"]["questions"] == 0
+        assert all(0.0 <= r["test"][k] <= 1.0 for k in ("mean", "min", "random", "majority", "oracle"))
+    monkeypatch.setattr("sys.argv", [*common, "train", "--cache", str(cache), "--layers", "20", "--out", str(out)])
+    with pytest.raises(SystemExit, match="keeps layers"):
+        probe.main()
