@@ -58,6 +58,7 @@ def cache(args) -> None:
     from dense_irl.data.demos import load_data
     from dense_irl.data.layout import encode_chains
     from dense_irl.eval.bon import load_bon
+    from dense_irl.io import atomic_path
     from dense_irl.models.chains import token_logprobs
     from dense_irl.models.reward_model import RewardModel
     from dense_irl.offline.config import TrainRewardConfig
@@ -109,8 +110,6 @@ def cache(args) -> None:
                 feats[r] = {"h": torch.stack([out.hidden_states[k][j, :n] for k in keep]).half(),
                             "lp": logp[j, :n].float()}
             bar.update(sum(lengths[r] for r in rows))
-    from dense_irl.io import atomic_path
-
     with atomic_path(Path(args.cache)) as tmp:
         torch.save({"run": str(run), "layers": keep, "families": families, "problems": problems, "chains": chains,
                     "feats": feats, "n_train": n_train}, tmp)
@@ -122,7 +121,7 @@ def train(args) -> None:
     from dense_irl.algo.microbatch import select_rows
     from dense_irl.config import load_config
     from dense_irl.data.layout import encode_chains
-    from dense_irl.eval.bon import _expected, aggregate, majority_hit, vote_then_reward_hit
+    from dense_irl.eval.bon import evaluate_bon
     from dense_irl.models.reward_model import RewardModel
     from dense_irl.offline.config import TrainRewardConfig
 
@@ -208,7 +207,7 @@ def train(args) -> None:
         loss.backward()
         opt.step()
     train_s = time.monotonic() - t0
-    scores: dict[int, list[float]] = {}
+    scores: dict[tuple, list[float]] = {}  # (prompt, steps) -> step scores: eval.bon's ScoreFn reads them
     with torch.no_grad():
         order = sorted(range(n_train, len(chains)), key=lambda r: lengths[r])
         for i in range(0, len(order), 16):
@@ -216,23 +215,16 @@ def train(args) -> None:
             enc, hid, logp = features(rows)
             s = rm.rewards(enc, hid, logp)["step_scores"]
             for j, r in enumerate(rows):
-                scores[r] = s[j, : enc.n_steps[j]].tolist()
-    first = np.cumsum([n_train] + [len(p["candidates"]) for p in problems]).tolist()
+                prompt, steps = chains[r][0]
+                scores[(prompt, tuple(steps))] = s[j, : enc.n_steps[j]].tolist()
     report = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "train_s": round(train_s, 1),
               "final_loss": round(float(loss.detach()), 4)}
-    for split, qs in (("test", range(min(N_TEST, len(problems)))), ("dev", range(N_TEST, len(problems)))):
-        acc: dict[str, list[float]] = {}
-        for q in qs:
-            cands = problems[q]["candidates"]
-            ss = [scores[first[q] + j] for j in range(len(cands))]
-            for agg in ("mean", "min", "sum", "last"):
-                v = np.array([aggregate(agg, s) if s else -np.inf for s in ss])
-                acc.setdefault(agg, []).append(_expected(cands, [[int(j)] for j in np.flatnonzero(v == v.max())]))
-            for name, hit in (("random", float(np.mean([c["is_correct"] for c in cands]))),
-                              ("majority", majority_hit(cands)), ("vote_then_reward", vote_then_reward_hit(cands, ss)),
-                              ("oracle", float(any(c["is_correct"] for c in cands)))):
-                acc.setdefault(name, []).append(hit)
-        report[split] = {k: round(float(np.mean(v)), 3) for k, v in acc.items()} | {"questions": len(qs)}
+    for split, qs in (("test", problems[:N_TEST]), ("dev", problems[N_TEST:])):
+        report[split] = {"questions": len(qs)}
+        if qs:
+            bon = evaluate_bon(lambda batch: [scores[(p, tuple(st))] for p, st in batch], qs,
+                               aggregations=("mean", "min", "sum", "last"), check=False)
+            report[split] |= {k: round(v, 3) for k, v in bon["accuracy"].items()}
     print(json.dumps(report))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as fh:
