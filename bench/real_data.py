@@ -2,7 +2,7 @@
 
     python bench/real_data.py --run RUN_DIR [--base-model NAME] [--test FILE] [--train FILE] [--bon FILE]
         [--n-test 80] [--n-calib 60] [--n-bon 20] [--baseline-steps 12] [--baseline-batch 8] [--baseline-lr 1e-4]
-        [--batch-size 8] [--threads 0]
+        [--batch-size 8] [--threads 0] [--device cpu|cuda|auto]
         [--skip-baselines] [--out bench/results/real_data.md] [--png bench/results/real_data_steps.png]
 
 ``RUN_DIR`` is what ``dense-irl train-reward`` writes (``reward_model/``, ``sft_policy/``, ``summary.json``,
@@ -98,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--skip-baselines", action="store_true", help="leave out the implicit PRM and the outcome RM")
     ap.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="chains per scoring pass")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu", help="where the models score and the baselines train: cpu, cuda, "
+                                                  "auto (cuda when there is one)")
     ap.add_argument("--seed", type=int, default=0, help="perturbation seed (as `dense-irl data perturb --seed`)")
     ap.add_argument("--out", default=str(RESULTS / "real_data.md"), help="the Markdown report (JSON beside it)")
     ap.add_argument("--png", default=str(RESULTS / "real_data_steps.png"), help="the step-reward figure")
@@ -111,6 +113,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.baseline_steps < 0:
         ap.error("--baseline-steps must be >= 0")
     return args
+
+
+def device_name(device) -> str:
+    """``cpu``, or the GPU's name (``cuda: NVIDIA H100 80GB HBM3``)."""
+    import torch
+
+    return f"cuda: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -385,6 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
     from dense_irl.eval.localisation import check_lengths, evaluate_localisation, with_layout
     from dense_irl.models.factory import load_policy
     from dense_irl.models.reward_model import RewardModel
+    from dense_irl.models.training import resolve_device
 
     timing: dict[str, float] = {}
 
@@ -399,14 +409,14 @@ def main(argv: list[str] | None = None) -> dict:
     calib, train, split = recover_split(cfg, summary, run, Path(args.train), args.seed)
     test_rows, test_demos, cal_rows = build_rows(args, cfg, calib)
     problems = load_bon(args.bon)[: args.n_bon]
-    rm = RewardModel.from_pretrained(run / "reward_model")
+    device = resolve_device(args.device)
+    rm = RewardModel.from_pretrained(run / "reward_model", device=str(device))
     sep, max_len = rm.config.separator, rm.config.max_length
     sft, sft_tok = load_policy(replace(cfg.model, name=str(run / "sft_policy")))
     base_name = args.base_model or cfg.model.name
     texts = [d.prompt for d in train] + [s for d in train for s in d.steps]
     base, base_tok = load_policy(replace(cfg.model, name=base_name), texts, cfg.seed)
-    sft.eval()
-    base.eval()
+    sft, base = sft.to(device).eval(), base.to(device).eval()
     t = lap("load", t)
 
     loc_chains = [(r["problem"], list(r["steps"])) for r in test_rows]
@@ -536,7 +546,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "terms": rm.config.terms, "readout": rm.config.readout, "stored_threshold": rm.config.threshold,
                 "threshold_rule": rm.config.threshold_rule,
                 **{k: summary.get(k) for k in ("sft_steps", "reward_steps", "n_train", "n_calibration")}},
-        "base_model": base_name, "split": split,
+        "base_model": base_name, "split": split, "device": device_name(device),
         "sizes": {"test": len(test_rows), "test_erroneous": n_err, "test_correct": len(test_rows) - n_err,
                   "calibration": len(cal_rows), "bon_problems": len(problems), "bon_candidates": len(bon_chains),
                   "baseline_train_demos": len(train)},
@@ -569,7 +579,7 @@ def render(result, args, loc, length_loc, bon, bon_extra, bon_calc, corr, upfron
         f"Command: `{result['command']}`\n",
         f"Date: {result['date']}. Wall time: {result['wall_s']:.0f} s. Machine: {platform.system()} "
         f"{platform.machine()}, {os.cpu_count()} CPUs, torch {__import__('torch').__version__} with "
-        f"{__import__('torch').get_num_threads()} threads.\n",
+        f"{__import__('torch').get_num_threads()} threads; models on {result['device']}.\n",
         f"Run: `{run['dir']}`: model `{run['model']}` (max_length {run['max_length']}), {run['sft_steps']} SFT steps, "
         f"{run['reward_steps']} IRL steps (`{run['objective']}`, terms `{run['terms']}`, readout `{run['readout']}`), "
         f"{run['n_train']} train "

@@ -53,12 +53,16 @@ def test_bench_real_data_on_a_tiny_run(tiny_run, tmp_path, capsys):
         "--run", str(tiny_run), "--test", str(GSM8K / "test.jsonl"), "--train", str(GSM8K / "train.jsonl"),
         "--bon", str(GSM8K / "example_model_solutions.jsonl"), "--n-test", "12", "--n-calib", "16",
         "--n-bon", "3", "--baseline-steps", "1", "--baseline-batch", "4", "--batch-size", "16",
-        "--out", str(md_path), "--png", str(png)])
+        "--device", "auto", "--out", str(md_path), "--png", str(png)])
     err = capsys.readouterr().err
+    import torch
+
+    assert result["device"] == ("cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
 
     md = md_path.read_text()
     assert md.startswith("# Real models on real reasoning")
     assert "Command: `python bench/real_data.py --run" in md and "Wall time:" in md and "Date:" in md
+    assert f"models on {result['device']}." in md
     for section in ("## 1. Error localisation", "Accuracy on erroneous chains, per error type", "## 2. Best-of-4",
                     "## 3. The reward's dependence on step length", "Pearson correlation", "## 4. Chains longer",
                     "## 5. Time"):

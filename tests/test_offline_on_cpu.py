@@ -279,6 +279,9 @@ def test_the_frozen_recipe_end_to_end(tmp_path, demos):
         "--reward.negative_pool=1", "--log_every=0"])
     summary = train_reward_model(cfg)
     assert summary["reward_steps"] == 6
+    # What the README's tables report: throughput of each phase and the peak memory (CPU: resident only).
+    assert summary["sft_tokens_per_s"] > 0 and summary["reward_tokens_per_s"] > 0
+    assert set(summary["peak_memory_gb"]) == {"host_rss"} and summary["peak_memory_gb"]["host_rss"] > 0.1
     rm = RewardModel.from_pretrained(tmp_path / "run" / "reward_model")
     assert rm.config.readout == "logit" and rm.config.head_layer == 1
     assert not torch.equal(rm.head_scale, torch.ones_like(rm.head_scale))  # fitted, saved and loaded

@@ -86,7 +86,7 @@ def train_sft(step: Callable[[list[Chain]], dict], demos: list, cfg: SFTConfig, 
               log: Callable[[dict], None], log_every: int = 25, rng_state=None) -> dict:
     """Run ``cfg.max_steps`` SFT steps (capped at ``cfg.minutes``) on batches drawn from ``demos``.
 
-    Returns ``{"steps", "rng"}``; pass ``rng`` back as ``rng_state`` to go on with the same batch stream
+    Returns ``{"steps", "tokens", "rng"}`` (``tokens``: the real tokens trained on); pass ``rng`` back as ``rng_state`` to go on with the same batch stream
     (with the step's optimiser state, that is one run: the "SFT trained as long" baseline).
     """
     rng = random.Random(seed)
@@ -101,4 +101,4 @@ def train_sft(step: Callable[[list[Chain]], dict], demos: list, cfg: SFTConfig, 
                         refresh=False)
         if log_every and i % log_every == 0:
             log({"phase": "sft", "step": i, **m})
-    return {"steps": steps, "rng": rng.getstate()}
+    return {"steps": steps, "tokens": tokens, "rng": rng.getstate()}

@@ -54,6 +54,11 @@ class EncodedBatch:
     n_steps_given: list[int]  # steps given per chain
     partial: list[bool] | None = None  # True where more steps follow the chain's last (a search's partial chain)
 
+    def to(self, device) -> EncodedBatch:
+        """The same batch with its tensors on ``device`` (the lists stay as they are)."""
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return EncodedBatch(**moved)
+
 
 def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]

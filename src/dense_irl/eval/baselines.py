@@ -38,17 +38,18 @@ def _batches(demos, kinds, batch_size: int, minutes: float, max_steps: int, seed
         yield chains, torch.tensor([1.0] * len(experts) + [0.0] * len(negatives))
 
 
-def _score_fn(step_values, tokenizer, max_length: int, separator: str, steps: int, batch_size: int = 64):
-    """A ScoreFn (chains -> per-step scores) from ``step_values(encoded batch) -> (B, S)``; ``.steps``: the
-    training steps taken. A chain longer than ``max_length`` is scored on the steps that fit; the scorer
+def _score_fn(step_values, tokenizer, max_length: int, separator: str, steps: int, batch_size: int = 64,
+              device="cpu"):
+    """A ScoreFn (chains -> per-step scores) from ``step_values(encoded batch on device) -> (B, S)``; ``.steps``:
+    the training steps taken. A chain longer than ``max_length`` is scored on the steps that fit; the scorer
     carries its layout (``localisation.with_layout``) so evaluations count those chains up front."""
 
     @torch.no_grad()
     def score(chains):
         out = []
         for i in range(0, len(chains), batch_size):
-            enc = encode_chains(tokenizer, chains[i : i + batch_size], max_length, separator)
-            v = step_values(enc)
+            enc = encode_chains(tokenizer, chains[i : i + batch_size], max_length, separator).to(device)
+            v = step_values(enc).float().cpu()
             out += [v[b, : enc.n_steps[b]].tolist() for b in range(len(enc.n_steps))]
         return out
 
@@ -73,17 +74,18 @@ def train_implicit_prm(sft_policy, tokenizer, demos, kinds, *, beta: float = 0.0
     carries ``.model`` (the trained pi), ``.reference`` and ``.beta``: its step score is ``beta *`` (pi's step
     log-prob - the reference's), so a caller that already has the reference's step log-probs can reuse them."""
     pi, ref = copy.deepcopy(sft_policy).train(), copy.deepcopy(sft_policy).eval().requires_grad_(False)
+    device = next(pi.parameters()).device  # trained where the SFT policy lives
     opt = Optimizer(pi.parameters(), lr)
     steps = 0
     for chains, labels in _batches(demos, kinds, batch_size, minutes, max_steps, seed, progress):
         steps += 1
-        enc = encode_chains(tokenizer, chains, max_length, separator)
+        enc = encode_chains(tokenizer, chains, max_length, separator).to(device)
         logit = beta * (_step_logratio(pi, ref, enc) * enc.step_mask).sum(1)
-        loss = nn.functional.binary_cross_entropy_with_logits(logit, labels)
+        loss = nn.functional.binary_cross_entropy_with_logits(logit, labels.to(device))
         opt.step(loss)
     pi.eval()
     score = _score_fn(lambda enc: beta * _step_logratio(pi, ref, enc), tokenizer, max_length, separator, steps,
-                      score_batch_size)
+                      score_batch_size, device)
     score.model, score.reference, score.beta = pi, ref, beta
     return score
 
@@ -107,17 +109,18 @@ def train_orm(sft_policy, tokenizer, demos, kinds, *, lr: float = 5e-4, batch_si
               minutes: float = 0.0, max_steps: int = 300, max_length: int = 256, separator: str = "\n",
               seed: int = 0, progress: str | None = None, score_batch_size: int = 64):
     """Train an outcome reward model from the SFT backbone; returns its ScoreFn (prefix values)."""
-    orm = OutcomeRewardModel(copy.deepcopy(sft_policy)).train()
+    device = next(sft_policy.parameters()).device  # trained where the SFT policy lives
+    orm = OutcomeRewardModel(copy.deepcopy(sft_policy)).to(device).train()
     opt = Optimizer(orm.parameters(), lr)
     steps = 0
     for chains, labels in _batches(demos, kinds, batch_size, minutes, max_steps, seed, progress):
         steps += 1
-        enc = encode_chains(tokenizer, chains, max_length, separator)
+        enc = encode_chains(tokenizer, chains, max_length, separator).to(device)
         values = orm(enc)
         last = values.gather(1, (enc.step_mask.sum(1, keepdim=True) - 1).clamp(min=0))[:, 0]
-        loss = nn.functional.binary_cross_entropy_with_logits(last, labels)
+        loss = nn.functional.binary_cross_entropy_with_logits(last, labels.to(device))
         opt.step(loss)
     orm.eval()
-    score = _score_fn(orm, tokenizer, max_length, separator, steps, score_batch_size)
+    score = _score_fn(orm, tokenizer, max_length, separator, steps, score_batch_size, device)
     score.model = orm
     return score

@@ -138,3 +138,14 @@ def autocast(dtype: torch.dtype | None, device: torch.device):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def peak_memory_gb(device: torch.device) -> dict[str, float]:
+    """This process's peak memory so far, in GB: ``host_rss`` (resident set) and, on CUDA, ``cuda`` (the most
+    torch's allocator held for tensors on ``device``)."""
+    import resource
+
+    peak = {"host_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}  # Linux: KB
+    if device.type == "cuda":
+        peak["cuda"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+    return peak

@@ -41,7 +41,13 @@ from dense_irl.models.branching import branch_start, family_step_logprobs
 from dense_irl.models.chains import report_truncated
 from dense_irl.models.factory import load_policy, save_policy
 from dense_irl.models.reward_model import RewardModel
-from dense_irl.models.training import autocast_dtype, merged, prepare_for_training, resolve_device
+from dense_irl.models.training import (
+    autocast_dtype,
+    merged,
+    peak_memory_gb,
+    prepare_for_training,
+    resolve_device,
+)
 from dense_irl.offline.config import OfflineRewardConfig, TrainRewardConfig
 from dense_irl.offline.policy_negatives import FILE as POLICY_NEGATIVES
 from dense_irl.offline.policy_negatives import sample_policy_negatives
@@ -76,8 +82,9 @@ def reward_optimizer(rm: RewardModel, cfg: OfflineRewardConfig, sft: tuple[dict,
 
 def train_reward(rm: RewardModel, pi_old, demos, cfg: OfflineRewardConfig, kinds, log, log_every: int = 25,
                  sft: tuple[dict, float] | None = None, autocast_dtype=None,
-                 sampled: dict[int, list] | None = None) -> int:
-    """Reward steps on ``rm``: experts vs perturbed experts (and policy continuations); returns the steps taken.
+                 sampled: dict[int, list] | None = None, totals: dict | None = None) -> int:
+    """Reward steps on ``rm``: experts vs perturbed experts (and policy continuations); returns the steps taken
+    (and, into ``totals`` when given, ``tokens`` and ``seconds`` of the steps, feature caching not counted).
 
     With ``cfg.negative_pool`` > 0 each expert has that many fixed negatives, drawn once, plus its policy
     continuations ``sampled[i]`` (``offline.policy_negatives``), and pi_old's step log-probs of every chain are
@@ -134,6 +141,8 @@ def train_reward(rm: RewardModel, pi_old, demos, cfg: OfflineRewardConfig, kinds
                         refresh=False)
         if log_every and step % log_every == 0:
             log({"phase": "reward", "step": step, **metrics})
+    if totals is not None:
+        totals.update(tokens=tokens, seconds=time.monotonic() - t0)
     return steps
 
 
@@ -247,6 +256,7 @@ def train_reward_model(cfg: TrainRewardConfig) -> dict:
         sft_state = {**train_sft(sft, train, cfg.sft, seed=cfg.seed, log=log, log_every=cfg.log_every),
                      "optimizer": sft.opt.state_dict()}
         summary["sft_steps"] = sft_state["steps"]
+        summary["sft_tokens_per_s"] = round(sft_state["tokens"] / max(1e-9, time.monotonic() - t), 1)
         with atomic_path(out_dir / SFT_STATE) as tmp:  # lets a later run go on with this SFT (the demo's baseline)
             torch.save(sft_state, tmp)
     summary["sft_s"] = round(time.monotonic() - t, 1)
@@ -275,9 +285,11 @@ def train_reward_model(cfg: TrainRewardConfig) -> dict:
             out_dir / POLICY_NEGATIVES, seed=cfg.seed, device=str(device))
     t = time.monotonic()
     warm = (sft_state, cfg.sft.lr) if sft_state is not None and cfg.reward.init == "sft" else None
+    totals: dict = {}
     summary["reward_steps"] = train_reward(rm, pi_old, train, cfg.reward, cfg.data.perturbations, log,
-                                           cfg.log_every, warm, amp, sampled)
+                                           cfg.log_every, warm, amp, sampled, totals)
     summary["reward_s"] = round(time.monotonic() - t, 1)
+    summary["reward_tokens_per_s"] = round(totals["tokens"] / max(1e-9, totals["seconds"]), 1)
 
     cal_rows = calibration_rows(calib, cfg.data.perturbations, cfg.seed)
     calibrate_readout(rm, cal_rows, cfg.reward.readout_weights)
@@ -286,5 +298,6 @@ def train_reward_model(cfg: TrainRewardConfig) -> dict:
     metrics.close()
     summary = {"reward_model": str(out_dir / "reward_model"), "sft_policy": str(out_dir / "sft_policy"),
                "threshold": rm.config.threshold, "n_train": len(train), "n_calibration": len(cal_rows), **summary}
+    summary["peak_memory_gb"] = peak_memory_gb(device)
     write_json(out_dir / "summary.json", summary)
     return summary
