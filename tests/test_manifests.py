@@ -36,6 +36,7 @@ PRESETS = {
     "offline_gsm8k_smollm2.yaml": TrainRewardConfig,
     "gsm8k_smollm2_cpu.yaml": TrainRewardConfig,
     "gsm8k_smollm2_gpu.yaml": TrainRewardConfig,
+    "gsm8k_smollm2_gpu_frozen.yaml": TrainRewardConfig,
     "math_smollm2.yaml": TrainRewardConfig,
     "irl_gsm8k_smollm2_cpu.yaml": LoopConfig,
     "irl_gsm8k_smollm2_gpu.yaml": LoopConfig,

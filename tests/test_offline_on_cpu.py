@@ -290,6 +290,28 @@ def test_the_frozen_recipe_end_to_end(tmp_path, demos):
     assert all(torch.equal(a, b) for a, b in zip(sft.state_dict().values(), rm.backbone.state_dict().values()))
 
 
+def test_head_norm_with_a_trainable_lora_backbone_is_fitted_once_and_saved(tmp_path):
+    """The GPU preset's recipe in small: LoRA on the policy and the reward backbone, the discriminator's gradient
+    in the adapters, the heads' input standardised by the warm start's layer-1 states."""
+    from dense_irl.config import load_config
+    from dense_irl.models.factory import load_policy as load
+
+    cfg = load_config(TrainRewardConfig, None, [
+        f"--output_dir={tmp_path / 'run'}", "--data.synthetic.n_problems=60", "--data.calibration_chains=10",
+        "--model.hidden_size=32", "--model.num_layers=2", "--model.num_heads=2", "--model.intermediate_size=64",
+        "--model.lora_r=4", "--sft.max_steps=2", "--sft.batch_size=4", "--reward.max_steps=3",
+        "--reward.batch_size=4", "--reward.disc_backbone_grad=true", "--reward.head_norm=true",
+        "--reward.head_layer=1", "--reward.readout=logit", "--log_every=0"])
+    summary = train_reward_model(cfg)
+    assert summary["reward_steps"] == 3
+    rm = RewardModel.from_pretrained(tmp_path / "run" / "reward_model")
+    assert not torch.equal(rm.head_scale, torch.ones_like(rm.head_scale))  # fitted, saved and loaded
+    assert not torch.equal(rm.head_shift, torch.zeros_like(rm.head_shift))
+    sft, _ = load(replace(cfg.model, name=str(tmp_path / "run" / "sft_policy")))
+    # The backbone trained (its adapters, merged into the saved reward model), unlike the frozen recipe's.
+    assert any(not torch.equal(a, b) for a, b in zip(sft.state_dict().values(), rm.backbone.state_dict().values()))
+
+
 def test_continue_sft_optimizer_with_a_frozen_backbone_is_refused(tmp_path):
     cfg = TrainRewardConfig(output_dir=str(tmp_path / "run"),
                             reward=RewardConfig(disc_backbone_grad=False, lm_weight=0.0, td_weight=0.0))
@@ -307,11 +329,12 @@ def test_continue_sft_optimizer_with_a_frozen_backbone_is_refused(tmp_path):
     ("token_temperature", True, "reward.token_temperature scales the lm term"),
     ("mask_expert_prefix", False, "reward.divergence_only needs reward.mask_expert_prefix"),
     ("readout", "mean", "reward.readout must be one of"),
-    ("head_norm", True, "reward.head_norm fits the heads' input"),
+    ("head_norm", True, "reward.head_norm fits the heads' input on the warm-started backbone"),
 ])
 def test_bad_option_values_are_named(tmp_path, key, value, msg):
     cfg = TrainRewardConfig(output_dir=str(tmp_path / "out"))
     cfg.reward.objective = "airl" if key == "token_temperature" else cfg.reward.objective
+    cfg.reward.init = "random" if key == "head_norm" else cfg.reward.init
     setattr(cfg.reward, key, value)
     with pytest.raises(ValueError, match=msg):
         train_reward_model(cfg)

@@ -35,6 +35,11 @@ def quiet(verbose: bool = False) -> None:
     # huggingface_hub reads this at import: transformers' per-file "Loading weights" / "Writing shards" bars.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # peft reads transformers' old name for the checkpointing flag on every LoRA model (transformers >= 5.2x
+    # warns on each read): a library notice, not the user's to act on.
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     tf = sys.modules.get("transformers")  # already imported: its flags were read, set them directly
     if tf is not None:
         tf.utils.logging.disable_progress_bar()

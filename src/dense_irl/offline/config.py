@@ -28,8 +28,9 @@ class OfflineRewardConfig(RewardConfig):
     # frozen backbone each chain runs through it once, so a pool the steps revisit trains the heads for many
     # epochs on few forward passes (0: every train demonstration).
     expert_pool: int = 0
-    # With a frozen backbone: standardise the heads' input per dimension by the mean and std of the pool's
-    # expert-token hidden states (RewardModel.fit_head_norm), so one lr suits every dimension.
+    # Standardise the heads' input per dimension by the mean and std of expert-token hidden states
+    # (RewardModel.fit_head_norm), so one lr suits every dimension: with a frozen backbone over the pool's cached
+    # states; with a trainable one over the starting backbone's, once (offline.train.fit_head_norm_at_start).
     head_norm: bool = False
     readout_weights: list[float] = field(default_factory=lambda: [1.0])  # heads' weight, calibrated
     # > 0: that many continuations of each pool expert's first k steps (k drawn at random) are sampled from the
@@ -63,9 +64,8 @@ class OfflineRewardConfig(RewardConfig):
         check_schedule("reward", self, self.max_steps)
         if not self.negatives_per_expert > 0:
             raise ConfigError(f"reward.negatives_per_expert must be > 0, got {self.negatives_per_expert}")
-        if self.head_norm and not self.backbone_frozen():
-            raise ConfigError("reward.head_norm fits the heads' input on cached features of a frozen backbone: it needs "
-                              "reward.lm_weight: 0, reward.td_weight: 0, reward.disc_backbone_grad: false, "
+        if self.head_norm and self.init != "sft":
+            raise ConfigError("reward.head_norm fits the heads' input on the warm-started backbone's states: it needs "
                               "reward.init: sft")
         if self.expert_pool < 0:
             raise ConfigError(f"reward.expert_pool must be >= 0 (0: every train demonstration), got {self.expert_pool}")

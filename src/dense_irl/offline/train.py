@@ -113,6 +113,9 @@ def train_reward(rm: RewardModel, pi_old, demos, cfg: OfflineRewardConfig, kinds
         experts = cache_features(features, rm, demos, experts, pool, cfg, deadline, autocast_dtype)
         if cfg.head_norm:
             rm.fit_head_norm(features.expert_hidden([(demos[i].prompt, demos[i].steps) for i in experts]))
+    elif cfg.head_norm:
+        fit_head_norm_at_start(rm, [(demos[i].prompt, demos[i].steps) for i in experts], cfg.micro_batch_tokens,
+                               autocast_dtype)
     opt = reward_optimizer(rm, cfg, sft)
     acc = Accumulator(rm, opt, autocast_dtype=autocast_dtype, device_type=rm.g_head.weight.device.type)
     cache: dict = {}
@@ -144,6 +147,26 @@ def train_reward(rm: RewardModel, pi_old, demos, cfg: OfflineRewardConfig, kinds
     if totals is not None:
         totals.update(tokens=tokens, seconds=time.monotonic() - t0)
     return steps
+
+
+HEAD_NORM_EXPERTS = 256  # a trainable backbone's head standardisation is fitted on this many experts' states
+
+
+def fit_head_norm_at_start(rm: RewardModel, chains: list, max_tokens: int, autocast_dtype=None) -> None:
+    """``reward.head_norm`` with a trainable backbone: standardise the heads' input by the mean and std of the
+    starting backbone's step-token states over the first :data:`HEAD_NORM_EXPERTS` experts (one no-grad pass),
+    then keep that standardisation fixed while the backbone trains (a middle layer's raw states are large, and
+    without it the heads' first steps swing the discriminator's logits by tens)."""
+    import contextlib
+
+    features = FrozenFeatures(rm)  # a throwaway cache: only the fit reads it
+    chains = chains[:HEAD_NORM_EXPERTS]
+    enc = encode_chains(rm.tokenizer, chains, rm.config.max_length, rm.config.separator)
+    device_type = rm.g_head.weight.device.type
+    for rows in micro_batches(row_lengths(enc), max_tokens or int(enc.attention_mask.numel())):
+        with torch.autocast(device_type, autocast_dtype) if autocast_dtype else contextlib.nullcontext():
+            features.fill(select_rows(enc, rows))
+    rm.fit_head_norm(features.expert_hidden(chains))
 
 
 def pool_experts(cfg: OfflineRewardConfig, demos) -> list[int]:
