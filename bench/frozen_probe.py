@@ -232,6 +232,9 @@ def train(args) -> None:
 
 
 def main() -> None:
+    from dense_irl.logs import quiet
+
+    quiet(False)  # one bar per phase, not transformers' per-file loading bars
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     sub = ap.add_subparsers(required=True)
