@@ -42,6 +42,7 @@ from dense_irl.models.chains import report_truncated
 from dense_irl.models.factory import load_policy, save_policy
 from dense_irl.models.reward_model import RewardModel
 from dense_irl.models.training import (
+    autocast,
     autocast_dtype,
     merged,
     peak_memory_gb,
@@ -157,14 +158,11 @@ def fit_head_norm_at_start(rm: RewardModel, chains: list, max_tokens: int, autoc
     starting backbone's step-token states over the first :data:`HEAD_NORM_EXPERTS` experts (one no-grad pass),
     then keep that standardisation fixed while the backbone trains (a middle layer's raw states are large, and
     without it the heads' first steps swing the discriminator's logits by tens)."""
-    import contextlib
-
     features = FrozenFeatures(rm)  # a throwaway cache: only the fit reads it
     chains = chains[:HEAD_NORM_EXPERTS]
     enc = encode_chains(rm.tokenizer, chains, rm.config.max_length, rm.config.separator)
-    device_type = rm.g_head.weight.device.type
     for rows in micro_batches(row_lengths(enc), max_tokens or int(enc.attention_mask.numel())):
-        with torch.autocast(device_type, autocast_dtype) if autocast_dtype else contextlib.nullcontext():
+        with autocast(autocast_dtype, rm.g_head.weight.device):
             features.fill(select_rows(enc, rows))
     rm.fit_head_norm(features.expert_hidden(chains))
 
@@ -181,7 +179,6 @@ def cache_features(features: FrozenFeatures, rm: RewardModel, demos, experts: li
     ``cfg.micro_batch_tokens``, each negative only from where it leaves its expert
     (``FrozenFeatures.fill_family``), with a progress bar (under autocast to ``autocast_dtype`` when given);
     returns the experts whose chains all ran before ``deadline``."""
-    import contextlib
 
     from tqdm import tqdm
 
@@ -195,13 +192,12 @@ def cache_features(features: FrozenFeatures, rm: RewardModel, demos, experts: li
     total = sum(map(len, expert_keys)) + sum(len(k) - branch_start(expert_keys[r], k)  # a repeated negative runs once
                                              for r, ks in enumerate(negative_keys) for k in set(ks))
     groups = micro_batches(row_lengths(enc), cfg.micro_batch_tokens or int(enc.attention_mask.numel()))
-    device_type = rm.g_head.weight.device.type
     with tqdm(total=total, desc="reward features", unit="tok", unit_scale=True, mininterval=2) as bar:
         for rows in groups:
             if deadline is not None and time.monotonic() > deadline:
                 break
             before = features.tokens_computed
-            with torch.autocast(device_type, autocast_dtype) if autocast_dtype else contextlib.nullcontext():
+            with autocast(autocast_dtype, rm.g_head.weight.device):
                 features.fill_family(select_rows(enc, rows), [(j, k) for j, r in enumerate(rows)
                                                               for k in negative_keys[r]], cfg.micro_batch_tokens)
             bar.update(features.tokens_computed - before)
